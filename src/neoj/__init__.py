@@ -1,0 +1,16 @@
+"""neoj: run, serve, fine-tune and evaluate GPT-Neo and GPT-J locally, from their Hugging Face checkpoints."""
+
+from .api import LanguageModel, from_config, load
+from .config import PRESETS, ModelConfig, load_config, preset
+from .errors import CheckpointError, ConfigError, ContextLengthError, GenerationError, NeojError
+from .generate import Completion, Score
+from .sampling import GenerationParams
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "from_config", "LanguageModel", "ModelConfig", "PRESETS", "preset", "load_config", "Tokenizer",
+    "GenerationParams", "Completion", "Score", "NeojError", "ConfigError", "CheckpointError",
+    "ContextLengthError", "GenerationError",
+]

@@ -1,0 +1,220 @@
+"""One decoder-only transformer for GPT-Neo and GPT-J, branching only on ModelConfig fields.
+
+Shapes: B batch, T new tokens, L keys visible (cache length), H heads, D head_dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+def activation_fn(name: str):
+    """Returns the elementwise activation for a config's activation_function."""
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}[name]
+
+
+def rotary_table(n_positions: int, rotary_dim: int) -> torch.Tensor:
+    """Returns (n_positions, rotary_dim // 2, 2) cos/sin, computed in fp32 exactly as GPT-J's reference."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
+    angles = torch.arange(n_positions, dtype=torch.int64).float()[:, None] * inv_freq
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotates pairs (0,1), (2,3), ... of the first rotary_dim dims of x (B, T, H, D); the rest pass through."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = rot.unflatten(-1, (-1, 2))  # (B, T, H, rotary_dim/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos_sin[..., 0].to(x.dtype), cos_sin[..., 1].to(x.dtype)  # (B, T, 1, rotary_dim/2)
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention, global or sliding-window, with optional rotary q/k."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = cfg.hidden_size
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.rotary_dim = cfg.rotary_dim
+        self.is_local = cfg.attention_layers[layer_idx] == "local"
+        self.scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn else 1.0
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, c, bias=False)
+        self.v_proj = nn.Linear(c, c, bias=False)
+        self.out_proj = nn.Linear(c, c, bias=cfg.out_proj_bias)
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim)
+        if self.rotary_dim:
+            q = apply_rotary(q, ctx.cos_sin, self.rotary_dim)
+            k = apply_rotary(k, ctx.cos_sin, self.rotary_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.start)  # (B, H, L, D)
+        mask, is_causal = ctx.local_mask if self.is_local else ctx.global_mask
+        if ctx.is_local_slice and self.is_local:
+            # Decoding past the window: a local layer only needs its last window_size keys.
+            k, v = k[:, :, -ctx.window :], v[:, :, -ctx.window :]
+        dtype = q.dtype
+        if dtype != torch.float32:
+            # Scores and softmax in fp32, as the reference does: GPT-Neo overflows fp16 otherwise.
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    """fc_in -> activation -> fc_out, both with biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation_fn(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """A transformer layer: sequential pre-LN (GPT-Neo) or parallel attention + MLP (GPT-J)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ln_2 = None if self.parallel else nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        h = self.ln_1(x)
+        if self.parallel:
+            return self.attn(h, ctx) + self.mlp(h) + x  # GPT-J: one LayerNorm feeds both branches
+        x = x + self.attn(h, ctx)  # GPT-Neo: attention, then MLP on the updated stream
+        return x + self.mlp(self.ln_2(x))
+
+
+class ForwardContext:
+    """Per-call state shared by all layers: positions, masks and the cache slot being written."""
+
+    __slots__ = ("cache", "start", "cos_sin", "global_mask", "local_mask", "is_local_slice", "window")
+
+    def __init__(self, cfg: ModelConfig, T: int, positions: torch.Tensor, cache: KVCache | None,
+                 key_valid: torch.Tensor | None, rope: torch.Tensor | None):
+        self.cache = cache
+        self.start = cache.length if cache is not None else 0
+        self.window = cfg.window_size
+        self.cos_sin = rope[positions].unsqueeze(2) if rope is not None else None  # (B, T, 1, rd/2, 2)
+        L = self.start + T
+        if cache is not None:
+            key_valid = cache.mark_valid(self.start, key_valid, T)
+            padded = cache.padded
+        else:
+            padded = key_valid is not None and not bool(key_valid.all())
+        self.is_local_slice = False
+        if not padded and T == 1:
+            # Decoding one token with no padding: every key so far is visible to a global layer.
+            self.global_mask = (None, False)
+            self.is_local_slice = L > self.window
+            self.local_mask = (None, False)
+        elif not padded and self.start == 0:
+            self.global_mask = (None, True)
+            self.local_mask = (None, True) if T <= self.window else (self._mask(T, L, None, True, positions), False)
+        else:
+            valid = key_valid[:, :L] if padded else None
+            self.global_mask = (self._mask(T, L, valid, False, positions), False)
+            self.local_mask = (self._mask(T, L, valid, True, positions), False)
+
+    def _mask(self, T: int, L: int, valid: torch.Tensor | None, local: bool, positions: torch.Tensor):
+        """Returns a boolean mask (B or 1, 1, T, L), True where a query may attend to a key."""
+        device = positions.device
+        q_idx = torch.arange(self.start, self.start + T, device=device)[:, None]
+        k_idx = torch.arange(L, device=device)[None, :]
+        allowed = k_idx <= q_idx
+        if local:
+            # Query i sees keys j with 0 <= i - j < window: itself and the window - 1 before it.
+            # Cache index distance equals token distance because padding is only ever on the left.
+            allowed = allowed & (q_idx - k_idx < self.window)
+        if valid is None:
+            return allowed[None, None]
+        # A padding query sees only itself, so its row is never empty (an empty row would give NaN).
+        return ((allowed[None] & valid[:, None, :]) | (k_idx == q_idx)[None])[:, None]
+
+
+class Transformer(nn.Module):
+    """GPT-Neo / GPT-J decoder: token ids in, final hidden states or logits out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.hidden_size) if cfg.learned_positions else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.tie_weights()
+        self.register_buffer("rope", None, persistent=False)
+        if cfg.rotary_dim and self.wte.weight.device.type != "meta":
+            self.init_buffers()
+
+    def tie_weights(self) -> None:
+        """Shares the LM head with the token embedding where the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Computes the non-persistent rotary table (after building on the meta device)."""
+        if self.config.rotary_dim:
+            device = device or self.wte.weight.device
+            self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns final hidden states (B, T, C) for input_ids (B, T).
+
+        positions (B, T) default to 0..T-1 after what the cache holds; key_valid (B, T) marks real
+        tokens (False for left padding).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        ctx = ForwardContext(self.config, T, positions, cache, key_valid, self.rope)
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        for block in self.blocks:
+            x = block(x, ctx)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Returns fp32 next-token logits for hidden states (..., C)."""
+        return self.lm_head(hidden).float()
+
+    def num_parameters(self) -> int:
+        """Returns the number of distinct parameters."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def positions_from_valid(key_valid: torch.Tensor) -> torch.Tensor:
+    """Returns position ids (B, T) that count only real tokens, for left-padded rows."""
+    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,129 @@
+"""Generation parameters and next-token selection, with transformers' semantics for each knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .errors import GenerationError
+
+
+@dataclass
+class GenerationParams:
+    """What to generate and how. temperature=0 means greedy, as in the OpenAI API."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # transformers' (CTRL) penalty over prompt and output; 1.0 = off
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # the stop text itself is not returned
+    stop_at_eos: bool = True
+    seed: int | None = None
+    num_return_sequences: int = 1
+    logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the top N alternatives
+    truncate: bool = False  # keep the last tokens of a too-long prompt instead of raising
+
+    @property
+    def greedy(self) -> bool:
+        """Returns True when decoding picks the most likely token."""
+        return self.temperature == 0
+
+    def validated(self) -> "GenerationParams":
+        """Returns self after checking every field is in range; raises GenerationError naming the bad one."""
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 disables it)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise GenerationError(f"{name}={getattr(self, name)!r} {why}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop sequences must be non-empty strings")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationParams":
+        """Returns params from keyword arguments, rejecting unknown names with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None}).validated()
+
+
+class TokenSelector:
+    """Applies penalties and warpers to a batch's logits and picks each row's next token."""
+
+    def __init__(self, params: GenerationParams, batch: int, vocab: int, usable_vocab: int,
+                 device: torch.device, row_seeds: list[int | None]):
+        self.p = params
+        self.usable_vocab = usable_vocab
+        needs_seen = params.repetition_penalty != 1.0
+        needs_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if needs_seen else None
+        self.counts = torch.zeros(batch, vocab, dtype=torch.float32, device=device) if needs_counts else None
+        self.generators = None
+        if not params.greedy and any(s is not None for s in row_seeds):
+            # One generator per row: a row's samples depend only on its own seed, not on its batch mates.
+            self.generators = [torch.Generator(device=device).manual_seed(s if s is not None else torch.seed())
+                               for s in row_seeds]
+
+    def observe_prompt(self, row: int, ids: list[int]) -> None:
+        """Marks a row's prompt tokens for the repetition penalty."""
+        if self.seen is not None and ids:
+            self.seen[row, torch.tensor(ids, device=self.seen.device)] = True
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Records the tokens just chosen (B,) for the penalties."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+    def mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns logits with the padded rows of the embedding (e.g. GPT-J's 50257..50399) at -inf."""
+        if logits.shape[-1] > self.usable_vocab:
+            logits[:, self.usable_vocab :] = float("-inf")
+        return logits
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns the next token of each row (B,) from fp32 logits (B, V)."""
+        p = self.p
+        scores = logits.clone() if (self.seen is not None or self.counts is not None) else logits
+        if self.seen is not None:
+            # transformers' repetition penalty: shrink the logit of every token already present.
+            penalized = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+            scores = torch.where(self.seen, penalized, scores)
+        if self.counts is not None:
+            scores = scores - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        if p.greedy:
+            return scores.argmax(dim=-1)
+        scores = scores / p.temperature
+        if p.top_k:
+            kth = torch.topk(scores, min(p.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= (1 - p.top_p)
+            remove[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if self.generators is None:
+            return torch.multinomial(probs, 1).squeeze(1)
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
+                          for i, g in enumerate(self.generators)]).squeeze(1)

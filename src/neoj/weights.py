@@ -1,0 +1,400 @@
+"""Checkpoint loading: find a model (local directory or Hub id), read its tensors, fill the model.
+
+The model is built on the meta device and each tensor is read straight into its final dtype and
+device, one at a time, so peak memory stays near the size of the loaded model. Pickled .bin files
+go through torch.load(weights_only=True): a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ModelConfig, load_config
+from .errors import CheckpointError
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files a model directory needs besides its weights (tokenizer files are optional: GPT-2's are shipped).
+SIDE_FILES = ["config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+              "special_tokens_map.json", "generation_config.json", "quantization.json"]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# transformers' names -> neoj's. One table for both families: GPT-Neo nests q/k/v under
+# attn.attention and calls its MLP c_fc/c_proj; GPT-J uses attn.q_proj and fc_in/fc_out.
+_HF_TO_NEOJ = [
+    (re.compile(r"^transformer\.h\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"^transformer\."), ""),
+    (re.compile(r"\.attn\.attention\."), ".attn."),
+    (re.compile(r"\.mlp\.c_fc\."), ".mlp.fc_in."),
+    (re.compile(r"\.mlp\.c_proj\."), ".mlp.fc_out."),
+]
+# Causal-mask buffers that old checkpoints saved alongside the weights; they carry no information.
+_IGNORED = re.compile(r"^blocks\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def hf_to_neoj_name(name: str) -> str:
+    """Returns neoj's parameter name for a transformers checkpoint key."""
+    for pattern, repl in _HF_TO_NEOJ:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def neoj_to_hf_name(name: str, model_type: str) -> str:
+    """Returns the transformers checkpoint key for a neoj parameter name."""
+    if name.startswith("lm_head."):
+        return name
+    m = re.match(r"^blocks\.(\d+)\.(.*)$", name)
+    if not m:
+        return "transformer." + name
+    rest = m.group(2)
+    if model_type == "gpt_neo":
+        rest = re.sub(r"^attn\.", "attn.attention.", rest)
+        rest = rest.replace("mlp.fc_in.", "mlp.c_fc.").replace("mlp.fc_out.", "mlp.c_proj.")
+    return f"transformer.h.{m.group(1)}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a checkpoint
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """Returns a local directory holding the checkpoint: the path itself, or a Hub download/cache hit."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(
+            f"model {name!r} is neither a local directory nor a Hub id like 'EleutherAI/gpt-neo-125m'"
+        )
+    return download(name, revision=revision)
+
+
+def _pick_weight_patterns(files: list[str]) -> list[str]:
+    """Returns the file patterns to fetch: safetensors when a repo has them, otherwise .bin."""
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.safetensors", "model.safetensors.index.json"]
+    return ["*.bin", "pytorch_model.bin.index.json"]
+
+
+def download(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
+    """Downloads (or finds in the HF cache) a checkpoint from the Hub; returns its local directory.
+
+    Honours HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE and HF_TOKEN like every huggingface_hub tool.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        try:
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+            patterns = SIDE_FILES + _pick_weight_patterns(files)
+        except Exception:  # offline or no listing: take whatever the cache holds
+            patterns = SIDE_FILES + ["*.safetensors", "*.bin", "*.index.json"]
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                  tqdm_class=None if progress else _NoProgress)
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private: set HF_TOKEN)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network); run `neoj download` where there is, "
+            "or pass a local directory"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"downloading {repo_id!r} failed: {exc}") from exc
+    return Path(local)
+
+
+class _NoProgress:  # a tqdm stand-in that shows nothing
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """Returns the checkpoint's weight files, preferring safetensors, following shard indexes."""
+    for name in WEIGHT_FILES:
+        file = directory / name
+        if not file.exists():
+            continue
+        if not name.endswith(".index.json"):
+            return [file]
+        try:
+            weight_map = json.loads(file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{file} is not a valid shard index (needs a 'weight_map' object)") from exc
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).exists()]
+        if missing:
+            raise CheckpointError(f"{file} names shards that are not in {directory}: {', '.join(missing)}")
+        return [directory / s for s in shards]
+    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """Returns (tensor entries, data start offset) of a safetensors file, validated against its size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file} is truncated: {size} bytes is too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{file} is corrupt or truncated: header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file} is corrupt: its safetensors header is not valid JSON") from exc
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for key, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= dim
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{file} is corrupt: bad header entry for tensor {key!r}") from exc
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{file} is corrupt: tensor {key!r} has {end - begin} bytes for shape {entry['shape']}")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{file} is truncated: tensor {key!r} ends at byte {data_start + end} but the file has {size} "
+                "(an interrupted download? delete it and download again)"
+            )
+    return header, data_start
+
+
+def iter_safetensors(file: Path, wanted: Callable[..., torch.Tensor | None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) for a safetensors file, reading each tensor with plain file reads.
+
+    `wanted(key, dtype, shape)` returns a CPU buffer of the checkpoint dtype to read into (the destination itself when
+    no conversion is needed), or None to skip. Plain reads instead of mmap keep the file's pages out of
+    this process's memory, so converting fp32 -> bf16 never holds the whole fp32 file.
+    """
+    header, data_start = read_safetensors_header(file)
+    with open(file, "rb", buffering=0) as f:
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            dest = wanted(key, dtype, tuple(entry["shape"]))
+            if dest is None:
+                continue
+            f.seek(data_start + begin)
+            view = memoryview(dest.view(torch.uint8).reshape(-1).numpy()) if dest.numel() else memoryview(b"")
+            got = 0
+            while got < end - begin:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{file} is truncated while reading tensor {key!r}")
+                got += n
+            yield key, dest
+
+
+def iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) from a pytorch_model.bin, refusing anything but plain tensors."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy non-zip format
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file} contains pickled objects other than tensors and was refused (neoj never runs code from "
+            f"a checkpoint): {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is truncated or corrupt and could not be read: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a dictionary of tensors")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        yield key, value
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling a model
+
+
+def _expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Returns the model's parameters by name, the tied LM head left out (it is the embedding)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    return params
+
+
+def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, device: torch.device,
+                    transform: Callable | None = None) -> None:
+    """Fills a meta-device model from checkpoint files; raises CheckpointError naming any bad tensor.
+
+    `transform(name, tensor)` may replace a loaded tensor (quantization hooks in here) before it is kept.
+    """
+    expected = _expected_tensors(model)
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+
+    def check(key: str, src_dtype: torch.dtype, shape: tuple, file: Path) -> str | None:
+        name = hf_to_neoj_name(key)
+        if _IGNORED.match(name) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            return None
+        if name not in expected:
+            unexpected.append(f"{key} (in {file.name})")
+            return None
+        want = tuple(expected[name].shape)
+        if shape != want:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {list(shape)} but the config needs {list(want)}; "
+                "the weights do not match config.json"
+            )
+        if not (src_dtype.is_floating_point or src_dtype == torch.int8 or src_dtype == torch.uint8):
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {src_dtype}, expected floating point")
+        return name
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if transform is not None:
+            tensor = transform(name, tensor)
+        elif tensor.dtype != dtype or tensor.device != device:
+            tensor = tensor.to(device=device, dtype=dtype)
+        loaded[name] = tensor
+
+    for file in files:
+        log.info("reading %s", file)
+        if file.suffix == ".safetensors":
+            names: dict[str, str] = {}
+
+            def wanted(key, src_dtype, shape, file=file, names=names):
+                name = check(key, src_dtype, shape, file)
+                if name is None:
+                    return None
+                names[key] = name
+                return torch.empty(shape, dtype=src_dtype)  # keep() converts only when dtypes differ
+
+            for key, tensor in iter_safetensors(file, wanted):
+                keep(names[key], tensor)
+        else:
+            for key, tensor in iter_torch_bin(file):
+                name = check(key, tensor.dtype, tuple(tensor.shape), file)
+                if name is not None:
+                    keep(name, tensor)
+
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has tensors this {model.config.model_type} config does not use: "
+            + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else "")
+        )
+    missing = [neoj_to_hf_name(n, model.config.model_type) for n in expected if n not in loaded]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensors, e.g. " + ", ".join(missing[:10])
+            + "; is it complete and does it match config.json?"
+        )
+    for name, tensor in loaded.items():
+        _assign(model, name, tensor)
+    model.tie_weights()
+    model.init_buffers(device)
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replaces a (meta) parameter or submodule attribute with a loaded tensor."""
+    *path, leaf = name.split(".")
+    module = model
+    for part in path:
+        module = getattr(module, part)
+    if not isinstance(tensor, torch.nn.Parameter):
+        tensor = torch.nn.Parameter(tensor, requires_grad=False)
+    setattr(module, leaf, tensor)
+
+
+def load_model(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               config: ModelConfig | None = None, transform: Callable | None = None) -> Transformer:
+    """Returns a Transformer built from a checkpoint directory's config.json and weights."""
+    directory = Path(directory)
+    cfg = config or load_config(directory)
+    device = torch.device(device)
+    files = weight_files(directory)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_state_into(model, files, dtype, device, transform)
+    return model.eval()
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int = 0) -> Transformer:
+    """Returns a model with GPT-2-style random init (std 0.02), for shapes with no checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name, p in _expected_tensors(model).items():
+        if name.endswith("bias"):
+            t = torch.zeros(p.shape)
+        elif ".ln_" in name or name.startswith("ln_f"):
+            t = torch.ones(p.shape)
+        else:
+            t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen)
+        _assign(model, name, t.to(device=device, dtype=dtype))
+    model.tie_weights()
+    model.init_buffers(device)
+    return model.eval()
+
+
+def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """Returns the model's weights under transformers' names (what save_pretrained would write)."""
+    out = {}
+    for name, tensor in _expected_tensors(model).items():
+        out[neoj_to_hf_name(name, model.config.model_type)] = tensor.detach().contiguous()
+    return out
+
+
+def save_checkpoint(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Writes config.json and model.safetensors that transformers' from_pretrained loads unchanged."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_for_hf(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tmp = directory / "model.safetensors.tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    model.config.save(directory)
