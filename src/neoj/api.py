@@ -11,6 +11,7 @@ import torch
 
 from .config import PRESETS, ModelConfig, preset
 from .errors import ConfigError, NeojError
+from .kernels import use_decode_kernels
 from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
 from .sampling import GenerationParams
@@ -77,6 +78,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
         return torch.float16 if cfg.rotary_dim else torch.float32
     fp32_bytes = cfg.num_parameters() * 4
     return torch.float32 if fp32_bytes < 0.8 * available_memory(device) else torch.bfloat16
+
+
+# Below this size the weights sit in cache and MKL's GEMV is already fast; compiling would only add start-up time.
+DECODE_KERNEL_MIN_PARAMS = 20_000_000
+
+
+def prepare_for_inference(model: Transformer) -> Transformer:
+    """Returns the model with its decode fast paths installed (CPU fp32 single-row kernels)."""
+    if model.num_parameters() >= DECODE_KERNEL_MIN_PARAMS:
+        use_decode_kernels(model)
+    return model
 
 
 class LanguageModel:
@@ -172,7 +184,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
 
     cfg = load_config(directory)
     model = load_model(directory, resolve_dtype(dtype, dev, cfg), dev, cfg)
-    return LanguageModel(model, Tokenizer.from_dir(directory), name)
+    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name)
 
 
 def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
@@ -186,4 +198,4 @@ def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", de
     else:
         name = f"{RANDOM_PREFIX}{config.model_type}"
     model = random_model(config, resolve_dtype(dtype, dev, config), dev, seed)
-    return LanguageModel(model, Tokenizer.from_dir(), name)
+    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(), name)

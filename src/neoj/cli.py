@@ -1,2 +1,184 @@
-def main(argv=None):
+"""The `neoj` command line. Only this module prints; the library logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import NeojError
+
+EPILOG = """models: a local checkpoint directory, a Hugging Face Hub id (EleutherAI/gpt-neo-125m,
+EleutherAI/gpt-j-6b, ...), or random:PRESET for random weights of a published shape
+(random:gpt-neo-125m, random:gpt-neo-1.3b, random:gpt-neo-2.7b, random:gpt-j-6b).
+With no --model, the model shipped inside neoj is used."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, or random:PRESET "
+                   "(default: the built-in model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (default auto: float32 on CPU, bfloat16 on recent GPUs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off; default 0.95)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (not printed); repeatable")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="independent samples per prompt")
+    g.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt too long for the context instead of failing")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+
+
+def _sampling_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+                num_return_sequences=args.num_return_sequences, truncate=args.truncate,
+                stop_at_eos=not args.ignore_eos)
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if prompt is None:
+        raise NeojError("give a PROMPT, or - to read it from standard input")
+    options = _sampling_options(args)
+    lm = _load(args)
+    out = sys.stdout
+    if args.num_return_sequences == 1:
+        if args.echo:
+            out.write(prompt)
+        for piece in lm.stream(prompt, **options):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    else:
+        for i, text in enumerate(lm.generate(prompt, **options)):
+            out.write(f"--- sequence {i + 1} ---\n{prompt if args.echo else ''}{text}\n")
     return 0
+
+
+def cmd_download(args) -> int:
+    from .weights import download
+
+    path = download(args.repo_id, revision=args.revision)
+    print(path)
+    return 0
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def cmd_info(args) -> int:
+    from .memory import memory_table, resolve_config
+
+    cfg, source = resolve_config(args.model, revision=args.revision)
+    args.context = min(args.context or cfg.n_positions, cfg.n_positions)
+    rows = memory_table(cfg, context=args.context, batch=args.batch)
+    info = {
+        "model": args.model, "source": str(source), "model_type": cfg.model_type,
+        "parameters": cfg.num_parameters(), "layers": cfg.n_layers, "hidden_size": cfg.hidden_size,
+        "heads": cfg.n_heads, "context": cfg.n_positions, "vocab_size": cfg.vocab_size,
+        "positions": "learned" if cfg.learned_positions else f"rotary (first {cfg.rotary_dim} dims per head)",
+        "attention_layers": "".join("G" if k == "global" else "L" for k in cfg.attention_layers),
+        "window_size": cfg.window_size if "local" in cfg.attention_layers else None,
+        "block": "parallel attention + MLP" if cfg.parallel_block else "sequential pre-LN",
+        "memory": rows,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{args.model}  ({cfg.model_type}, {cfg.num_parameters() / 1e6:,.1f}M parameters)")
+    for key in ("layers", "hidden_size", "heads", "context", "vocab_size", "positions", "block"):
+        print(f"  {key:<17}{info[key]}")
+    if info["window_size"]:
+        print(f"  {'attention':<17}{info['attention_layers']} (G global, L local, window {info['window_size']})")
+    print(f"\n  memory for batch {args.batch} at {args.context} tokens of context:")
+    print(f"  {'dtype':<10}{'weights':>12}{'KV cache':>12}{'total':>12}")
+    for row in rows:
+        print(f"  {row['dtype']:<10}{_format_bytes(row['weights_bytes']):>12}"
+              f"{_format_bytes(row['kv_cache_bytes']):>12}{_format_bytes(row['total_bytes']):>12}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="neoj", description="Run, serve, fine-tune and evaluate GPT-Neo and GPT-J locally.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"neoj {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what neoj is doing to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                       description="Generate a continuation of PROMPT and stream it to standard output.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt, or - to read standard input")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub into the HF cache",
+                       description="Download REPO_ID (config, tokenizer, weights: safetensors when the repo has "
+                       "them) into the standard Hugging Face cache, with a progress bar, and print its directory.")
+    p.add_argument("repo_id", help="e.g. EleutherAI/gpt-neo-125m")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (e.g. float16 for GPT-J)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("info", help="show a model's architecture, size and memory needs",
+                       description="Show the architecture, parameter count and memory needed per dtype of MODEL "
+                       "(a directory, Hub id or preset name such as gpt-j-6b). Reads only config.json.")
+    p.add_argument("model", help="checkpoint directory, Hub id, or preset (gpt-neo-125m, gpt-j-6b, ...)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of KV cache to plan for (default: the model's whole context)")
+    p.add_argument("--batch", type=int, default=1, help="sequences at once to plan for (default 1)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="neoj: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except NeojError as exc:
+        print(f"neoj: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
