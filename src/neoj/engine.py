@@ -1,0 +1,648 @@
+"""Continuous batching: one model thread admits waiting requests between decode steps and retires finished ones.
+
+The running batch lives in one BatchCache whose rows are right-aligned: each row's tokens are contiguous and
+end at the shared write index, so a new request is prefilled alone (B=1) and spliced in, and local-window
+distances stay exact. Every sequence keeps its own sampling parameters, generator, stop strings and deadline,
+and reports through its own sink (called on the model thread; the server forwards it to its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import GenerationError, NeojError
+from .generate import Completion, _drain, _StopScanner, fit_prompt
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import GenerationParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Why a sequence ended: "eos" (<|endoftext|>), "stop" (a stop string), "length" (max_new_tokens),
+# "time" (max_time), "cancelled" (client gone or server stopping), "error" (the model failed).
+FINISH_REASONS = ("eos", "stop", "length", "time", "cancelled", "error")
+
+
+class QueueFull(NeojError):
+    """The engine already has max_queue requests waiting; retry_after estimates when to retry (seconds)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Event:
+    """What one sequence produced in one step; finish_reason is set on its last event."""
+
+    seq: "Sequence"
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """One generated row: prompt, parameters, sampling state and the output so far."""
+
+    def __init__(self, request: "Request", index: int, prompt_index: int, prompt_ids: list[int], seed: int,
+                 tokenizer: Tokenizer, vocab: int, device: torch.device):
+        p = request.params
+        self.request, self.index, self.prompt_index, self.prompt_ids = request, index, prompt_index, prompt_ids
+        self.params = p
+        self.generator = None if p.greedy else torch.Generator(device=device).manual_seed(seed)
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if p.repetition_penalty != 1 else None
+        if self.seen is not None:
+            self.seen[torch.tensor(prompt_ids, device=device)] = True
+        needs_counts = p.presence_penalty != 0 or p.frequency_penalty != 0
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_counts else None
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.scanner = _StopScanner(p.stop)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if p.logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if p.logprobs else None
+        self.prompt_logprobs: list[tuple[float | None, dict[int, float] | None]] | None = None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.pos = 0  # tokens of this row in the cache = the position of the next token fed
+        self.pending = 0  # the last token chosen, fed at the next step
+
+    def completion(self) -> Completion:
+        """Returns the finished sequence as a Completion (finish_reason "stop" or "length", as generate's)."""
+        reason = "stop" if self.finish_reason in ("eos", "stop") else "length"
+        return Completion(self.text, list(self.token_ids), self.logprobs, self.top_logprobs, reason,
+                          len(self.prompt_ids), self.prompt_index)
+
+
+class Request:
+    """A submitted group of sequences (each prompt x num_return_sequences) sharing parameters and a sink."""
+
+    def __init__(self, params: GenerationParams, sink: Callable[[Event], None], max_time: float | None,
+                 prompt_logprobs: int | None):
+        self.params, self.sink, self.prompt_logprobs = params, sink, prompt_logprobs
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + max_time if max_time is not None else None
+        self.seqs: list[Sequence] = []
+        self.next_admit = 0  # seqs before this have left the waiting queue
+        self.finished = 0
+        self.cancelled = False
+        self.first_token_at: float | None = None
+        self.prefills: dict[int, tuple[KVCache, torch.Tensor, list | None, int]] = {}
+
+    @property
+    def done(self) -> bool:
+        """Returns True once every sequence has finished."""
+        return self.finished == len(self.seqs)
+
+
+class BatchCache(KVCache):
+    """The running batch's KV cache: rows are spliced in after a solo prefill and leave between steps.
+
+    Row i's tokens occupy slots [starts[i], length); slots before are invalid (masked). Storage is
+    (layers, row capacity, H, max_len, D); `k`, `v` and `key_valid` are views of the active rows, which is
+    what the model reads and writes. Storage grows by reallocation; all-invalid leading columns are compacted.
+    """
+
+    def __init__(self, model: Transformer, max_rows: int):
+        cfg, w = model.config, model.wte.weight
+        self.dims = (cfg.n_layers, cfg.n_heads, cfg.head_dim)
+        self.dtype, self.device = w.dtype, w.device
+        self.max_rows, self.limit = max_rows, cfg.n_positions
+        self.starts: list[int] = []
+        self.length = 0
+        self._k = self._v = self._valid = None
+        self._allocate(0, 0)
+
+    @property
+    def rows(self) -> int:
+        """Returns the number of active rows."""
+        return len(self.starts)
+
+    def _allocate(self, row_cap: int, len_cap: int) -> None:
+        layers, heads, dim = self.dims
+        shape = (layers, row_cap, heads, len_cap, dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        valid = torch.ones(row_cap, len_cap, dtype=torch.bool, device=self.device)
+        n, L = self.rows, self.length
+        if n and L:
+            k[:, :n, :, :L] = self._k[:, :n, :, :L]
+            v[:, :n, :, :L] = self._v[:, :n, :, :L]
+            valid[:n, :L] = self._valid[:n, :L]
+        self._k, self._v, self._valid, self.max_len = k, v, valid, len_cap
+        self._sync()
+
+    def _sync(self) -> None:
+        n = self.rows
+        self.k, self.v, self.key_valid = self._k[:, :n], self._v[:, :n], self._valid[:n]
+        self.padded = any(s > 0 for s in self.starts)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        row_cap, len_cap = self._k.shape[1], self._k.shape[3]
+        if rows <= row_cap and length <= len_cap:
+            return
+        if rows > row_cap:
+            row_cap = max(rows, min(self.max_rows, 2 * row_cap))
+        if length > len_cap:
+            grown = max(length + 64, len_cap * 3 // 2)
+            len_cap = -(-grown // 64) * 64
+            if len_cap > self.limit >= length:
+                len_cap = self.limit
+        self._allocate(row_cap, len_cap)
+
+    def _shift(self, d: int) -> None:
+        """Moves every row d slots right (d > 0) or left (d < 0) in the cache."""
+        n, L = self.rows, self.length
+        if d > 0:
+            for t in (self._k, self._v):
+                t[:, :n, :, d : d + L] = t[:, :n, :, :L].clone()
+            self._valid[:n, d : d + L] = self._valid[:n, :L].clone()
+            self._valid[:n, :d] = False
+        else:
+            d0 = -d
+            for t in (self._k, self._v):
+                t[:, :n, :, : L - d0] = t[:, :n, :, d0:L].clone()
+            self._valid[:n, : L - d0] = self._valid[:n, d0:L].clone()
+            self._valid[:n, L - d0 :] = True
+        self.starts = [s + d for s in self.starts]
+        self.length += d
+        self._sync()
+
+    def compact(self, min_gap: int = 1) -> None:
+        """Drops leading columns that no row uses, when there are at least min_gap of them."""
+        if self.starts and min(self.starts) >= min_gap:
+            self._shift(-min(self.starts))
+
+    def ensure_room(self, T: int = 1) -> None:
+        """Makes room to write T more tokens at the shared index, compacting before growing."""
+        if self.length + T <= self.max_len:
+            return
+        if self.starts and (min(self.starts) >= self.max_len // 4 or self.max_len >= self.limit):
+            self.compact()
+        self._reserve(self.rows, self.length + T)
+
+    def add(self, src: KVCache, p: int) -> int:
+        """Splices a solo-prefilled row (the first p slots of src) in at [length - p, length); returns its row."""
+        if not self.starts:
+            self.length = 0
+        if max(self.length, p) + 1 > self.max_len:
+            self.compact()
+        self._reserve(self.rows + 1, max(self.length, p) + 1)
+        if p > self.length:
+            self._shift(p - self.length)
+        i, L = self.rows, self.length
+        self._k[:, i, :, L - p : L] = src.k[:, 0, :, :p]
+        self._v[:, i, :, L - p : L] = src.v[:, 0, :, :p]
+        self._valid[i, : L - p] = False
+        self._valid[i, L - p :] = True
+        self.starts.append(L - p)
+        self._sync()
+        return i
+
+    def remove(self, i: int) -> None:
+        """Drops row i by moving the last row into its place (the caller mirrors the move)."""
+        last, L = self.rows - 1, self.length
+        if i != last:
+            self._k[:, i, :, :L] = self._k[:, last, :, :L]
+            self._v[:, i, :, :L] = self._v[:, last, :, :L]
+            self._valid[i] = self._valid[last]
+            self.starts[i] = self.starts[last]
+        self.starts.pop()
+        if not self.starts:
+            self.length = 0
+        self._sync()
+
+
+class RowSampler:
+    """Picks each row's next token from fp32 logits, every row under its own parameters and generator.
+
+    Same semantics as sampling.TokenSelector (transformers' repetition penalty, OpenAI's presence and
+    frequency penalties, temperature, then top-k, then top-p); a row's result never depends on its batch mates.
+    """
+
+    def __init__(self, usable_vocab: int):
+        self.usable_vocab = usable_vocab
+
+    def select(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Returns (tokens, logprobs, top logprobs) per row; logprobs are the model's, before any warping."""
+        if logits.shape[-1] > self.usable_vocab:
+            logits[:, self.usable_vocab :] = float("-inf")
+        if not torch.isfinite(logits).any(dim=-1).all():
+            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype "
+                                  "overflowed; try dtype float32")
+        n, device = len(seqs), logits.device
+        scores = self._penalize(seqs, logits)
+        tokens = [0] * n
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        if greedy:
+            picked = (scores if len(greedy) == n else scores[greedy]).argmax(dim=-1).tolist()
+            for i, t in zip(greedy, picked):
+                tokens[i] = t
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            probs = self._warp([seqs[i].params for i in sampled], scores[sampled])
+            for j, i in enumerate(sampled):
+                tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=seqs[i].generator))
+        for s, t in zip(seqs, tokens):
+            if s.seen is not None:
+                s.seen[t] = True
+            if s.counts is not None:
+                s.counts[t] += 1
+        logprobs: list[float | None] = [None] * n
+        tops: list[dict[int, float] | None] = [None] * n
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            logp = torch.log_softmax(logits[want], dim=-1)
+            chosen = torch.tensor([tokens[i] for i in want], device=device)
+            for i, lp in zip(want, logp.gather(1, chosen[:, None]).squeeze(1).tolist()):
+                logprobs[i] = lp
+            k = max(seqs[i].params.logprobs for i in want)
+            if k:
+                top = torch.topk(logp, k, dim=-1)
+                for j, (ids, vals) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+                    kk = seqs[want[j]].params.logprobs
+                    tops[want[j]] = dict(zip(ids[:kk], vals[:kk])) if kk else None
+        return tokens, logprobs, tops
+
+    @staticmethod
+    def _penalize(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.seen is not None or s.counts is not None]
+        if not rows:
+            return logits
+        scores = logits.clone()
+        for i in rows:  # few rows use penalties; per-row ops keep each row independent of the others
+            s, p, row = seqs[i], seqs[i].params, scores[i]
+            if s.seen is not None:
+                penalized = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
+                row = torch.where(s.seen, penalized, row)
+            if s.counts is not None:
+                row = row - p.frequency_penalty * s.counts - p.presence_penalty * (s.counts > 0).float()
+            scores[i] = row
+        return scores
+
+    @staticmethod
+    def _warp(params: list[GenerationParams], scores: torch.Tensor) -> torch.Tensor:
+        """Returns sampling probabilities after temperature, top-k and top-p, row by row."""
+        device = scores.device
+        scores = scores / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        ks = [p.top_k for p in params]
+        if any(ks):
+            kmax = min(max(ks), scores.shape[-1])
+            top = torch.topk(scores, kmax, dim=-1).values
+            kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=device))
+            kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        tps = [p.top_p for p in params]
+        if any(tp < 1.0 for tp in tps):
+            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= (1 - torch.tensor(tps, device=device))[:, None]
+            remove[torch.tensor([tp >= 1.0 for tp in tps], device=device)] = False
+            remove[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (monotonic) and the current queue depth and batch size."""
+
+    waiting: int = 0
+    running: int = 0
+    requests: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    finished: collections.Counter = None
+
+
+class Engine:
+    """The continuous-batching scheduler: one background thread owns the model and the batch cache."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 32, max_queue: int = 64,
+                 prefill_tokens: int = 2048):
+        if max_batch < 1 or max_queue < 0:
+            raise NeojError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        cfg = model.config
+        self.device = model.wte.weight.device
+        self.vocab = cfg.vocab_size
+        self.sampler = RowSampler(min(tokenizer.vocab_size, cfg.vocab_size))
+        self.cache = BatchCache(model, max_batch)
+        self.running: list[Sequence] = []
+        self.stats = EngineStats(finished=collections.Counter())
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._jobs: list[tuple[Future, Callable]] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._seq_seconds = 1.0  # moving average of a sequence's time in the batch, for Retry-After
+        self._thread: threading.Thread | None = None
+
+    # ---- the public, thread-safe side ----
+
+    def start(self) -> "Engine":
+        """Starts the model thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="neoj-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the model thread; unfinished requests end with finish_reason "cancelled"."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, prompts: list[list[int]], params: GenerationParams, sink: Callable[[Event], None],
+               max_time: float | None = None, prompt_logprobs: int | None = None) -> Request:
+        """Queues prompts x num_return_sequences sequences; returns the Request.
+
+        Raises ContextLengthError or GenerationError for bad input and QueueFull when max_queue requests
+        are already waiting. `sink` receives every Event on the model thread and must not block.
+        With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
+        """
+        params.validated()
+        if max_time is not None and not max_time > 0:
+            raise GenerationError(f"max_time={max_time!r} must be > 0 seconds")
+        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= 20:
+            raise GenerationError(f"prompt logprobs={prompt_logprobs!r} must be between 0 and 20")
+        n_pos = self.model.config.n_positions
+        fitted = [fit_prompt(ids or [self.tokenizer.eos_token_id], params.max_new_tokens, n_pos, params.truncate)
+                  for ids in prompts]
+        for ids in fitted:
+            bad = [t for t in ids if not 0 <= t < self.sampler.usable_vocab]
+            if bad:
+                raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.sampler.usable_vocab})")
+        req = Request(params, sink, max_time, prompt_logprobs)
+        n = params.num_return_sequences
+        for i, ids in enumerate(fitted):
+            for j in range(n):
+                seed = params.seed + j if params.seed is not None else random.getrandbits(63)
+                req.seqs.append(Sequence(req, i * n + j, i, ids, seed, self.tokenizer, self.vocab, self.device))
+        with self._cv:
+            if self._stopping:
+                raise NeojError("the engine is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are already waiting "
+                                "(max_queue); retry later", self._retry_after())
+            self._waiting.append(req)
+            self.stats.requests += 1
+            self.stats.waiting = len(self._waiting)
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Ends a request: dropped from the queue now, its running rows at the next step."""
+        with self._cv:
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self.stats.waiting = len(self._waiting)
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Runs fn() on the model thread between steps; returns a Future of its result."""
+        fut: Future = Future()
+        with self._cv:
+            if self._stopping:
+                raise NeojError("the engine is shutting down")
+            if len(self._waiting) + len(self._jobs) >= self.max_queue + 1:
+                self.stats.rejected += 1
+                raise QueueFull("the server is busy; retry later", self._retry_after())
+            self._jobs.append((fut, fn))
+            self._cv.notify_all()
+        return fut
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams, **options) -> list[Completion]:
+        """Returns the Completions of prompts, blocking; the synchronous form of submit()."""
+        events: queue.Queue = queue.Queue()
+        req = self.submit(prompts, params, events.put, **options)
+        pending = len(req.seqs)
+        while pending:
+            ev = events.get()
+            if ev.finish_reason is not None:
+                pending -= 1
+                if ev.finish_reason == "error":
+                    raise GenerationError(ev.error)
+        return [s.completion() for s in req.seqs]
+
+    def _retry_after(self) -> int:
+        waves = (len(self._waiting) + len(self.running)) / self.max_batch
+        return int(min(60, max(1, math.ceil(waves * self._seq_seconds))))
+
+    # ---- the model thread ----
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._waiting or self._jobs or self.running):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    jobs, self._jobs = self._jobs, []
+                    admitted = self._take_waiting()
+                for fut, fn in jobs:
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:  # handed to the caller, who reports it
+                            fut.set_exception(exc)
+                for seq in admitted:
+                    try:
+                        self._admit(seq)
+                    except Exception as exc:
+                        log.exception("prefill failed")
+                        self._finish(seq, "error", error=str(exc))
+                self._drop_finished_or_cancelled()
+                if self.running:
+                    try:
+                        self._step()
+                    except Exception as exc:
+                        log.exception("decode step failed; ending the running batch")
+                        for seq in self.running:
+                            self._finish(seq, "error", error=str(exc))
+                        self.running = []
+                        self.cache = BatchCache(self.model, self.max_batch)
+            for seq in self.running:
+                self._finish(seq, "cancelled")
+            for req in self._waiting:
+                for seq in req.seqs[req.next_admit :]:
+                    self._finish(seq, "cancelled")
+
+    def _take_waiting(self) -> list[Sequence]:
+        """Pops the sequences to admit this round: free rows, and a prompt-token budget (at least one)."""
+        out, budget = [], self.prefill_tokens
+        free = self.max_batch - len(self.running)
+        while self._waiting and len(out) < free:
+            req = self._waiting[0]
+            seq = req.seqs[req.next_admit]
+            new_prompt = seq.prompt_index not in req.prefills
+            if out and new_prompt and budget < len(seq.prompt_ids):
+                break
+            if new_prompt:
+                budget -= len(seq.prompt_ids)
+            out.append(seq)
+            req.next_admit += 1
+            if req.next_admit == len(req.seqs):
+                self._waiting.popleft()
+        self.stats.waiting = len(self._waiting)
+        return out
+
+    def _prefill(self, seq: Sequence):
+        """Returns (cache, last logits, prompt logprobs, uses left) for seq's prompt, shared by its copies."""
+        req = seq.request
+        entry = req.prefills.get(seq.prompt_index)
+        if entry is None:
+            ids = seq.prompt_ids
+            cache = KVCache.for_model(self.model, 1, len(ids) + seq.params.max_new_tokens)
+            hidden = self.model(torch.tensor([ids], device=self.device), None, cache)
+            last = self.model.logits(hidden[:, -1])
+            plp = self._prompt_logprobs(hidden[0, :-1], ids, req.prompt_logprobs) \
+                if req.prompt_logprobs is not None else None
+            uses = seq.params.num_return_sequences
+            self.stats.prompt_tokens += len(ids)
+            entry = (cache, last, plp, uses)
+        cache, last, plp, uses = entry
+        if uses > 1:
+            req.prefills[seq.prompt_index] = (cache, last, plp, uses - 1)
+        else:
+            req.prefills.pop(seq.prompt_index, None)
+        return cache, last.clone(), plp
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top_n: int, chunk: int = 256) -> list:
+        """Returns [(logprob, top) per prompt token]; the first token has none (nothing precedes it).
+
+        Over the full output vocabulary, as LanguageModel.score and transformers compute them, so scores
+        served to lm-eval match local ones (GPT-J's padding rows are not masked here).
+        """
+        out: list = [(None, None)]
+        targets = torch.tensor(ids[1:], device=self.device)
+        for s in range(0, len(ids) - 1, chunk):
+            logits = self.model.logits(hidden[s : s + chunk])
+            logp = torch.log_softmax(logits, dim=-1)
+            lps = logp.gather(1, targets[s : s + chunk, None]).squeeze(1).tolist()
+            if top_n:
+                top = torch.topk(logp, top_n, dim=-1)
+                tops = [dict(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                tops = [None] * len(lps)
+            out += list(zip(lps, tops))
+        return out
+
+    def _admit(self, seq: Sequence) -> None:
+        req = seq.request
+        if req.cancelled:
+            self._finish(seq, "cancelled")
+            return
+        if seq.params.max_new_tokens == 0 and req.prompt_logprobs is None:
+            self._finish(seq, "length")
+            return
+        cache, logits, seq.prompt_logprobs = self._prefill(seq)
+        if seq.params.max_new_tokens == 0:
+            self._finish(seq, "length")
+            return
+        seq.pos = len(seq.prompt_ids)
+        if not self._advance([seq], logits)[0]:
+            self.cache.add(cache, seq.pos)
+            self.running.append(seq)
+
+    def _step(self) -> None:
+        """Feeds every running row its last token and advances each by one."""
+        seqs = self.running
+        self.cache.ensure_room(1)
+        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.pos] for s in seqs], device=self.device)
+        hidden = self.model(ids, positions, self.cache, None)
+        logits = self.model.logits(hidden[:, -1])
+        for s in seqs:
+            s.pos += 1
+        self.stats.steps += 1
+        finished = self._advance(seqs, logits)
+        for i in sorted((i for i, f in enumerate(finished) if f), reverse=True):
+            self._remove_row(i)
+        self.cache.compact(min_gap=max(64, self.cache.length // 2))
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[bool]:
+        """Chooses each row's next token, records it and reports it; returns which rows finished."""
+        tokens, logprobs, tops = self.sampler.select(seqs, logits)
+        now = time.monotonic()
+        eos = self.tokenizer.eos_token_id
+        finished = []
+        for s, tok, lp, top in zip(seqs, tokens, logprobs, tops):
+            req, p = s.request, s.params
+            if req.first_token_at is None:
+                req.first_token_at = now
+            s.token_ids.append(tok)
+            s.pending = tok
+            self.stats.generated_tokens += 1
+            if s.logprobs is not None:
+                s.logprobs.append(lp)
+            if s.top_logprobs is not None:
+                s.top_logprobs.append(top)
+            reason = None
+            if p.stop_at_eos and tok == eos:
+                text, reason = _drain(s.decoder, s.scanner), "eos"
+            else:
+                text, hit = s.scanner.feed(s.decoder.push(tok))
+                if hit:
+                    reason = "stop"
+                elif len(s.token_ids) >= p.max_new_tokens or (req.deadline is not None and now >= req.deadline):
+                    text += _drain(s.decoder, s.scanner)
+                    reason = "length" if len(s.token_ids) >= p.max_new_tokens else "time"
+            s.text += text
+            if reason is None:
+                s.request.sink(Event(s, text, tok, lp, top))
+            else:
+                self._finish(s, reason, text=text, token_id=tok, logprob=lp, top=top)
+            finished.append(reason is not None)
+        return finished
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", token_id: int | None = None,
+                logprob: float | None = None, top: dict | None = None, error: str | None = None) -> None:
+        seq.finish_reason = reason
+        req = seq.request
+        req.finished += 1
+        self.stats.finished[reason] += 1
+        if req.done:
+            age = time.monotonic() - (req.first_token_at or req.submitted)
+            self._seq_seconds = 0.9 * self._seq_seconds + 0.1 * age
+        try:
+            req.sink(Event(seq, text, token_id, logprob, top, reason, error))
+        except Exception:  # a sink that fails must not take the model thread down
+            log.exception("event sink failed")
+
+    def _remove_row(self, i: int) -> None:
+        self.cache.remove(i)
+        last = self.running.pop()
+        if i < len(self.running):
+            self.running[i] = last
+        self.stats.running = len(self.running)
+
+    def _drop_finished_or_cancelled(self) -> None:
+        for i in range(len(self.running) - 1, -1, -1):
+            s = self.running[i]
+            if s.request.cancelled:
+                self._finish(s, "cancelled")
+                self._remove_row(i)
+        self.stats.running = len(self.running)

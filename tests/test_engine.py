@@ -1,0 +1,203 @@
+"""The continuous-batching engine: rows joining and leaving a running batch give what each gives alone."""
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+import neoj
+from neoj.config import from_hf_dict
+from neoj.engine import BatchCache, Engine, QueueFull
+from neoj.errors import ContextLengthError, GenerationError
+from neoj.kv_cache import KVCache
+from neoj.sampling import GenerationParams
+
+NEO = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 128, "hidden_size": 32,
+       "num_layers": 4, "num_heads": 4, "attention_types": [[["global", "local"], 2]], "window_size": 8}
+GPTJ = {"model_type": "gptj", "vocab_size": 50400, "n_positions": 128, "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "rotary_dim": 4, "tie_word_embeddings": False}
+
+PROMPTS = ["The cat", "Once upon a time there was a very long story that went on and on, and on",
+           "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "Hello", "A", "In the beginning was the word, and the"]
+
+
+@pytest.fixture(scope="module", params=["neo", "gptj"])
+def lm(request):
+    torch.manual_seed(0)
+    return neoj.from_config(from_hf_dict(NEO if request.param == "neo" else GPTJ), dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def engine(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=8, max_queue=64).start()
+    yield eng
+    eng.shutdown()
+
+
+def greedy(n=24, **kw):
+    return GenerationParams(max_new_tokens=n, temperature=0, stop_at_eos=False, **kw)
+
+
+def run_concurrently(eng, jobs):
+    """Submits every (ids, params) at once from threads; returns their Completions in order."""
+    out = [None] * len(jobs)
+
+    def work(i):
+        out[i] = eng.generate([jobs[i][0]], jobs[i][1])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_alone_matches_library_generate(lm, engine):
+    for prompt in PROMPTS:
+        ref = lm.complete(prompt, max_new_tokens=24, temperature=0, stop_at_eos=False)[0]
+        got = engine.generate([lm.tokenizer.encode(prompt)], greedy())[0]
+        assert got.token_ids == ref.token_ids and got.text == ref.text
+
+
+def test_concurrent_greedy_equals_alone(lm, engine):
+    # Different prompt and output lengths: rows join with longer and shorter prompts than the batch
+    # (shifting it right), leave at different steps, and run past the local window.
+    jobs = [(lm.tokenizer.encode(PROMPTS[i % len(PROMPTS)] + " x" * i), greedy(10 + 3 * i)) for i in range(20)]
+    alone = [engine.generate([ids], p)[0].token_ids for ids, p in jobs]
+    together = [c[0].token_ids for c in run_concurrently(engine, jobs)]
+    assert together == alone
+    assert engine.stats.steps > 0 and engine.stats.finished["length"] == 2 * len(jobs)
+
+
+def test_staggered_arrivals_compact_and_grow_the_cache(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=3).start()
+    try:
+        jobs = [(lm.tokenizer.encode(PROMPTS[i % 6]), greedy(60 + 7 * (i % 4))) for i in range(9)]
+        alone = [eng.generate([ids], p)[0].token_ids for ids, p in jobs]
+        results = [None] * len(jobs)
+
+        def work(i):
+            time.sleep(0.01 * i)
+            results[i] = eng.generate([jobs[i][0]], jobs[i][1])[0].token_ids
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == alone
+    finally:
+        eng.shutdown()
+
+
+def test_seeded_sampling_with_penalties_matches_library(lm, engine):
+    opts = dict(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3,
+                presence_penalty=0.5, frequency_penalty=0.2, seed=7, num_return_sequences=3)
+    ref = lm.complete(PROMPTS[1], **opts)
+    got = engine.generate([lm.tokenizer.encode(PROMPTS[1])], GenerationParams(**opts))
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    assert len({tuple(c.token_ids) for c in got}) > 1  # each copy has its own generator
+    # Alongside a greedy row and rows with other parameters, the seeded rows are unchanged.
+    mixed = run_concurrently(engine, [(lm.tokenizer.encode(PROMPTS[1]), GenerationParams(**opts)),
+                                      (lm.tokenizer.encode(PROMPTS[0]), greedy(30)),
+                                      (lm.tokenizer.encode(PROMPTS[2]), GenerationParams(temperature=1.5, top_k=3))])
+    assert [c.token_ids for c in mixed[0]] == [c.token_ids for c in ref]
+
+
+def test_logprobs_and_prompt_logprobs(lm, engine):
+    ids = lm.tokenizer.encode(PROMPTS[5])
+    ref = lm.complete(PROMPTS[5], max_new_tokens=6, temperature=0, logprobs=3)[0]
+    got = engine.generate([ids], GenerationParams(max_new_tokens=6, temperature=0, logprobs=3), prompt_logprobs=2)
+    c = got[0]
+    assert c.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert [list(t) for t in c.top_logprobs] == [list(t) for t in ref.top_logprobs]
+    # Scoring only (max_new_tokens=0, as lm-eval does): prompt logprobs equal LanguageModel.score.
+    req_events = queue.Queue()
+    req = engine.submit([ids], GenerationParams(max_new_tokens=0), req_events.put, prompt_logprobs=2)
+    ev = req_events.get(timeout=30)
+    assert ev.finish_reason == "length" and ev.text == ""
+    plp = req.seqs[0].prompt_logprobs
+    assert plp[0] == (None, None) and len(plp) == len(ids)
+    assert [lp for lp, _ in plp[1:]] == pytest.approx(lm.score(PROMPTS[5]).token_logprobs, abs=1e-4)
+    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-6 for lp, top in plp[1:])
+
+
+def test_stop_strings_eos_and_streaming_events(lm, engine):
+    ids = lm.tokenizer.encode(PROMPTS[0])
+    full = engine.generate([ids], greedy(30))[0].text
+    stop = full[5:8]
+    events = queue.Queue()
+    engine.submit([ids], greedy(30, stop=[stop]), events.put)
+    pieces = []
+    while True:
+        ev = events.get(timeout=30)
+        pieces.append(ev.text)
+        if ev.finish_reason:
+            break
+    assert ev.finish_reason == "stop"
+    assert "".join(pieces) == full[: full.find(stop)]
+    eos = lm.tokenizer.eos_token_id
+    c = engine.generate([ids], GenerationParams(max_new_tokens=30, temperature=0))[0]
+    assert eos not in c.token_ids[:-1]
+
+
+def test_cancel_frees_the_row_and_queue_limits(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=1, max_queue=1).start()
+    try:
+        events = queue.Queue()
+        long = eng.submit([lm.tokenizer.encode("a")], greedy(120), events.put)
+        events.get(timeout=30)  # running
+        waiting = eng.submit([lm.tokenizer.encode("b")], greedy(2), events.put)
+        with pytest.raises(QueueFull) as info:
+            eng.submit([lm.tokenizer.encode("c")], greedy(2), events.put)
+        assert info.value.retry_after >= 1
+        eng.cancel(long)
+        deadline = time.monotonic() + 30
+        while not waiting.done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting.done and long.seqs[0].finish_reason == "cancelled"
+        assert len(long.seqs[0].token_ids) < 120
+        assert eng.stats.finished["cancelled"] == 1 and eng.running == []
+    finally:
+        eng.shutdown()
+
+
+def test_max_time_and_bad_input(lm, engine):
+    c = engine.generate([lm.tokenizer.encode("x")], greedy(120), max_time=0.02)
+    assert len(c[0].token_ids) >= 1
+    with pytest.raises(ContextLengthError) as info:
+        engine.submit([[1] * 120], greedy(20), print)
+    assert info.value.prompt_tokens == 120 and info.value.limit == 128
+    truncated = engine.generate([[1] * 120], greedy(20, truncate=True))[0]
+    assert truncated.prompt_tokens == 108 and len(truncated.token_ids) == 20
+    with pytest.raises(GenerationError):
+        engine.submit([[1]], GenerationParams(temperature=-1), print)
+    with pytest.raises(GenerationError):
+        engine.submit([[60000]], greedy(), print)
+
+
+def test_batch_cache_splice_and_remove(lm):
+    model = lm.model
+    cache = BatchCache(model, max_rows=4)
+
+    def solo(p):
+        c = KVCache.for_model(model, 1, p)
+        c.k.normal_()
+        c.v.normal_()
+        return c
+
+    a, b = solo(5), solo(9)
+    cache.add(a, 5)
+    assert cache.length == 5 and cache.starts == [0] and not cache.padded
+    cache.add(b, 9)  # longer than the batch: the first row shifts right
+    assert cache.length == 9 and cache.starts == [4, 0] and cache.padded
+    assert torch.equal(cache.k[:, 0, :, 4:9], a.k[:, 0, :, :5]) and torch.equal(cache.k[:, 1, :, :9], b.k[:, 0])
+    assert cache.key_valid[0, :9].tolist() == [False] * 4 + [True] * 5
+    cache.remove(1)
+    cache.compact()
+    assert cache.starts == [0] and cache.length == 5 and torch.equal(cache.k[:, 0, :, :5], a.k[:, 0, :, :5])
+    cache.remove(0)
+    assert cache.rows == 0 and cache.length == 0
