@@ -1,0 +1,84 @@
+"""The neoj command line, run in-process through main() and once as a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+import neoj
+from neoj.cli import main
+from neoj.config import from_hf_dict
+from neoj.weights import random_model, save_checkpoint
+
+TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 128, "hidden_size": 32,
+        "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli-model")
+    save_checkpoint(random_model(from_hf_dict(TINY), seed=3), path)
+    return path
+
+
+def test_generate_greedy_matches_api(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "Hello there", "-n", "12", "-t", "0"]) == 0
+    out = capsys.readouterr().out
+    expected = neoj.load(tiny_dir).generate("Hello there", max_new_tokens=12, temperature=0)
+    assert out == expected + "\n"
+
+
+def test_generate_reads_stdin_and_echoes(tiny_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("From stdin"))
+    assert main(["generate", "-m", str(tiny_dir), "-", "-n", "5", "-t", "0", "--echo"]) == 0
+    expected = neoj.load(tiny_dir).generate("From stdin", max_new_tokens=5, temperature=0)
+    assert capsys.readouterr().out == "From stdin" + expected + "\n"
+
+
+def test_generate_seed_is_reproducible_and_sequences_are_listed(tiny_dir, capsys):
+    args = ["generate", "-m", str(tiny_dir), "abc", "-n", "6", "--seed", "7", "--num-return-sequences", "2"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+    assert "--- sequence 1 ---" in first and "--- sequence 2 ---" in first
+
+
+def test_context_overflow_is_a_clear_error(tiny_dir, capsys):
+    assert main(["generate", "-m", str(tiny_dir), "word " * 200, "-n", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "201 tokens" in err and "128" in err and "--truncate" in err  # "word " x 200 plus the final space
+    assert main(["generate", "-m", str(tiny_dir), "word " * 200, "-n", "4", "--truncate", "-t", "0"]) == 0
+
+
+def test_missing_model_and_bad_option_errors(tmp_path, capsys):
+    assert main(["generate", "-m", str(tmp_path / "nope"), "hi"]) == 1
+    assert "neither a local directory nor a Hub id" in capsys.readouterr().err
+    assert main(["generate", "-m", str(tmp_path), "hi"]) == 1
+    assert "config.json" in capsys.readouterr().err
+    assert main(["generate", "-m", "random:gpt-neo-125m", "hi", "--top-p", "3"]) == 1
+    assert "top_p=3.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_info_reports_shape_and_memory(tiny_dir, capsys):
+    assert main(["info", "gpt-j-6b"]) == 0
+    out = capsys.readouterr().out
+    assert "6,050.9M parameters" in out and "rotary (first 64 dims per head)" in out
+    assert "22.5 GiB" in out  # fp32 weights
+    assert main(["info", str(tiny_dir), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["attention_layers"] == "GL" and info["window_size"] == 8
+    assert info["parameters"] == neoj.load(tiny_dir).model.num_parameters()
+
+
+def test_help_everywhere_and_python_dash_m():
+    for cmd in ([], ["generate"], ["download"], ["info"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(cmd + ["--help"])
+        assert exit_.value.code == 0
+    proc = subprocess.run([sys.executable, "-m", "neoj", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "generate" in proc.stdout and "download" in proc.stdout
