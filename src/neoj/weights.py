@@ -204,27 +204,49 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
 def iter_safetensors(file: Path, wanted: Callable[..., torch.Tensor | None]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (key, tensor) for a safetensors file, reading each tensor with plain file reads.
 
-    `wanted(key, dtype, shape)` returns a CPU buffer of the checkpoint dtype to read into (the destination itself when
-    no conversion is needed), or None to skip. Plain reads instead of mmap keep the file's pages out of
-    this process's memory, so converting fp32 -> bf16 never holds the whole fp32 file.
+    `wanted(key, dtype, shape)` returns the CPU tensor to fill (of any floating dtype: the bytes are
+    converted on the way in), or None to skip the tensor. Plain reads instead of mmap keep the file's
+    pages out of this process's memory, and a dtype change goes through a small staging buffer, so
+    converting an fp32 file to bf16 never holds more than the bf16 model plus a few MiB.
     """
     header, data_start = read_safetensors_header(file)
+    staging: torch.Tensor | None = None
     with open(file, "rb", buffering=0) as f:
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            dest = wanted(key, dtype, tuple(entry["shape"]))
+            src_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            dest = wanted(key, src_dtype, tuple(entry["shape"]))
             if dest is None:
                 continue
             f.seek(data_start + begin)
-            view = memoryview(dest.view(torch.uint8).reshape(-1).numpy()) if dest.numel() else memoryview(b"")
-            got = 0
-            while got < end - begin:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"{file} is truncated while reading tensor {key!r}")
-                got += n
+            if dest.dtype == src_dtype:
+                _read_exactly(f, dest, file, key)
+            else:
+                flat = dest.view(-1)
+                step = _STAGING_BYTES // src_dtype.itemsize
+                if staging is None or staging.dtype != src_dtype:
+                    staging = torch.empty(step, dtype=src_dtype)
+                for lo in range(0, flat.numel(), step):
+                    chunk = staging[: min(step, flat.numel() - lo)]
+                    _read_exactly(f, chunk, file, key)
+                    flat[lo : lo + chunk.numel()].copy_(chunk)
             yield key, dest
+
+
+_STAGING_BYTES = 16 << 20
+
+
+def _read_exactly(f, dest: torch.Tensor, file: Path, key: str) -> None:
+    """Fills a contiguous CPU tensor with the next bytes of `f`."""
+    if not dest.numel():
+        return
+    view = memoryview(dest.view(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{file} is truncated while reading tensor {key!r}")
+        got += n
 
 
 def iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -307,7 +329,8 @@ def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, d
                 if name is None:
                     return None
                 names[key] = name
-                return torch.empty(shape, dtype=src_dtype)  # keep() converts only when dtypes differ
+                # Read straight into the target dtype unless a transform wants the checkpoint's values.
+                return torch.empty(shape, dtype=src_dtype if transform is not None else dtype)
 
             for key, tensor in iter_safetensors(file, wanted):
                 keep(names[key], tensor)
