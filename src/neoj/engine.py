@@ -63,7 +63,7 @@ class Sequence:
                  tokenizer: Tokenizer, vocab: int, device: torch.device):
         p = request.params
         self.request, self.index, self.prompt_index, self.prompt_ids = request, index, prompt_index, prompt_ids
-        self.params = p
+        self.params, self.seed = p, seed
         self.generator = None if p.greedy else torch.Generator(device=device).manual_seed(seed)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if p.repetition_penalty != 1 else None
         if self.seen is not None:
@@ -358,10 +358,17 @@ class Engine:
 
     def start(self) -> "Engine":
         """Starts the model thread; returns self."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="neoj-engine", daemon=True)
-            self._thread.start()
+        with self._cv:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="neoj-engine", daemon=True)
+                self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool | None:
+        """Returns whether the model thread runs (None before start)."""
+        return None if self._thread is None else self._thread.is_alive()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the model thread; unfinished requests end with finish_reason "cancelled"."""

@@ -1,0 +1,192 @@
+"""The FastAPI app: routes of every API family over one engine, an API-key and body-size gate, JSON errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..api import LanguageModel
+from ..engine import Engine
+from .chat import ChatTemplate, get_template
+from .common import APIError, ServerState, default_aliases
+from .metrics import CONTENT_TYPE, Metrics
+from . import hf_api, openai_api
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+OPEN_PATHS = ("/health",)  # reachable without the API key
+ROUTE_LABELS = {"/", "/health", "/metrics", "/info", "/generate", "/generate_stream", "/v1/models",
+                "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+
+
+def _route_label(path: str) -> str:
+    if path in ROUTE_LABELS:
+        return path
+    if path.startswith("/models/"):
+        return "/models/{model_id}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model_id}"
+    return "other"
+
+
+def error_body(path: str, err: APIError) -> dict:
+    """Returns the error in the API family's shape: OpenAI's {"error": {...}} under /v1, else HF/TGI's."""
+    if path.startswith("/v1"):
+        code = {401: "invalid_api_key", 404: "model_not_found" if err.param == "model" else "not_found",
+                503: "overloaded", 413: "request_too_large"}.get(err.status)
+        return {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": code}}
+    kind = {400: "validation", 413: "validation", 422: "validation", 401: "authentication", 404: "not_found",
+            405: "validation", 503: "overloaded"}.get(err.status, "generation")
+    return {"error": err.message, "error_type": kind}
+
+
+def _error_response(path: str, err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
+
+
+class Gate:
+    """ASGI middleware in front of every route: the API key, the body-size limit, and request metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.key = state.api_key.encode("utf-8") if state.api_key else None
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if header is None:
+            return False
+        scheme, _, value = header.partition(b" ")
+        value = value.strip()
+        if scheme.lower() == b"basic":  # browsers (the playground): any user name, the key as password
+            try:
+                value = base64.b64decode(value, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(value, self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = dict(scope["headers"])
+        try:
+            if self.key is not None and path not in OPEN_PATHS and not self._authorized(headers.get(b"authorization")):
+                challenge = 'Basic realm="neoj", charset="UTF-8"' if path == "/" and scope["method"] == "GET" \
+                    else 'Bearer realm="neoj"'
+                why = "missing" if b"authorization" not in headers else "invalid"
+                err = APIError(401, f"{why} API key: send the header 'Authorization: Bearer KEY'",
+                               headers={"WWW-Authenticate": challenge})
+                return await _error_response(path, err)(scope, receive, send_status)
+            limit = self.state.max_body_bytes
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    too_big = int(length) > limit
+                except ValueError:
+                    return await _error_response(path, APIError(400, "invalid Content-Length header"))(
+                        scope, receive, send_status)
+                if too_big:
+                    err = APIError(413, f"the request body is {int(length)} bytes; the limit is {limit}")
+                    return await _error_response(path, err)(scope, receive, send_status)
+            received = 0
+
+            async def counted_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise APIError(413, f"the request body is over the limit of {limit} bytes")
+                return message
+
+            await self.app(scope, counted_receive, send_status)
+        finally:
+            self.state.metrics.requests.inc(_route_label(path), str(status[0]))
+
+
+def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[str] | tuple[str, ...] | None = None,
+               api_key: str | None = None, max_batch: int = 32, max_queue: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | ChatTemplate = "plain",
+               prefill_tokens: int = 2048) -> FastAPI:
+    """Returns the FastAPI app serving `lm` (its engine thread starts with the app and stops with it).
+
+    model_id: the id clients name (default: the model's load name); aliases: other accepted names
+    (default: the id's last component and the Hub id in config.json). api_key: when set, every route but
+    /health needs "Authorization: Bearer KEY". max_batch: sequences decoded together; max_queue: requests
+    that may wait before new ones get 503. chat_template: "plain" or "dolly" (see neoj.server.chat).
+    """
+    model_id = model_id or lm.name or lm.config.model_type
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens)
+    state = ServerState(lm=lm, engine=engine, model_id=model_id,
+                        aliases=tuple(aliases) if aliases is not None else default_aliases(lm, model_id),
+                        api_key=api_key or None, max_body_bytes=max_body_bytes,
+                        chat_template=get_template(chat_template), metrics=Metrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="neoj", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.neoj = state
+    app.include_router(openai_api.router)
+    app.include_router(hf_api.router)
+    playground = resources.files("neoj.server").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(playground.replace("{{MODEL_ID}}", json.dumps(model_id).replace("<", "\\u003c")))
+
+    @app.get("/health")
+    async def health():
+        if engine.alive is False:
+            return JSONResponse({"status": "error", "error": "the model thread has stopped"}, status_code=503)
+        return {"status": "ok", "model": model_id}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(engine), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error_response(request.url.path, APIError(422, msg))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}; see /docs",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _error_response(request.url.path, APIError(exc.status_code, msg, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    app.add_middleware(Gate, state=state)
+    return app

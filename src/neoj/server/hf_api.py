@@ -1,0 +1,247 @@
+"""Hugging Face's APIs: the Inference API (POST /models/{id}) and text-generation-inference (POST /,
+/generate, /generate_stream, GET /info), as huggingface_hub's InferenceClient and curl call them.
+
+The two differ only in defaults. /models/{id} follows the Inference API: sampling on (temperature 1),
+50 new tokens, the prompt returned with the text. /, /generate and /generate_stream follow TGI: greedy
+unless do_sample or a sampling parameter is given, 100 new tokens, only the new text returned.
+Errors are {"error": message, "error_type": kind}, which huggingface_hub turns into its own exceptions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .. import __version__
+from ..engine import Sequence
+from ..sampling import GenerationParams
+from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
+                     parse, read_json, room_for, sse)
+from .schemas import HFParameters, HFRequest
+
+router = APIRouter()
+TGI_FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length", "time": "length",
+              "cancelled": "length"}
+
+
+@dataclass
+class Flavor:
+    """Defaults of one API."""
+
+    name: str
+    do_sample: bool | None  # None: TGI's rule, sample when any sampling parameter is given
+    max_new_tokens: int
+    return_full_text: bool
+
+
+INFERENCE_API = Flavor("inference", True, 50, True)
+TGI = Flavor("tgi", None, 100, False)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.neoj
+
+
+@dataclass
+class Job:
+    """A parsed HF/TGI request, ready for the engine."""
+
+    prompts: list[list[int]]
+    texts: list[str]
+    params: GenerationParams
+    max_time: float | None
+    prompt_logprobs: int | None
+    full_text: bool
+    details: bool
+    top_n: int
+
+
+def _job(st: ServerState, body: HFRequest, flavor: Flavor) -> Job:
+    p: HFParameters = body.parameters
+    if p.typical_p not in (None, 1.0):
+        raise APIError(422, "typical_p is not supported by neoj", param="typical_p")
+    prompts, texts = encode_prompts(st, body.inputs, "inputs")
+    if isinstance(p.truncate, int) and not isinstance(p.truncate, bool):
+        prompts = [ids[-p.truncate :] for ids in prompts]
+    fit = p.truncate is True
+    if p.max_new_tokens is not None:
+        max_new, param = p.max_new_tokens, "max_new_tokens"
+    elif p.max_length is not None:
+        longest = max(len(ids) for ids in prompts)
+        if p.max_length <= longest:
+            raise APIError(422, f"max_length={p.max_length} must exceed the prompt's {longest} tokens (it counts "
+                           "the prompt and the new tokens); or use max_new_tokens", param="max_length")
+        max_new, param = p.max_length - longest, "max_length"
+    else:
+        max_new, param = room_for(st, prompts, flavor.max_new_tokens), "max_new_tokens"
+    check_context(st, prompts, max_new, fit, param, truncate_hint='"truncate" to a token count')
+    sampling_given = any(v is not None for v in (p.temperature, p.top_k, p.top_p)) and not (
+        p.temperature in (None, 1.0) and not p.top_k and p.top_p in (None, 1.0))
+    do_sample = p.do_sample if p.do_sample is not None else (
+        flavor.do_sample if flavor.do_sample is not None else sampling_given)
+    temperature = (1.0 if p.temperature is None else p.temperature) if do_sample else 0.0
+    stop = p.stop if p.stop is not None else p.stop_sequences
+    details = bool(p.details)
+    top_n = p.top_n_tokens or 0
+    params = GenerationParams(
+        max_new_tokens=max_new, temperature=temperature, top_k=p.top_k or 0, top_p=p.top_p or 1.0,
+        repetition_penalty=p.repetition_penalty or p.penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
+        stop=[stop] if isinstance(stop, str) else list(stop or []), seed=p.seed,
+        num_return_sequences=p.num_return_sequences or 1, logprobs=top_n if (details or top_n) else None,
+        truncate=fit)
+    full = p.return_full_text if p.return_full_text is not None else (
+        not p.remove_input if p.remove_input is not None else flavor.return_full_text)
+    texts = [t if t is not None else st.lm.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+    return Job(prompts, texts, params, p.max_time, 0 if p.decoder_input_details else None, full, bool(p.details),
+               top_n)
+
+
+def _token(tok, tid: int, lp: float | None, text: str | None = None) -> dict:
+    return {"id": tid, "text": tok.token_text(tid) if text is None else text, "logprob": lp,
+            "special": tid == tok.eos_token_id}
+
+
+def _details(st: ServerState, job: Job, seq: Sequence) -> dict:
+    tok = st.lm.tokenizer
+    out = {"finish_reason": TGI_FINISH[seq.finish_reason], "generated_tokens": len(seq.token_ids),
+           "seed": seq.seed if not seq.params.greedy else None,
+           "prefill": [], "tokens": [], "top_tokens": None, "best_of_sequences": None}
+    if seq.prompt_logprobs is not None:
+        out["prefill"] = [_token(tok, t, lp) for t, (lp, _) in zip(seq.prompt_ids, seq.prompt_logprobs)]
+    lps = seq.logprobs or [None] * len(seq.token_ids)
+    out["tokens"] = [_token(tok, t, lp) for t, lp in zip(seq.token_ids, lps)]
+    if job.top_n and seq.top_logprobs is not None:
+        out["top_tokens"] = [[_token(tok, t, v) for t, v in (top or {}).items()] for top in seq.top_logprobs]
+    return out
+
+
+def _generated(job: Job, seq: Sequence) -> str:
+    return (job.texts[seq.prompt_index] if job.full_text else "") + seq.text
+
+
+async def _run(st: ServerState, request: Request, job: Job, route: str) -> list[Sequence] | Response:
+    gen = Generation(st, job.prompts, job.params, job.max_time, job.prompt_logprobs, route=route)
+    try:
+        return await gen.wait(request)
+    except ClientGone:
+        return Response(status_code=499)
+
+
+def _outputs(st: ServerState, job: Job, seqs: list[Sequence], nested: bool):
+    """Returns [{"generated_text"}, ...] per prompt (a list of those lists when `nested`)."""
+    per_prompt: list[list[dict]] = [[] for _ in job.prompts]
+    for seq in seqs:
+        item = {"generated_text": _generated(job, seq)}
+        if job.details:
+            item["details"] = _details(st, job, seq)
+        per_prompt[seq.prompt_index].append(item)
+    return per_prompt if nested else per_prompt[0]
+
+
+@router.post("/models/{model_id:path}")
+async def inference_api(model_id: str, request: Request):
+    """The HF Inference API: POST /models/EleutherAI/gpt-j-6B {"inputs": ...} -> [{"generated_text": ...}]."""
+    st = _state(request)
+    st.check_model(model_id)
+    body = parse(HFRequest, await read_json(request))
+    if body.stream:
+        return await _stream(st, request, body, "/models/{model_id}")
+    job = _job(st, body, INFERENCE_API)
+    seqs = await _run(st, request, job, "/models/{model_id}")
+    return seqs if isinstance(seqs, Response) else _outputs(st, job, seqs, nested=isinstance(body.inputs, list))
+
+
+@router.post("/")
+async def root(request: Request):
+    """TGI's compatibility route (what InferenceClient(base_url).text_generation posts to)."""
+    st = _state(request)
+    body = parse(HFRequest, await read_json(request))
+    if body.stream:
+        return await _stream(st, request, body, "/")
+    job = _job(st, body, TGI)
+    seqs = await _run(st, request, job, "/")
+    return seqs if isinstance(seqs, Response) else _outputs(st, job, seqs, nested=isinstance(body.inputs, list))
+
+
+@router.post("/generate")
+async def generate(request: Request):
+    """TGI: {"inputs": str, "parameters": {...}} -> {"generated_text": ..., "details": ...}."""
+    st = _state(request)
+    body = parse(HFRequest, await read_json(request))
+    _single(body)
+    job = _job(st, body, TGI)
+    seqs = await _run(st, request, job, "/generate")
+    if isinstance(seqs, Response):
+        return seqs
+    out = {"generated_text": _generated(job, seqs[0])}
+    if job.details:
+        out["details"] = _details(st, job, seqs[0])
+    return out
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request):
+    """TGI: server-sent events, one per token; the last carries generated_text and details."""
+    st = _state(request)
+    body = parse(HFRequest, await read_json(request))
+    return await _stream(st, request, body, "/generate_stream")
+
+
+def _single(body: HFRequest) -> None:
+    if not isinstance(body.inputs, str):
+        raise APIError(422, "inputs must be a single string on this route", param="inputs")
+    if (body.parameters.num_return_sequences or 1) > 1:
+        raise APIError(422, "num_return_sequences > 1 is not supported on this route; use POST /models/{id}",
+                       param="num_return_sequences")
+
+
+async def _stream(st: ServerState, request: Request, body: HFRequest, route: str):
+    _single(body)
+    job = _job(st, body, TGI if route != "/models/{model_id}" else INFERENCE_API)
+    job.params.logprobs = job.top_n  # every streamed token carries its logprob, as TGI's do
+    gen = Generation(st, job.prompts, job.params, job.max_time, job.prompt_logprobs, route=route)
+    tok = st.lm.tokenizer
+
+    async def events():
+        index = 0
+        async for ev in gen.events():
+            if ev.finish_reason == "error":
+                yield sse({"error": f"generation failed: {ev.error}", "error_type": "generation"})
+                continue
+            if ev.token_id is None:  # max_new_tokens=0: nothing generated
+                yield sse({"index": index, "token": None, "generated_text": _generated(job, ev.seq),
+                           "details": _stream_details(job, ev.seq)})
+                continue
+            index += 1
+            out = {"index": index, "token": _token(tok, ev.token_id, ev.logprob, ev.text), "generated_text": None,
+                   "details": None, "top_tokens": None}
+            if job.top_n and ev.top_logprobs:
+                out["top_tokens"] = [_token(tok, t, v) for t, v in ev.top_logprobs.items()]
+            if ev.finish_reason:
+                out["generated_text"] = _generated(job, ev.seq)
+                out["details"] = _stream_details(job, ev.seq)
+            yield sse(out)
+
+    return EventStream(events(), gen)
+
+
+def _stream_details(job: Job, seq: Sequence) -> dict:
+    return {"finish_reason": TGI_FINISH[seq.finish_reason], "generated_tokens": len(seq.token_ids),
+            "seed": seq.seed if not seq.params.greedy else None, "input_length": len(seq.prompt_ids)}
+
+
+@router.get("/info")
+async def info(request: Request):
+    """TGI's /info: what is served and the server's limits."""
+    st = _state(request)
+    eng = st.engine
+    return {"model_id": st.model_id, "model_sha": None, "model_dtype": str(st.lm.dtype).replace("torch.", ""),
+            "model_device_type": st.lm.device.type, "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": eng.max_batch + eng.max_queue, "max_best_of": 1,
+            "max_stop_sequences": 16, "max_input_tokens": st.n_positions - 1, "max_input_length": st.n_positions - 1,
+            "max_total_tokens": st.n_positions, "max_batch_size": eng.max_batch, "max_queue": eng.max_queue,
+            "validation_workers": 1, "max_client_batch_size": 64, "router": "neoj", "version": __version__,
+            "sha": None, "docker_label": None, "started": st.created, "uptime_seconds": int(time.time()) - st.created}

@@ -1,0 +1,108 @@
+"""Prometheus metrics in the text exposition format (0.0.4), without a client library."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+from ..engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    esc = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values)
+    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, esc)) + "}"
+
+
+class Counter:
+    """A monotonically increasing value per label set."""
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()):
+        self.name, self.help, self.labels = name, help, labels
+        self.values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, *label_values: str, amount: float = 1.0) -> None:
+        """Adds `amount` to the series of these label values."""
+        with self._lock:
+            self.values[label_values] = self.values.get(label_values, 0.0) + amount
+
+    def render(self) -> list[str]:
+        """Returns the exposition lines."""
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        out += [f"{self.name}{_labels(self.labels, k)} {v:g}" for k, v in sorted(self.values.items())]
+        if not self.values and not self.labels:
+            out.append(f"{self.name} 0")
+        return out
+
+
+class Histogram:
+    """Observations counted into cumulative buckets, per label set."""
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = (), buckets=LATENCY_BUCKETS):
+        self.name, self.help, self.labels, self.buckets = name, help, labels, tuple(buckets)
+        self.series: dict[tuple[str, ...], list] = {}  # labels -> [bucket counts..., sum, count]
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, *label_values: str) -> None:
+        """Records one observation."""
+        with self._lock:
+            s = self.series.setdefault(label_values, [0] * len(self.buckets) + [0.0, 0])
+            i = bisect.bisect_left(self.buckets, value)
+            if i < len(self.buckets):
+                s[i] += 1
+            s[-2] += value
+            s[-1] += 1
+
+    def render(self) -> list[str]:
+        """Returns the exposition lines (cumulative buckets, +Inf, _sum, _count)."""
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for key, s in sorted(self.series.items()):
+            cumulative = 0
+            for bound, n in zip(self.buckets, s):
+                cumulative += n
+                out.append(f"{self.name}_bucket{_labels(self.labels + ('le',), key + (f'{bound:g}',))} {cumulative}")
+            out.append(f"{self.name}_bucket{_labels(self.labels + ('le',), key + ('+Inf',))} {s[-1]}")
+            out.append(f"{self.name}_sum{_labels(self.labels, key)} {s[-2]:g}")
+            out.append(f"{self.name}_count{_labels(self.labels, key)} {s[-1]}")
+        return out
+
+
+class Metrics:
+    """The server's metrics: HTTP requests and latencies here, token and queue figures read from the engine."""
+
+    def __init__(self):
+        self.requests = Counter("neoj_http_requests_total", "HTTP requests answered, by route and status code.",
+                                ("route", "status"))
+        self.latency = Histogram("neoj_request_duration_seconds",
+                                 "Time from submitting a generation to its last token, by route.", ("route",))
+        self.ttft = Histogram("neoj_time_to_first_token_seconds",
+                              "Time from submitting a generation to its first token (queueing included), by route.",
+                              ("route",))
+        self.rejected = Counter("neoj_queue_rejected_total", "Requests answered 503 because the queue was full.")
+
+    def render(self, engine: Engine) -> str:
+        """Returns the whole exposition text."""
+        s = engine.stats
+        lines = self.requests.render() + self.latency.render() + self.ttft.render() + self.rejected.render()
+
+        def metric(name, kind, help, value, labels=""):
+            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"])
+
+        metric("neoj_queue_depth", "gauge", "Requests waiting for a batch slot.", s.waiting)
+        metric("neoj_running_sequences", "gauge", "Sequences in the running batch.", s.running)
+        metric("neoj_max_batch", "gauge", "Sequences the running batch holds at most.", engine.max_batch)
+        metric("neoj_max_queue", "gauge", "Requests that may wait before new ones get 503.", engine.max_queue)
+        metric("neoj_requests_total", "counter", "Generation requests accepted by the engine.", s.requests)
+        metric("neoj_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens)
+        metric("neoj_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens)
+        metric("neoj_decode_steps_total", "counter", "Batched decode steps run.", s.steps)
+        lines += ["# HELP neoj_sequences_finished_total Sequences finished, by reason.",
+                  "# TYPE neoj_sequences_finished_total counter"]
+        for reason in ("eos", "stop", "length", "time", "cancelled", "error"):
+            lines.append(f'neoj_sequences_finished_total{{reason="{reason}"}} {s.finished.get(reason, 0)}')
+        return "\n".join(lines) + "\n"

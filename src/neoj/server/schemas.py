@@ -1,0 +1,181 @@
+"""Request bodies of every API the server speaks, validated strictly: wrong types and out-of-range values are 422s.
+
+Field names, defaults and ranges follow each API's own documentation; neoj's extensions are marked.
+Unknown fields are ignored, as clients send fields for features a base model has no use for.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+MAX_N = 64  # sequences per prompt (n, num_return_sequences)
+MAX_STOPS = 16
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1 - MAX_N
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
+Temperature = Annotated[float, Field(ge=0, le=100)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0, strict=True)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=100)]
+MaxTime = Annotated[float, Field(gt=0, le=3600)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+# A prompt: text, texts, token ids, or lists of token ids (as lm-eval's local-completions sends).
+PromptInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOPS)], None]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def check_stop(value):
+    """Rejects empty stop strings, which would end every generation at once."""
+    stops = [value] if isinstance(value, str) else value or []
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    return value
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool | None = None
+
+
+class CompletionRequest(Strict):
+    """POST /v1/completions (OpenAI)."""
+
+    model: StrictStr | None = None
+    prompt: PromptInput
+    max_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
+    stop: Stop = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    echo: StrictBool | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: StrictStr | None = None
+    user: StrictStr | None = None
+    # neoj extensions
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: StrictBool | None = None
+    truncate: StrictBool | None = None
+    max_time: MaxTime | None = None
+
+    _stop = field_validator("stop")(check_stop)
+
+
+class ContentPart(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        """Returns the message's text (text parts joined)."""
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Strict):
+    """POST /v1/chat/completions (OpenAI)."""
+
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
+    stop: Stop = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+    user: StrictStr | None = None
+    # neoj extensions
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: StrictBool | None = None
+    truncate: StrictBool | None = None
+    max_time: MaxTime | None = None
+    chat_template: StrictStr | None = None
+
+    _stop = field_validator("stop")(check_stop)
+
+
+class EmbeddingRequest(Strict):
+    """POST /v1/embeddings (OpenAI)."""
+
+    model: StrictStr | None = None
+    input: PromptInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, strict=True)] | None = None
+    user: StrictStr | None = None
+
+
+class HFParameters(Strict):
+    """The "parameters" of the HF Inference API and of TGI (a superset of both)."""
+
+    max_new_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
+    max_length: Annotated[int, Field(ge=1, strict=True)] | None = None  # total length, as transformers'
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    typical_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    penalty: RepetitionPenalty | None = None  # the Neuro API's name for repetition_penalty
+    frequency_penalty: Penalty | None = None
+    do_sample: StrictBool | None = None
+    num_return_sequences: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
+    return_full_text: StrictBool | None = None
+    remove_input: StrictBool | None = None  # the Neuro API's inverse of return_full_text
+    max_time: MaxTime | None = None
+    stop: Stop = None
+    stop_sequences: Stop = None  # the old TGI name
+    seed: Seed | None = None
+    truncate: Annotated[int, Field(ge=1, strict=True)] | StrictBool | None = None
+    details: StrictBool | None = None
+    decoder_input_details: StrictBool | None = None
+    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=1, strict=True)] | None = None
+    watermark: Literal[False] | None = None
+    grammar: None = None
+    adapter_id: None = None
+
+    _stop = field_validator("stop", "stop_sequences")(check_stop)
+
+
+class HFOptions(Strict):
+    use_cache: StrictBool | None = None  # neoj always computes; accepted for compatibility
+    wait_for_model: StrictBool | None = None  # the model is always loaded
+
+
+class HFRequest(Strict):
+    """POST /models/{id} and POST / (HF Inference API), POST /generate and /generate_stream (TGI)."""
+
+    inputs: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)]]
+    parameters: HFParameters = Field(default_factory=HFParameters)
+    options: HFOptions = Field(default_factory=HFOptions)
+    stream: StrictBool | None = None
