@@ -124,6 +124,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    api_key = args.api_key or os.environ.get("NEOJ_API_KEY") or None
+    lm = _load(args)
+    # Clients name the model by its Hub id, or by the directory's name (a served path is not disclosed).
+    model = args.model
+    model_id = args.model_id or (Path(model).name if model and Path(model).exists() else model) or "neoj-builtin"
+    serve(lm, host=args.host, port=args.port, api_key=api_key, model_id=model_id, max_batch=args.max_batch,
+          max_queue=args.max_queue, chat_template=args.chat_template)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -141,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI, HF Inference API and TGI routes)",
+                       description="Serve MODEL over HTTP with continuous batching: OpenAI /v1/completions, "
+                       "/v1/chat/completions, /v1/models, /v1/embeddings; the HF Inference API (POST /models/ID "
+                       "and POST /); TGI /generate, /generate_stream, /info; /health, /metrics and a playground "
+                       "page at /. Binds 127.0.0.1 unless --host says otherwise.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (or set NEOJ_API_KEY)")
+    p.add_argument("--model-id", default=None, help="the id clients name the model by (default: --model)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the batch before new ones get 503 (default 64)")
+    p.add_argument("--chat-template", default="plain",
+                   help="how chat messages become a prompt for a base model: plain (default) or dolly")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub into the HF cache",
                        description="Download REPO_ID (config, tokenizer, weights: safetensors when the repo has "
