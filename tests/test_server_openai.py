@@ -14,6 +14,15 @@ TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings":
 MODEL = "EleutherAI/gpt-neo-125m"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lm():
     torch.manual_seed(0)
