@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request.")
 
@@ -58,9 +60,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
 
 
 def get_template(template: str | ChatTemplate) -> ChatTemplate:
-    """Returns a ChatTemplate by name (plain, dolly) or as given; raises ValueError for an unknown name."""
+    """Returns a ChatTemplate by name (plain, dolly) or as given; raises ConfigError for an unknown name."""
     if isinstance(template, ChatTemplate):
         return template
     if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
+        raise ConfigError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
     return TEMPLATES[template]
