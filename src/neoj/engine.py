@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -328,7 +328,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
-    finished: collections.Counter = None
+    finished: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Engine:
@@ -346,7 +346,7 @@ class Engine:
         self.sampler = RowSampler(min(tokenizer.vocab_size, cfg.vocab_size))
         self.cache = BatchCache(model, max_batch)
         self.running: list[Sequence] = []
-        self.stats = EngineStats(finished=collections.Counter())
+        self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._jobs: list[tuple[Future, Callable]] = []
         self._cv = threading.Condition()

@@ -180,6 +180,10 @@ def check_context(state: ServerState, prompts: list[list[int]], max_new: int, tr
     if truncate:
         return
     for ids in prompts:
+        if len(ids) >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
+                           f"{len(ids)} tokens, leaving no room for new ones; shorten the prompt or set "
+                           f"{truncate_hint} to keep the prompt's last tokens", param="prompt")
         if len(ids) + max_new > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
                            f"{len(ids)} tokens and {max_new} new tokens were requested ({len(ids) + max_new} in "
@@ -193,6 +197,9 @@ def room_for(state: ServerState, prompts: list[list[int]], default: int) -> int:
     return max(1, min(default, state.n_positions - longest))
 
 
+MAX_SEQUENCES = 512  # prompts x n in one request
+
+
 class Generation:
     """An engine request seen from the event loop: the model thread's events arrive on an asyncio.Queue."""
 
@@ -202,6 +209,9 @@ class Generation:
         self.state, self.route = state, route
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.started = time.perf_counter()
+        if len(prompts) * params.num_return_sequences > MAX_SEQUENCES:
+            raise APIError(422, f"{len(prompts)} prompts x {params.num_return_sequences} sequences is more than "
+                           f"the {MAX_SEQUENCES} sequences one request may ask for; split the request")
 
         def sink(event: Event) -> None:
             try:

@@ -58,12 +58,14 @@ def _usage(seqs: list[Sequence]) -> dict:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
+    """Returns the served model (OpenAI's model list)."""
     st = _state(request)
     return {"object": "list", "data": [_model_card(st)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
+    """Returns the served model if model_id names it, else 404."""
     st = _state(request)
     st.check_model(model_id)
     return _model_card(st)
@@ -116,6 +118,7 @@ def _echo_text(st: ServerState, seq: Sequence, texts: list[str | None], prompts:
 
 @router.post("/v1/completions")
 async def completions(request: Request):
+    """Returns a text completion per prompt and n, or streams them as server-sent events."""
     st = _state(request)
     body = parse(CompletionRequest, await read_json(request))
     st.check_model(body.model)
@@ -206,6 +209,7 @@ class _LeadingSpace:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
+    """Returns the assistant's reply to the messages (rendered by the chat template), or streams it."""
     st = _state(request)
     body = parse(ChatRequest, await read_json(request))
     st.check_model(body.model)
@@ -277,6 +281,7 @@ async def _stream_chat(st, gen: Generation, body: ChatRequest, cid, created):
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
+    """Returns one mean-pooled final hidden state per input."""
     st = _state(request)
     body = parse(EmbeddingRequest, await read_json(request))
     st.check_model(body.model)

@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Server benchmark: `neoj serve` under 1, 8 and 32 concurrent streaming clients, against `neoj generate`.
+
+The server runs in its own process (`python -m neoj serve --model random:gpt-neo-125m`, random weights of
+the GPT-Neo-125M shape) on a loopback port. Each client streams /v1/completions (greedy, ignore_eos, so
+every request makes exactly --new-tokens tokens) back to back, --requests-per-client times. Per level it
+reports aggregate generated tokens/s (all tokens / wall time), per-request latency and time to first token
+(p50, p99), and the speed-up over one client. For comparison a separate process times the same request
+through the library's streaming generate (what `neoj generate` runs), after a warm-up.
+
+It writes (or replaces) the `bench_server` section of BENCHMARKS.md. Progress goes to stderr.
+
+    python bench/bench_server.py            # full run (~5 min on 2 cores), on an otherwise idle machine
+    python bench/bench_server.py --quick    # smoke test (tiny counts), prints the section instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SECTION_BEGIN = "<!-- bench_server:begin -->"
+SECTION_END = "<!-- bench_server:end -->"
+PROMPT = "The history of the printing press begins in the fifteenth century, when"
+
+GENERATE_SNIPPET = r"""
+import json, sys, time, torch, neoj
+model, new_tokens, repeats, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+lm = neoj.load(model, dtype="float32", device="cpu")
+opts = dict(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+for _ in lm.stream(sys.argv[5], **dict(opts, max_new_tokens=4)):  # warm-up (compiles the decode kernels)
+    pass
+out = []
+for _ in range(repeats):
+    start = time.perf_counter(); first = None; n = 0
+    for piece in lm.stream(sys.argv[5], **opts):
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    out.append({"latency": end - start, "ttft": first - start})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench_server {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Returns the q-th percentile (0-100) by linear interpolation."""
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    pos = (len(values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+class Server:
+    """`python -m neoj serve` in a child process, on a free loopback port."""
+
+    def __init__(self, model: str, threads: int, max_batch: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.cmd = [sys.executable, "-m", "neoj", "serve", "--model", model, "--dtype", "float32", "--device", "cpu",
+                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "256", "--model-id", "bench"]
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, new_tokens: int) -> dict:
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            msg = json.loads(line[6:])
+            if msg.get("usage"):
+                tokens = msg["usage"]["completion_tokens"]
+            elif first is None and msg["choices"] and msg["choices"][0]["text"]:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
+
+
+async def run_level(url: str, clients: int, per_client: int, new_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker():
+            return [await one_request(client, new_tokens) for _ in range(per_client)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker() for _ in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results]
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall": wall,
+            "tokens_per_s": tokens / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["latency"] for r in results)}
+
+
+def run_generate(model: str, new_tokens: int, repeats: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", GENERATE_SNIPPET, model, str(new_tokens), str(repeats),
+                          str(threads), PROMPT], env=env, capture_output=True, text=True, check=True)
+    runs = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    lat = [r["latency"] for r in runs]
+    return {"latency": statistics.median(lat), "tokens_per_s": new_tokens / statistics.median(lat),
+            "ttft": statistics.median(r["ttft"] for r in runs)}
+
+
+def section(args, levels: list[dict], gen: dict, load: str) -> str:
+    base = levels[0]["tokens_per_s"] if levels and levels[0]["clients"] == 1 else None
+    lines = [SECTION_BEGIN, "## Server: continuous batching under concurrent clients (CPU)", "",
+             f"`neoj serve --model {args.model}` (random weights), float32, {args.threads} threads, "
+             f"max batch {args.max_batch}. Each client streams `/v1/completions` back to back "
+             f"({args.requests_per_client} requests per client): a {len(PROMPT.split())}-word prompt, "
+             f"{args.new_tokens} new tokens (greedy, ignore_eos), over loopback HTTP with the clients in another "
+             "process on the same machine. Latency is per request, from sending it to its last token; aggregate "
+             "tokens/s is all generated tokens over the level's wall time.", "",
+             "| clients | requests | aggregate tokens/s | vs 1 client | latency p50 | latency p99 | "
+             "first token p50 | first token p99 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for lv in levels:
+        speed = f"{lv['tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['tokens_per_s']:.1f} | {speed} | "
+                     f"{lv['p50']:.2f} s | {lv['p99']:.2f} s | {lv['ttft_p50']:.2f} s | {lv['ttft_p99']:.2f} s |")
+    lines.append("")
+    lines.append(f"Single stream through the library (what `neoj generate` runs, same prompt and length, after a "
+                 f"warm-up): {gen['tokens_per_s']:.1f} tokens/s end to end ({gen['latency']:.2f} s per request, "
+                 f"first token {gen['ttft']:.2f} s).")
+    one = next((lv for lv in levels if lv["clients"] == 1), None)
+    eight = next((lv for lv in levels if lv["clients"] == 8), None)
+    if one:
+        lines.append(f"One server client: {one['per_request_tokens_per_s']:.1f} tokens/s per request, "
+                     f"{one['per_request_tokens_per_s'] / gen['tokens_per_s']:.2f}x `neoj generate` "
+                     "(target: at least 1x).")
+    if one and eight:
+        lines.append(f"Eight clients: {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x the single-client "
+                     "aggregate throughput (target: at least 4x).")
+    lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average at "
+              f"start {load}. Date: {_dt.date.today().isoformat()}.",
+              f"Command: `python bench/bench_server.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip(),
+              SECTION_END, ""]
+    return "\n".join(lines)
+
+
+def write_section(out: str, text: str) -> None:
+    if out == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(out)
+    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if SECTION_BEGIN in old and SECTION_END in old:
+        before, rest = old.split(SECTION_BEGIN, 1)
+        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        old = before + text + ("\n" + after if after else "")
+    else:
+        old = old.rstrip("\n") + "\n\n" + text
+    path.write_text(old)
+    log(f"wrote section to {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:gpt-neo-125m", help="what the server loads (default random:gpt-neo-125m)")
+    p.add_argument("--clients", default=None, help="comma list of concurrency levels (default 1,8,32)")
+    p.add_argument("--requests-per-client", type=int, default=None, help="requests each client sends (default 3)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 128; --quick 16)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads in the server")
+    p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, 1 request per client, stdout")
+    p.add_argument("--out", default=None, help="file to write the section to (default BENCHMARKS.md; --quick: -)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.clients = args.clients or ("1,8" if q else "1,8,32")
+    args.requests_per_client = args.requests_per_client or (1 if q else 3)
+    args.new_tokens = args.new_tokens or (16 if q else 128)
+    args.out = args.out or ("-" if q else str(REPO / "BENCHMARKS.md"))
+    load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
+
+    log(f"timing the library's single stream ({args.new_tokens} tokens)")
+    gen = run_generate(args.model, args.new_tokens, 2 if q else 3, args.threads)
+    log(f"  {gen['tokens_per_s']:.1f} tokens/s")
+    server = Server(args.model, args.threads, args.max_batch)
+    try:
+        log("starting the server")
+        server.wait_ready()
+        asyncio.run(run_level(server.url, 1, 1, 4))  # warm-up: compiles the decode kernels
+        asyncio.run(run_level(server.url, 2, 1, 4))
+        levels = []
+        for clients in (int(c) for c in args.clients.split(",")):
+            log(f"{clients} client(s) x {args.requests_per_client} request(s)")
+            lv = asyncio.run(run_level(server.url, clients, args.requests_per_client, args.new_tokens))
+            log(f"  {lv['tokens_per_s']:.1f} tokens/s, p50 {lv['p50']:.2f} s, p99 {lv['p99']:.2f} s")
+            levels.append(lv)
+    finally:
+        server.stop()
+    write_section(args.out, section(args, levels, gen, load))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
