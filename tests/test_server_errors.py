@@ -150,6 +150,10 @@ def test_malformed_wrong_types_and_empty(http, path):
     assert "malformed JSON" in check(http.post(path, content=b'{"prompt": "x",'), 400)
     assert "empty" in check(http.post(path, content=b""), 400)
     assert "UTF-8" in check(http.post(path, content=b'{"prompt": "\xff\xfe"}'), 400)
+    assert "surrogate" in check(http.post(path, content=b'{"prompt": "a\\ud800", "inputs": "a\\ud800", '
+                                                        b'"messages": [{"role": "user", "content": "\\udfff"}], '
+                                                        b'"input": "\\ud800"}'), 400)
+    assert "nested" in check(http.post(path, content=b"[" * 2000 + b"]" * 2000), 400)
     assert "JSON object" in check(http.post(path, json=[1, 2]), 422)
     wrong = {"/v1/completions": {"prompt": "x", "max_tokens": "10"},
              "/v1/chat/completions": {"messages": "hello"},

@@ -89,11 +89,33 @@ async def read_json(request: Request) -> object:
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8 text; send a JSON object") from None
     except json.JSONDecodeError as exc:
         raise APIError(400, f"malformed JSON in the request body: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON in the request body: nested too deeply") from None
+    _check_unicode(data)
+    return data
+
+
+def _check_unicode(data: object) -> None:
+    """Rejects strings holding a lone UTF-16 surrogate ("\\ud800" in JSON), which no tokenizer can encode."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which "
+                               "is not text; send valid Unicode") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def parse(model: type[M], data: object) -> M:
