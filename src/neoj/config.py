@@ -63,7 +63,9 @@ class ModelConfig:
         if self.learned_positions:
             total += self.n_positions * d
         if not self.tie_word_embeddings:
-            total += v * d + (v if self.lm_head_bias else 0)
+            total += v * d
+        if self.lm_head_bias:
+            total += v
         return total
 
     def to_hf_dict(self) -> dict:
@@ -149,7 +151,8 @@ def from_hf_dict(d: dict) -> ModelConfig:
         hidden = _require(d, "n_embd", "hidden_size")
         n_layers = _require(d, "n_layer", "num_hidden_layers")
         n_heads = _require(d, "n_head", "num_attention_heads")
-        rotary_dim = d.get("rotary_dim")
+        # Absent means transformers' GPTJConfig default (64); an explicit null means the whole head.
+        rotary_dim = d.get("rotary_dim", 64)
         cfg = ModelConfig(
             model_type=model_type,
             vocab_size=_require(d, "vocab_size"),
@@ -169,7 +172,7 @@ def from_hf_dict(d: dict) -> ModelConfig:
             parallel_block=True,
             out_proj_bias=False,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            lm_head_bias=not d.get("tie_word_embeddings", False),
+            lm_head_bias=True,  # GPTJForCausalLM's lm_head has a bias even when its weight is tied
             bos_token_id=bos if bos is not None else EOS_TOKEN_ID,
             eos_token_id=eos if eos is not None else EOS_TOKEN_ID,
             source=dict(d),
