@@ -210,3 +210,11 @@ def test_batch_cache_splice_and_remove(lm):
     assert cache.starts == [0] and cache.length == 5 and torch.equal(cache.k[:, 0, :, :5], a.k[:, 0, :, :5])
     cache.remove(0)
     assert cache.rows == 0 and cache.length == 0
+
+
+def test_max_queue_counts_only_requests_beyond_free_rows(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=1, max_queue=0).start()
+    try:
+        assert len(eng.generate([lm.tokenizer.encode("a")], greedy(3))[0].token_ids) == 3
+    finally:
+        eng.shutdown()

@@ -352,6 +352,7 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._seq_seconds = 1.0  # moving average of a sequence's time in the batch, for Retry-After
+        self._admitting = 0  # sequences taken from the queue and being prefilled
         self._thread: threading.Thread | None = None
 
     # ---- the public, thread-safe side ----
@@ -384,7 +385,7 @@ class Engine:
         """Queues prompts x num_return_sequences sequences; returns the Request.
 
         Raises ContextLengthError or GenerationError for bad input and QueueFull when max_queue requests
-        are already waiting. `sink` receives every Event on the model thread and must not block.
+        are already waiting beyond the free rows of the batch. `sink` receives every Event on the model thread and must not block.
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
         params.validated()
@@ -408,7 +409,9 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise NeojError("the engine is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            # Requests that the next admission round takes into free rows are not "waiting beyond the batch".
+            free_rows = max(0, self.max_batch - len(self.running) - self._admitting)
+            if len(self._waiting) >= self.max_queue + free_rows:
                 self.stats.rejected += 1
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are already waiting "
                                 "(max_queue); retry later", self._retry_after())
@@ -481,6 +484,7 @@ class Engine:
                     except Exception as exc:
                         log.exception("prefill failed")
                         self._finish(seq, "error", error=str(exc))
+                    self._admitting -= 1
                 self._drop_finished_or_cancelled()
                 if self.running:
                     try:
@@ -491,6 +495,8 @@ class Engine:
                             self._finish(seq, "error", error=str(exc))
                         self.running = []
                         self.cache = BatchCache(self.model, self.max_batch)
+            for fut, _ in self._jobs:
+                fut.set_exception(NeojError("the engine is shutting down"))
             for seq in self.running:
                 self._finish(seq, "cancelled")
             for req in self._waiting:
@@ -514,6 +520,7 @@ class Engine:
             if req.next_admit == len(req.seqs):
                 self._waiting.popleft()
         self.stats.waiting = len(self._waiting)
+        self._admitting = len(out)
         return out
 
     def _prefill(self, seq: Sequence):
