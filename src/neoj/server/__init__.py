@@ -4,6 +4,39 @@
     app = create_app(lm)               # the FastAPI app, for your own ASGI server or tests
     with run_in_thread(lm) as server:  # a real server on an ephemeral loopback port
         print(server.url)
+
+Routes (one engine behind all of them; every request keeps its own sampling parameters, seed, stop strings):
+
+    OpenAI         POST /v1/completions        prompt: str | [str] | [token ids] | [[token ids]]; max_tokens (16),
+                                               temperature (1), top_p, n, stop, stream (SSE, ends "data: [DONE]"),
+                                               stream_options.include_usage, logprobs (0-20), echo (max_tokens 0
+                                               scores the prompt, as lm-eval's local-completions does), seed,
+                                               presence/frequency_penalty; neoj extras: top_k, repetition_penalty,
+                                               ignore_eos, truncate (keep the prompt's last tokens), max_time (s)
+                   POST /v1/chat/completions   messages -> prompt by the chat template (see neoj.server.chat:
+                                               "plain" transcript by default, "dolly"; per request: chat_template);
+                                               max_tokens defaults to 512, shrunk to what the context leaves
+                   GET  /v1/models, /v1/models/{id}
+                   POST /v1/embeddings         mean-pooled final hidden states; encoding_format float | base64
+    HF Inference   POST /models/{id}           {"inputs": str | [str], "parameters": {...}, "options": {...}} ->
+                                               [{"generated_text"}] (a list per input for a list); defaults:
+                                               do_sample true, temperature 1, 50 new tokens, return_full_text true.
+                                               Also max_length, remove_input, penalty (the Neuro API's names).
+    TGI            POST /, /generate, /generate_stream (SSE), GET /info: TGI's shapes and defaults (greedy unless
+                                               a sampling parameter is given, 100 new tokens, details, top_n_tokens,
+                                               decoder_input_details, truncate N); huggingface_hub's
+                                               InferenceClient(base_url).text_generation posts to POST /.
+    Other          GET /health (never needs the key), GET /metrics (Prometheus text), GET / (playground page)
+
+Model ids: the served id (model_id), its last path component, and the Hub id in config.json, compared
+case-insensitively; anything else is 404. Nothing a request names is ever loaded or opened.
+
+Errors are JSON in the family's shape ({"error": {"message", "type", "param", "code"}} under /v1, else
+{"error": message, "error_type": kind}): 400 malformed JSON or a prompt too long for the context (naming
+its token count and the limit), 401 missing or wrong API key (compared with hmac.compare_digest; Bearer,
+or Basic with the key as password for browsers), 404 unknown model or route, 413 body over max_body_bytes,
+422 wrong types, out-of-range or unsupported parameters and empty prompts, 503 with Retry-After when
+max_queue requests already wait beyond the batch. A client that disconnects frees its slot at the next step.
 """
 
 from __future__ import annotations
