@@ -164,10 +164,12 @@ class LanguageModel:
 
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
-         device: str | torch.device = "auto", revision: str | None = None) -> LanguageModel:
+         device: str | torch.device = "auto", revision: str | None = None,
+         adapter: str | os.PathLike | None = None) -> LanguageModel:
     """Returns a LanguageModel from a local checkpoint directory, a Hub id, or "random:PRESET".
 
-    With no name, loads the model shipped inside neoj.
+    With no name, loads the model shipped inside neoj. `adapter` is a LoRA adapter directory (PEFT
+    format) merged into the weights as they load.
     """
     dev = resolve_device(device)
     if name_or_path is None:
@@ -184,6 +186,10 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
 
     cfg = load_config(directory)
     model = load_model(directory, resolve_dtype(dtype, dev, cfg), dev, cfg)
+    if adapter is not None:
+        from .train.lora import apply_adapter
+
+        apply_adapter(model, adapter)
     return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name)
 
 

@@ -53,7 +53,8 @@ def _sampling_options(args) -> dict:
 def _load(args):
     from .api import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                adapter=getattr(args, "adapter", None))
 
 
 def cmd_generate(args) -> int:
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt, or - to read standard input")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    from .train.cli import add_train_commands
+
+    add_train_commands(sub)
     return parser
 
 
