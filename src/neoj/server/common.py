@@ -128,11 +128,33 @@ def parse(model: type[M], data: object) -> M:
         raise APIError(422, validation_message(exc), param=_first_loc(exc)) from None
 
 
+# Fields that accept several shapes: one line saying which, instead of one per alternative tried.
+UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "input": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "inputs": "a string or a list of strings", "stop": "a string or a list of strings",
+    "stop_sequences": "a string or a list of strings", "content": "a string or a list of text parts",
+    "truncate": "a token count or true/false",
+}
+
+
 def validation_message(exc: ValidationError) -> str:
     """Returns pydantic's errors as one line per field: "temperature: Input should be ... (got 5)"."""
     seen, lines = set(), []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+    errors = exc.errors(include_url=False)
+    for err in errors:
+        parts = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        union = next((i for i, p in enumerate(parts) if p in UNION_FIELDS), None)
+        if union is not None and err["type"] != "missing":
+            key = ".".join(parts[: union + 1])
+            if key not in seen:
+                seen.add(key)
+                same = [e for e in errors if ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)).startswith(key)]
+                specific = [e for e in same if not e["type"].endswith(("_type", "_parsing"))]
+                lines.append(f"{key}: {specific[0]['msg']}" if specific else
+                             f"{key}: must be {UNION_FIELDS[parts[union]]}")
+            continue
+        loc = ".".join(parts)
         msg = err["msg"]
         key = (loc, msg)
         if key in seen:
