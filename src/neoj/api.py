@@ -58,13 +58,26 @@ def available_memory(device: torch.device) -> int:
     return 1 << 62
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Returns True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except Exception:  # a private probe missing from this torch build: assume no
+            pass
+    return False
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
     """Returns the dtype to run in; "auto" picks the fastest safe one for the device.
 
-    CPU: float32. Without bf16 matrix units, bf16 matrix-matrix products (prefill, batches) run 10-100x
-    slower than fp32 here, so bf16 is chosen only when the fp32 weights would not fit in RAM.
+    CPU: bfloat16 where the CPU has bf16 instructions (AVX512-BF16, AMX): measured on such a 2-core
+    EPYC, 2.2x faster prefill and 1.7x faster decode than fp32. Without them, bf16 matrix-matrix products
+    run 10-100x slower than fp32, so float32 -- unless the fp32 weights would not fit in RAM.
     CUDA: bfloat16 where supported. float16 is never picked silently for GPT-Neo: its attention
-    overflows fp16 on long inputs (transformers #11076).
+    overflows fp16 on long inputs (transformers #11076). bf16 has fp32's range, and attention scores
+    and softmax always run in fp32.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -76,6 +89,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16 if cfg.rotary_dim else torch.float32
+    if cpu_has_fast_bf16():
+        return torch.bfloat16
     fp32_bytes = cfg.num_parameters() * 4
     return torch.float32 if fp32_bytes < 0.8 * available_memory(device) else torch.bfloat16
 
