@@ -42,20 +42,28 @@ class DevTools:
         self._buffer = b""
         self._id = 0
         self.session = None
+        self.handlers = {}  # event method -> callback(params), run while waiting for replies
 
-    def send(self, method, **params):
-        """Sends a command (to the attached page once there is one) and returns its result."""
+    def post(self, method, **params) -> int:
+        """Sends a command (to the attached page once there is one) without waiting; returns its id."""
         self._id += 1
         msg = {"id": self._id, "method": method, "params": params}
         if self.session and not method.startswith("Target."):
             msg["sessionId"] = self.session
         os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        return self._id
+
+    def send(self, method, **params):
+        """Sends a command and returns its result, handling events that arrive meanwhile."""
+        wanted = self.post(method, **params)
         while True:
             reply = self._read()
-            if reply.get("id") == self._id:
+            if reply.get("id") == wanted:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
                 return reply["result"]
+            if reply.get("method") in self.handlers:
+                self.handlers[reply["method"]](reply["params"])
 
     def _read(self):
         while b"\0" not in self._buffer:
@@ -66,10 +74,12 @@ class DevTools:
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
 
-    def open(self, url):
-        """Opens a page at url and attaches to it."""
+    def open(self, url, intercept=False):
+        """Opens a page at url and attaches to it (intercept: answer auth challenges via self.handlers)."""
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        if intercept:
+            self.send("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
         self.send("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete' && !!document.getElementById('generate')")
 
@@ -106,11 +116,19 @@ def lm():
     return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
 
 
-def test_type_a_prompt_and_watch_it_stream(lm, tmp_path):
-    with run_in_thread(lm, model_id="tiny-neo") as server:
+@pytest.mark.parametrize("api_key", [None, "playground-key"])
+def test_type_a_prompt_and_watch_it_stream(lm, tmp_path, api_key):
+    with run_in_thread(lm, model_id="tiny-neo", api_key=api_key) as server:
         browser = DevTools(tmp_path / "profile")
         try:
-            browser.open(server.url + "/")
+            if api_key:
+                # As a person would in the browser's Basic-auth prompt: any user name, the key as password.
+                answer = {"response": "ProvideCredentials", "username": "me", "password": api_key}
+                browser.handlers["Fetch.requestPaused"] = lambda p: browser.post(
+                    "Fetch.continueRequest", requestId=p["requestId"])
+                browser.handlers["Fetch.authRequired"] = lambda p: browser.post(
+                    "Fetch.continueWithAuth", requestId=p["requestId"], authChallengeResponse=answer)
+            browser.open(server.url + "/", intercept=bool(api_key))
             assert browser.eval("document.getElementById('model').textContent") == "tiny-neo"
             # Type the prompt as a user would: focus the box, select its example text, insert keystrokes' text.
             browser.eval("const p = document.getElementById('prompt'); p.focus(); p.select(); true")
