@@ -233,3 +233,12 @@ def test_queue_full_is_503_with_retry_after():
         waiting.join(30)
         assert not waiting.is_alive()
         assert "neoj_queue_rejected_total 2" in c.get("/metrics").text
+
+
+def test_binds_loopback_by_default(server):
+    import inspect
+
+    from neoj.server import serve
+
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    assert server.server.servers[0].sockets[0].getsockname()[0] == "127.0.0.1"
