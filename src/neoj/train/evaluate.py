@@ -1,9 +1,10 @@
 """Perplexity of a model over long texts with a sliding window, as reported for The Pile.
 
 The token stream (documents joined by <|endoftext|>) is scored in windows of max_length tokens that
-start every `stride` tokens. Each window scores only the tokens the previous window did not, with
-up to max_length - stride tokens of context before them, so every token but the first is scored
-exactly once. stride == max_length gives disjoint windows (fast, less context).
+move `stride` tokens at a time, as in transformers' perplexity guide. Each window scores only the
+tokens no earlier window did, with the max_length - stride tokens before them as context, so every
+token but the first is scored exactly once. A larger stride is faster and gives each token less
+context; stride is capped at max_length - 1 so that no token goes unscored.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from .loss import linear_cross_entropy
 
 
 def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Returns (begin, end, first scored position) per window over n tokens."""
-    out, prev_end = [], 0
-    for begin in range(0, max(1, n - 1), stride):
-        end = min(begin + max_length, n)
-        out.append((begin, end, max(prev_end, begin + 1)))
-        prev_end = end
-        if end == n:
-            break
+    """Returns (begin, end, first scored position) per window over n tokens.
+
+    The first window scores tokens 1 .. max_length - 1; each next one ends `stride` tokens later
+    (at most max_length - 1, so that its first new token still has a token of context in the window)
+    and scores only those new tokens, with the max_length - stride tokens before them as context.
+    """
+    stride = max(1, min(stride, max_length - 1))
+    end = min(max_length, n)
+    out = [(0, end, 1)]
+    while end < n:
+        new_end = min(end + stride, n)
+        out.append((max(0, new_end - max_length), new_end, end))
+        end = new_end
     return out
 
 
