@@ -189,3 +189,12 @@ def test_train_from_scratch_gptj_and_prompt_completion(tmp_path):
     hf = GPTJForCausalLM.from_pretrained(out)
     assert hf.config.n_layer == 2
     assert neoj.load(out, dtype="float32", device="cpu").generate("Q1:", max_new_tokens=3, temperature=0) is not None
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny, data, tmp_path):
+    train(args_for(tiny, data, tmp_path / "a", max_steps=3))
+    train(args_for(tiny, data, tmp_path / "b", max_steps=3, autocast="bf16"))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() and a != b
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-2)

@@ -156,25 +156,33 @@ def setup_distributed(device: str) -> Dist:
 # Model, optimizer, schedule
 
 
-def build_model(args: TrainArgs, device: torch.device):
-    """Returns (model in fp32, its source directory or None) with trainable parameters marked."""
-    from ..weights import load_model, random_model, resolve_model_dir
+def resolve_source(args: TrainArgs) -> tuple[ModelConfig, Path | None]:
+    """Returns (config, checkpoint directory or None) of the model a run starts from; reads no weights."""
+    from ..weights import resolve_model_dir
 
     if (args.model is None) == (args.config is None):
         raise TrainError("give exactly one of a model to fine-tune (--model) or a config to train from scratch "
                          "(--config)")
     if args.model is not None:
         source = resolve_model_dir(args.model)
-        model = load_model(source, torch.float32, device)
+        return load_config(source), source
+    return config_from_arg(args.config), None
+
+
+def build_model(args: TrainArgs, cfg: ModelConfig, source: Path | None, device: torch.device):
+    """Returns the model in fp32 (loaded, or randomly initialised) with its trainable parameters marked."""
+    from ..weights import load_model, random_model
+
+    if source is not None:
+        model = load_model(source, torch.float32, device, cfg)
     else:
-        source = None
-        model = random_model(config_from_arg(args.config), torch.float32, device, seed=args.seed)
+        model = random_model(cfg, torch.float32, device, seed=args.seed)
     if args.lora:
         lora_mod.inject(model, lora_config(args))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    return model, source
+    return model
 
 
 def config_from_arg(spec: str) -> ModelConfig:
@@ -278,16 +286,20 @@ class Trainer:
         self.out = Path(args.out)
         self.dist = setup_distributed(args.device)
         dev = self.dist.device
-        torch.manual_seed(args.seed)  # the same initial weights (LoRA's A) on every process
-        self.model, self.source = build_model(args, dev)
-        torch.manual_seed(args.seed + self.dist.rank)  # then different dropout masks per process
-        cfg = self.model.config
+        if not args.resume and (self.out / CHECKPOINT).exists():
+            raise TrainError(f"{self.out} already holds a training checkpoint; pass --resume to continue it, "
+                             "or choose another --out")
+        # Config and data first: bad data fails in seconds, before a large model is read.
+        cfg, self.source = resolve_source(args)
         self.seq_len = args.seq_len or min(cfg.n_positions, 1024)
         if self.seq_len > cfg.n_positions:
             raise TrainError(f"--seq-len {self.seq_len} exceeds the model's context of {cfg.n_positions} tokens")
         self.tokenizer = Tokenizer.from_dir(self.source)
         self.data = load_dataset(args.data, self.tokenizer, self.seq_len, args.val_fraction, args.seed,
                                  args.val_data)
+        torch.manual_seed(args.seed)  # the same initial weights (LoRA's A) on every process
+        self.model = build_model(args, cfg, self.source, dev)
+        torch.manual_seed(args.seed + self.dist.rank)  # then different dropout masks per process
         self.global_batch = args.batch_size * args.grad_accum * self.dist.world
         self.steps_per_epoch = math.ceil(len(self.data.train) / self.global_batch)
         if args.max_steps is not None:
@@ -318,9 +330,6 @@ class Trainer:
             self._resume()
         elif args.resume:
             log.warning("no checkpoint in %s yet: starting from step 0", self.out)
-        elif self.dist.main and (self.out / CHECKPOINT).exists():
-            raise TrainError(f"{self.out} already holds a training checkpoint; pass --resume to continue it, "
-                             "or choose another --out")
 
     # -- setup helpers --------------------------------------------------------------------------
 
