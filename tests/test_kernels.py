@@ -1,32 +1,54 @@
-"""The compiled decode kernel gives the same logits and tokens as plain nn.Linear."""
+"""The CPU decode fast paths give the same results as plain nn.Linear."""
 
 import copy
 
+import pytest
 import torch
 
 from neoj.config import from_hf_dict
 from neoj.generate import generate_batch
-from neoj.kernels import DecodeLinear, use_decode_kernels
+from neoj.kernels import DecodeLinear, blocked_matvec, use_decode_kernels
 from neoj.sampling import GenerationParams
 from neoj.tokenizer import Tokenizer
 from neoj.weights import random_model
 
 TINY_J = {"model_type": "gptj", "vocab_size": 50400, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4,
           "rotary_dim": 8}
+TINY_NEO = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 64, "hidden_size": 64,
+            "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8}
 
 
-def test_decode_kernels_match_plain_linear():
-    plain = random_model(from_hf_dict(TINY_J), seed=1)
-    fast = use_decode_kernels(copy.deepcopy(plain))
+@pytest.mark.parametrize("out", [48, 50257, 7])
+def test_blocked_matvec_equals_linear_for_any_row_count(out):
+    w, x, b = torch.randn(out, 96), torch.randn(96), torch.randn(out)
+    torch.testing.assert_close(blocked_matvec(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocked_matvec(x, w, None), w @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 1),
+                                        (torch.bfloat16, 3)])
+def test_decode_linear_matches_plain_linear(dtype, rows):
+    plain = random_model(from_hf_dict(TINY_J), dtype=dtype, seed=1)
+    fast = use_decode_kernels(copy.deepcopy(plain), allow_compile=True)
     assert sum(isinstance(m, DecodeLinear) for m in fast.modules()) == 4 * 2 + 2 * 2 + 1
-    assert fast.lm_head.weight is not fast.wte.weight  # GPT-J's head is untied, and stays so
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     with torch.inference_mode():
         for a, b in zip(plain.modules(), fast.modules()):
             if isinstance(b, DecodeLinear):
-                xin = torch.randn(1, 1, b.in_features)
+                xin = torch.randn(rows, 1, b.in_features, dtype=dtype)
                 torch.testing.assert_close(b(xin), torch.nn.functional.linear(xin, a.weight, a.bias),
-                                           rtol=1e-5, atol=1e-5)
+                                           rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("config", [TINY_J, TINY_NEO])
+def test_greedy_tokens_unchanged_by_decode_kernels(config):
+    plain = random_model(from_hf_dict(config), seed=2)
+    fast = use_decode_kernels(copy.deepcopy(plain))
+    if config is TINY_NEO:
+        assert fast.lm_head.weight is fast.wte.weight  # still tied after the swap
     params = GenerationParams(max_new_tokens=20, temperature=0, stop_at_eos=False)
     tok = Tokenizer.from_dir()
-    prompts = [[10, 20, 30, 40]]
-    assert generate_batch(fast, tok, prompts, params)[0].token_ids == generate_batch(plain, tok, prompts, params)[0].token_ids
+    prompts = [[10, 20, 30, 40], [5, 6]]  # a batch of two (oneDNN path), then each alone (matvec path)
+    batched = [c.token_ids for c in generate_batch(fast, tok, prompts, params)]
+    assert batched == [c.token_ids for c in generate_batch(plain, tok, prompts, params)]
+    assert [generate_batch(fast, tok, [p], params)[0].token_ids for p in prompts] == batched

@@ -95,14 +95,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
     return torch.float32 if fp32_bytes < 0.8 * available_memory(device) else torch.bfloat16
 
 
-# Below this size the weights sit in cache and MKL's GEMV is already fast; compiling would only add start-up time.
+# Below this size the weights sit in cache and the default kernels are already fast.
 DECODE_KERNEL_MIN_PARAMS = 20_000_000
+# Half-precision single-row decoding compiles a kernel (seconds per process) only above this weight size.
+COMPILE_MIN_WEIGHT_BYTES = 1 << 30
 
 
 def prepare_for_inference(model: Transformer) -> Transformer:
-    """Returns the model with its decode fast paths installed (CPU fp32 single-row kernels)."""
+    """Returns the model with its CPU decode fast paths installed (see neoj.kernels)."""
     if model.num_parameters() >= DECODE_KERNEL_MIN_PARAMS:
-        use_decode_kernels(model)
+        weight_bytes = model.num_parameters() * model.wte.weight.element_size()
+        use_decode_kernels(model, allow_compile=weight_bytes >= COMPILE_MIN_WEIGHT_BYTES)
     return model
 
 

@@ -1,11 +1,16 @@
-"""Faster single-row linear layers for CPU decoding, swapped in for nn.Linear without touching the model.
+"""Faster few-row linear layers for CPU decoding, swapped in for nn.Linear without touching the model.
 
-Decoding one token multiplies each weight matrix by one vector. MKL's fp32 GEMV reaches about
-9-14 GB/s on this class of CPU (2-core AMD EPYC, AVX2), well under the ~26 GB/s the memory can
-stream; a matrix-vector product written as a reduction and compiled by TorchInductor streams the
-weights at 20-30 GB/s (bench/ has the measurements); in bf16, where PyTorch's stock path reaches
-5-9 GB/s, the same kernel (fp32 accumulation) is 2-3x faster too. Batches and prefill keep F.linear.
-Set NEOJ_COMPILE=0 to turn this off; any compiler failure falls back to F.linear.
+Decoding multiplies each weight matrix by one row per sequence, and PyTorch's default CPU paths for
+that are far from the memory bandwidth (measured on a 2-core AMD EPYC, torch 2.13, see BENCHMARKS.md):
+- fp32, one row: MKL's GEMV streams weights at 9-13 GB/s on one core. The same product as a batched
+  matmul over 4 row blocks runs the blocks on all cores: 18-40 GB/s, no compiler needed.
+- fp32, 2-16 rows: MKL packs the weight matrix on every call (4-8 GB/s); oneDNN's linear reads it
+  as it is: 10-16 GB/s.
+- bf16/fp16, one row: oneDNN reaches about 10 GB/s; a reduction compiled by TorchInductor with fp32
+  accumulation reaches 20+ GB/s, at the price of a few seconds of compiling in each new process, so
+  it is used only for large models. Set NEOJ_COMPILE=0 to skip it.
+Everything else (prefill, training, other devices) keeps F.linear. Any failure of a fast path falls
+back to F.linear for good, with a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_state = {"enabled": os.environ.get("NEOJ_COMPILE", "1") != "0", "fns": None}
+_state = {"compile": os.environ.get("NEOJ_COMPILE", "1") != "0", "onednn": True, "fns": None}
+_BLOCKS = 4  # row blocks for the fp32 matrix-vector product: enough for up to 4 cores to share
+_ONEDNN_MAX_ROWS = 16
 
 
 def _compiled():
@@ -29,6 +36,7 @@ def _compiled():
         # One kernel per (weight shape, dtype): a few per model, more with several models in one process.
         # Past the limit dynamo would silently run the uncompiled reduction, which is far slower.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+
         # x (1, in), w (out, in) -> (out,); products and sums in fp32 whatever the storage dtype.
         def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return (w.float() * x.float()).sum(-1).to(w.dtype)
@@ -36,34 +44,57 @@ def _compiled():
         def matvec_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return ((w.float() * x.float()).sum(-1) + b.float()).to(w.dtype)
 
-        # dynamic=False: each weight shape gets its own kernel (a model has four or five shapes).
         _state["fns"] = (torch.compile(matvec, dynamic=False), torch.compile(matvec_bias, dynamic=False))
     return _state["fns"]
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def blocked_matvec(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Returns w @ x + bias for one fp32 row x (in,), as a batched matmul over row blocks of w."""
+    out, inn = w.shape
+    main = out - out % _BLOCKS
+    # A column with leading dimension `inn` (not 1), so the BLAS batched GEMM accepts it as is;
+    # with ld=1 torch takes a slow non-BLAS fallback.
+    col = x.reshape(1, 1, inn).transpose(1, 2).expand(_BLOCKS, inn, 1)
+    y = torch.bmm(w[:main].view(_BLOCKS, main // _BLOCKS, inn), col).view(main)  # (blocks, out/blocks, 1)
+    if main < out:  # e.g. GPT-Neo's 50257-row head: the last rows on their own
+        y = torch.cat((y, w[main:] @ x.reshape(inn)))
+    return y if bias is None else y + bias
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear whose one-row, no-grad CPU calls use the compiled matrix-vector kernel."""
+    """nn.Linear whose few-row, no-grad CPU calls take the fastest measured path for their dtype."""
+
+    allow_compile = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (_state["enabled"] and x.numel() == self.in_features and w.dtype in _KERNEL_DTYPES
-                and w.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad)):
-            try:
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            return F.linear(x, w, b)
+        rows = x.numel() // self.in_features
+        try:
+            if w.dtype == torch.float32:
+                if rows == 1:
+                    return blocked_matvec(x, w, b).view(*x.shape[:-1], self.out_features)
+                if rows <= _ONEDNN_MAX_ROWS and _state["onednn"]:
+                    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), w, b, "none", [], "")
+                    return y.view(*x.shape[:-1], self.out_features)
+            elif rows == 1 and self.allow_compile and _state["compile"]:
                 matvec, matvec_bias = _compiled()
                 flat = x.reshape(1, -1)
-                y = matvec(flat, w) if self.bias is None else matvec_bias(flat, w, self.bias)
+                y = matvec(flat, w) if b is None else matvec_bias(flat, w, b)
                 return y.view(*x.shape[:-1], self.out_features)
-            except Exception as exc:  # no C++ compiler, unsupported platform, ...
-                log.warning("compiled decode kernel unavailable (%s); using F.linear", exc)
-                _state["enabled"] = False
-        return F.linear(x, w, self.bias)
+        except Exception as exc:  # no C++ compiler, a torch build without oneDNN, ...
+            log.warning("fast decode path unavailable (%s); using F.linear", exc)
+            _state["compile"] = _state["onednn"] = False
+        return F.linear(x, w, b)
 
 
-def use_decode_kernels(model: nn.Module) -> nn.Module:
-    """Replaces every plain nn.Linear in `model` with a DecodeLinear sharing its parameters; returns model."""
+def use_decode_kernels(model: nn.Module, allow_compile: bool = False) -> nn.Module:
+    """Replaces every plain nn.Linear in `model` with a DecodeLinear sharing its parameters; returns model.
+
+    allow_compile lets half-precision single rows use the compiled kernel: worth its few seconds of
+    start-up only when the weights are large (about 50 tokens repay it on GPT-Neo-1.3B; 700 on 125M).
+    """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
@@ -71,5 +102,6 @@ def use_decode_kernels(model: nn.Module) -> nn.Module:
                 nn.Module.__init__(fast)
                 fast.in_features, fast.out_features = child.in_features, child.out_features
                 fast.weight, fast.bias = child.weight, child.bias
+                fast.allow_compile = allow_compile
                 setattr(parent, name, fast)
     return model

@@ -278,6 +278,12 @@ def iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # Filling a model
 
 
+def _all_dtype(file: Path, dtype: torch.dtype) -> bool:
+    """Returns True when every tensor in a safetensors file is stored in `dtype`."""
+    header, _ = read_safetensors_header(file)
+    return all(_SAFETENSORS_DTYPES[e["dtype"]] == dtype for e in header.values())
+
+
 def _expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Returns the model's parameters by name, the tied LM head left out (it is the embedding)."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -322,7 +328,19 @@ def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, d
 
     for file in files:
         log.info("reading %s", file)
-        if file.suffix == ".safetensors":
+        if file.suffix == ".safetensors" and transform is None and device.type == "cpu" and _all_dtype(file, dtype):
+            # Nothing to convert: map the file and use its pages as the weights (no copy, loads in
+            # milliseconds, memory = the model's size). Pages are private: writes never reach the file.
+            from safetensors import safe_open
+
+            header, _ = read_safetensors_header(file)  # validates sizes first: clear errors for bad files
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    entry = header[key]
+                    name = check(key, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), file)
+                    if name is not None:
+                        keep(name, f.get_tensor(key))
+        elif file.suffix == ".safetensors":
             names: dict[str, str] = {}
 
             def wanted(key, src_dtype, shape, file=file, names=names):
