@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 EOS = 50256
 WINDOW = 8
 # The GPT-2 tokenizer files shared by the project; neoj ships a copy, used when they are not there.
-SHARED_GPT2_DIR = Path("/work/shared/tokenizers/gpt2")
+SHARED_GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"  # ../shared beside the repo
 GPT2_DIR = SHARED_GPT2_DIR if (SHARED_GPT2_DIR / "vocab.json").exists() else bundled_gpt2_dir()
 
 # Prompts of varied length; all but SHORT_PROMPT are longer than the local window.
