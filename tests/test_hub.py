@@ -69,3 +69,15 @@ def test_hub_id_not_in_the_cache_offline(neo, offline_cache):
     message = str(info.value)
     assert "'tiny-org/not-cached'" in message
     assert "not in the local Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_cli_download_and_info_use_the_cache(neo, offline_cache, capsys):
+    from neoj.cli import main
+
+    snapshot = fake_cache(offline_cache, "tiny-org/tiny-neo", neo.path)
+    assert main(["download", "tiny-org/tiny-neo"]) == 0
+    assert capsys.readouterr().out.strip() == str(snapshot)
+    assert main(["info", "tiny-org/tiny-neo"]) == 0  # reads config.json only, from the cache
+    assert "gpt_neo" in capsys.readouterr().out
+    assert main(["download", "tiny-org/missing"]) == 1
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
