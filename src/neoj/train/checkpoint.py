@@ -69,7 +69,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise NeojError(f"no checkpoint to resume from: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Our own checkpoints hold only tensors, numbers, strings and tuples: weights_only=True reads them,
+        # and a tampered checkpoint still cannot run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise NeojError(f"checkpoint {path} could not be read: {exc}") from exc
 
