@@ -164,8 +164,7 @@ def cmd_eval_perplexity(args) -> int:
     from ..api import load
     from .evaluate import file_tokens, perplexity
 
-    lm = load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter) if args.adapter else \
-        load(args.model, dtype=args.dtype, device=args.device)
+    lm = load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     ids, weights = file_tokens(args.data, lm.tokenizer)
     result = perplexity(lm.model, ids, weights, max_length=args.max_length, stride=args.stride,
                         progress=not args.no_progress)
