@@ -16,7 +16,9 @@ from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
 from .sampling import GenerationParams
 from .tokenizer import Tokenizer
-from .weights import load_model, random_model, resolve_model_dir
+from .memory import check_fits, memory_limit, plan
+from .quantize import QuantSpec, StreamingQuantizer, load_quantized, quantize_model
+from .weights import build_meta, load_model, load_state_into, random_model, resolve_model_dir, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig,
+                  quantization: QuantSpec | None = None) -> torch.dtype:
     """Returns the dtype to run in; "auto" picks the fastest safe one for the device.
 
     CPU: bfloat16 where the CPU has bf16 instructions (AVX512-BF16, AMX): measured on such a 2-core
@@ -78,6 +81,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
     CUDA: bfloat16 where supported. float16 is never picked silently for GPT-Neo: its attention
     overflows fp16 on long inputs (transformers #11076). bf16 has fp32's range, and attention scores
     and softmax always run in fp32.
+    Quantized: bfloat16, the activation dtype PyTorch's int8/int4 kernels are fast with.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -85,6 +89,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
         if dtype not in DTYPES:
             raise NeojError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         return DTYPES[dtype]
+    if quantization is not None:
+        return torch.bfloat16
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -112,10 +118,11 @@ def prepare_for_inference(model: Transformer) -> Transformer:
 class LanguageModel:
     """A loaded model and its tokenizer, with text-in, text-out methods."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = ""):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "", quantization: QuantSpec | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.quantization = quantization
 
     @property
     def config(self) -> ModelConfig:
@@ -133,7 +140,8 @@ class LanguageModel:
         return self.model.wte.weight.dtype
 
     def __repr__(self) -> str:
-        return f"LanguageModel({self.name!r}, {self.config.model_type}, {self.dtype}, {self.device})"
+        quant = f", {self.quantization.scheme}" if self.quantization else ""
+        return f"LanguageModel({self.name!r}, {self.config.model_type}, {self.dtype}{quant}, {self.device})"
 
     def complete(self, prompts: str | list[str], **options) -> list[Completion]:
         """Returns a Completion (text, tokens, logprobs, finish reason) per prompt and return sequence."""
@@ -183,11 +191,17 @@ class LanguageModel:
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
          device: str | torch.device = "auto", revision: str | None = None,
-         adapter: str | os.PathLike | None = None) -> LanguageModel:
+         adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
+         context: int | None = None, batch: int = 1, check_memory: bool = True) -> LanguageModel:
     """Returns a LanguageModel from a local checkpoint directory, a Hub id, or "random:PRESET".
 
     With no name, loads the model shipped inside neoj. `adapter` is a LoRA adapter directory (PEFT
-    format) merged into the weights as they load.
+    format) merged into the weights as they load. `quantize` ("int8" or "int4", with `group_size`)
+    quantizes every linear layer and the LM head while the checkpoint streams in; a checkpoint written
+    by `neoj quantize` loads quantized by itself. Before reading any weight, the memory needed for
+    `batch` sequences of `context` tokens (default: the whole context) is checked against what the
+    device has free (or NEOJ_MEMORY_LIMIT); a model that cannot fit raises MemoryPlanError naming the
+    options that would.
     """
     dev = resolve_device(device)
     if name_or_path is None:
@@ -197,23 +211,59 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
                             "EleutherAI/gpt-neo-125m, or random:gpt-neo-125m)")
         name_or_path = builtin
     name = str(name_or_path)
+    spec = QuantSpec.parse(quantize, group_size)
     if name.startswith(RANDOM_PREFIX):
-        return from_config(name[len(RANDOM_PREFIX) :], dtype=dtype, device=dev)
+        return from_config(name[len(RANDOM_PREFIX) :], dtype=dtype, device=dev, quantize=spec, context=context,
+                           batch=batch, check_memory=check_memory)
     directory = resolve_model_dir(name_or_path, revision=revision)
     from .config import load_config
 
     cfg = load_config(directory)
-    model = load_model(directory, resolve_dtype(dtype, dev, cfg), dev, cfg)
+    stored = QuantSpec.read(directory)
+    if stored is not None and spec is not None and spec != stored:
+        raise NeojError(f"{name} is already quantized ({stored.scheme}); load it without quantize, or quantize "
+                        "the full-precision checkpoint")
+    spec = stored or spec
+    if spec is not None and adapter is not None and stored is not None:
+        raise NeojError("a LoRA adapter cannot be merged into an already quantized checkpoint; load the "
+                        "full-precision model with adapter= and quantize=")
+    torch_dtype = resolve_dtype(dtype, dev, cfg, spec)
+    if check_memory:
+        _check_memory(cfg, torch_dtype, spec, dev, name, context, batch)
+    if stored is not None:
+        model = load_quantized(directory, stored, torch_dtype, dev, cfg)
+    elif spec is not None and adapter is None:
+        model = build_meta(cfg)
+        quantizer = StreamingQuantizer(model, spec, torch_dtype, dev)
+        load_state_into(model, weight_files(directory), torch_dtype, dev, transform=quantizer)
+        model = quantizer.finish(model).eval()
+    else:
+        model = load_model(directory, torch_dtype, dev, cfg)
     if adapter is not None:
         from .train.lora import apply_adapter
 
         apply_adapter(model, adapter)
-    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name)
+        if spec is not None:
+            model = quantize_model(model, spec)
+    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+
+
+def _check_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: torch.device, name: str,
+                  context: int | None, batch: int) -> None:
+    """Raises MemoryPlanError if the model would not fit on `device` (see neoj.memory)."""
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    chosen = plan(cfg, dtype_name, spec.scheme if spec else None, context, batch, spec.group_size if spec else 128)
+    check_fits(cfg, chosen, memory_limit(available_memory(device)), str(device), name, context, batch,
+               spec.group_size if spec else 128)
 
 
 def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                seed: int = 0) -> LanguageModel:
-    """Returns a randomly initialised model of a preset name (e.g. "gpt-neo-125m") or ModelConfig."""
+                seed: int = 0, quantize: str | QuantSpec | None = None, group_size: int | None = None,
+                context: int | None = None, batch: int = 1, check_memory: bool = True) -> LanguageModel:
+    """Returns a randomly initialised model of a preset name (e.g. "gpt-neo-125m") or ModelConfig.
+
+    With `quantize`, each weight is quantized as it is drawn: the full-precision model never exists.
+    """
     dev = resolve_device(device)
     if isinstance(config, str):
         if config not in PRESETS:
@@ -221,5 +271,13 @@ def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", de
         name, config = f"{RANDOM_PREFIX}{config}", preset(config)
     else:
         name = f"{RANDOM_PREFIX}{config.model_type}"
-    model = random_model(config, resolve_dtype(dtype, dev, config), dev, seed)
-    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(), name)
+    spec = QuantSpec.parse(quantize, group_size)
+    torch_dtype = resolve_dtype(dtype, dev, config, spec)
+    if check_memory:
+        _check_memory(config, torch_dtype, spec, dev, name, context, batch)
+    if spec is None:
+        model = random_model(config, torch_dtype, dev, seed)
+    else:
+        quantizer = StreamingQuantizer(build_meta(config), spec, torch_dtype, dev)
+        model = quantizer.finish(random_model(config, torch_dtype, dev, seed, transform=quantizer, model=quantizer.model))
+    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(), name, spec)

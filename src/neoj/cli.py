@@ -22,9 +22,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, or random:PRESET "
                    "(default: the built-in model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default auto: float32 on CPU, bfloat16 on recent GPUs)")
+                   help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
+                   "recent GPUs, else float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    _add_quantize_args(p)
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even if the memory plan says the model will not fit")
+
+
+def _add_quantize_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"], required=required,
+                   help="weight-only quantization of every linear layer and the LM head, done while loading: "
+                   "int8 (per output channel, about 1/4 of fp32) or int4 (per group, about 1/7)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4: weights sharing one scale and zero (default 128; smaller = more accurate, larger)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +66,8 @@ def _load(args):
     from .api import load
 
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                adapter=getattr(args, "adapter", None))
+                adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
+                check_memory=not args.no_memory_check)
 
 
 def cmd_generate(args) -> int:
@@ -98,7 +111,7 @@ def cmd_info(args) -> int:
 
     cfg, source = resolve_config(args.model, revision=args.revision)
     args.context = min(args.context or cfg.n_positions, cfg.n_positions)
-    rows = memory_table(cfg, context=args.context, batch=args.batch)
+    rows = memory_table(cfg, context=args.context, batch=args.batch, group_size=args.group_size)
     info = {
         "model": args.model, "source": str(source), "model_type": cfg.model_type,
         "parameters": cfg.num_parameters(), "layers": cfg.n_layers, "hidden_size": cfg.hidden_size,
@@ -118,11 +131,32 @@ def cmd_info(args) -> int:
     if info["window_size"]:
         print(f"  {'attention':<17}{info['attention_layers']} (G global, L local, window {info['window_size']})")
     print(f"\n  memory for batch {args.batch} at {args.context} tokens of context:")
-    print(f"  {'dtype':<10}{'weights':>12}{'KV cache':>12}{'total':>12}")
+    print(f"  {'dtype':<17}{'weights':>12}{'KV cache':>12}{'total':>12}")
     for row in rows:
-        print(f"  {row['dtype']:<10}{_format_bytes(row['weights_bytes']):>12}"
+        print(f"  {row['dtype']:<17}{_format_bytes(row['weights_bytes']):>12}"
               f"{_format_bytes(row['kv_cache_bytes']):>12}{_format_bytes(row['total_bytes']):>12}")
+    from .api import available_memory, resolve_device
+    from .memory import memory_limit
+
+    free = memory_limit(available_memory(resolve_device("auto")))
+    print(f"\n  available now: {_format_bytes(free)}; int8/int4 compute in bfloat16 (--group-size "
+          f"{args.group_size}); loading also needs about 0.6 GiB for the runtime")
     return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import QuantSpec, quantize_checkpoint
+    from .weights import resolve_model_dir
+
+    spec = QuantSpec(args.quantize, args.group_size)
+    source = resolve_model_dir(args.model, revision=args.revision)
+    import torch
+
+    files = quantize_checkpoint(source, Path(args.out), spec, dtype=getattr(torch, args.dtype))
+    total = sum((Path(args.out) / f).stat().st_size for f in files)
+    print(f"wrote {args.quantize} checkpoint to {args.out} ({_format_bytes(total)}): {', '.join(files)}")
+    return 0
+
 
 
 def cmd_serve(args) -> int:
@@ -191,8 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of KV cache to plan for (default: the model's whole context)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once to plan for (default 1)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size to plan for (default 128)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint that loads directly",
+                       description="Quantize every linear layer and the LM head of MODEL (a directory or Hub id) "
+                       "and write a checkpoint to OUT: safetensors shards plus quantization.json naming the "
+                       "scheme. The source is read one tensor at a time, so a model larger than RAM in full "
+                       "precision can be quantized. `neoj generate --model OUT` (and serve, and neoj.load) "
+                       "then load it quantized, with no --quantize.")
+    p.add_argument("model", help="checkpoint directory or Hub id (full precision)")
+    p.add_argument("--out", "-o", required=True, help="new directory for the quantized checkpoint")
+    _add_quantize_args(p, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the tensors left unquantized: embeddings, layer norms, biases (default bfloat16)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.set_defaults(func=cmd_quantize)
 
     from .train.cli import add_train_commands
 

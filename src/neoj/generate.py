@@ -8,10 +8,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import ContextLengthError, GenerationError
+from .errors import ContextLengthError
 from .kv_cache import KVCache
 from .model import Transformer, positions_from_valid
-from .sampling import GenerationParams, TokenSelector
+from .sampling import GenerationParams, TokenSelector, check_logits
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -150,9 +150,7 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
 
     for step in range(params.max_new_tokens):
         logits = selector.mask_vocab(logits)
-        if not torch.isfinite(logits).any(dim=-1).all():
-            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype overflowed; "
-                                  "try dtype='float32'")
+        check_logits(logits)
         tokens = selector.select(logits)
         selector.observe(tokens)
         logprobs = top = None

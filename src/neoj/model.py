@@ -176,7 +176,7 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Shares the LM head with the token embedding where the config ties them."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a quantized head
             self.lm_head.weight = self.wte.weight
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:

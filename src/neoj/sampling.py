@@ -127,3 +127,21 @@ class TokenSelector:
             return torch.multinomial(probs, 1).squeeze(1)
         return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
                           for i, g in enumerate(self.generators)]).squeeze(1)
+
+
+class NumericalError(GenerationError):
+    """The model's logits hold NaN or +inf: its activations overflowed the dtype, or the weights are broken."""
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raises NumericalError if any logit is NaN or +inf, or a row has no finite logit.
+
+    -inf is legitimate (masked vocabulary rows); NaN or +inf mean the forward pass overflowed, and
+    sampling from them would silently produce garbage. One fused reduction: cheap next to a decode step.
+    """
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | ~torch.isfinite(logits).any(dim=-1).all()):
+        rows = sorted({int(r) for r in torch.nonzero(~torch.isfinite(logits) & (logits != float("-inf")))[:, 0]})
+        raise NumericalError(
+            f"the model produced NaN/inf logits (batch rows {rows[:8] or 'all'}): its activations overflowed "
+            "the compute dtype or the weights hold NaN/inf. GPT-Neo overflows float16 on long inputs; load with "
+            "dtype bfloat16 or float32 (--dtype), and check the checkpoint")

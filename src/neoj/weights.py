@@ -296,7 +296,9 @@ def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, d
                     transform: Callable | None = None) -> None:
     """Fills a meta-device model from checkpoint files; raises CheckpointError naming any bad tensor.
 
-    `transform(name, tensor)` may replace a loaded tensor (quantization hooks in here) before it is kept.
+    `transform(name, tensor)` may replace a loaded tensor before it is kept (converting it to the dtype
+    and device is then its job), or return None when it has taken the tensor itself (quantization puts
+    a quantized layer in place of the module).
     """
     expected = _expected_tensors(model)
     loaded: dict[str, torch.Tensor] = {}
@@ -371,7 +373,8 @@ def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, d
             + "; is it complete and does it match config.json?"
         )
     for name, tensor in loaded.items():
-        _assign(model, name, tensor)
+        if tensor is not None:
+            _assign(model, name, tensor)
     model.tie_weights()
     model.init_buffers(device)
 
@@ -425,10 +428,14 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device: str 
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 seed: int = 0) -> Transformer:
-    """Returns a model with GPT-2-style random init (std 0.02), for shapes with no checkpoint."""
+                 seed: int = 0, transform: Callable | None = None, model: Transformer | None = None) -> Transformer:
+    """Returns a model with GPT-2-style random init (std 0.02), for shapes with no checkpoint.
+
+    `transform` works as in load_state_into: tensors are made one at a time, so a quantizing transform
+    never holds the full-precision model. `model` is the meta-device model to fill (default: a new one).
+    """
     gen = torch.Generator().manual_seed(seed)
-    model = build_meta(cfg)
+    model = model if model is not None else build_meta(cfg)
     for name, p in _expected_tensors(model).items():
         if name.endswith("bias"):
             t = torch.zeros(p.shape)
@@ -436,7 +443,9 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: s
             t = torch.ones(p.shape)
         else:
             t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen)
-        _assign(model, name, t.to(device=device, dtype=dtype))
+        t = transform(name, t) if transform is not None else t.to(device=device, dtype=dtype)
+        if t is not None:
+            _assign(model, name, t)
     model.tie_weights()
     model.init_buffers(device)
     return model.eval()
