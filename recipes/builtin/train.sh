@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 
 DATA=${DATA:-../shared/data/pydocs-train.jsonl}
 RUN=${RUN:-build/builtin-run}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-560}
 AUTOCAST=${AUTOCAST:-bf16}
 THREADS=${THREADS:-2}
 
