@@ -164,7 +164,8 @@ def cmd_eval_perplexity(args) -> int:
     from ..api import load
     from .evaluate import file_tokens, perplexity
 
-    lm = load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    lm = load(args.model, dtype="auto" if args.quantize else args.dtype, device=args.device, adapter=args.adapter,
+              quantize=args.quantize, group_size=args.group_size)
     ids, weights = file_tokens(args.data, lm.tokenizer)
     result = perplexity(lm.model, ids, weights, max_length=args.max_length, stride=args.stride,
                         progress=not args.no_progress)
@@ -217,6 +218,9 @@ def add_train_commands(sub) -> None:
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default half a window)")
     e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    e.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"],
+                   help="evaluate the model quantized (computing in bfloat16), to measure what quantizing costs")
+    e.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="int4 group size (128)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval_perplexity)

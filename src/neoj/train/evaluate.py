@@ -67,7 +67,11 @@ def perplexity(model, ids: torch.Tensor, weights: torch.Tensor | None = None, ma
         w = torch.zeros(end - begin)
         w[first - begin :] = weights[first:end].float()
         h = model(x)[0, :-1]  # (T-1, C): position t predicts token t+1
-        nll += float(linear_cross_entropy(h, model.lm_head, x[0, 1:], w[1:].to(device)))
+        if isinstance(model.lm_head, torch.nn.Linear):
+            nll += float(linear_cross_entropy(h, model.lm_head, x[0, 1:], w[1:].to(device)))
+        else:  # a quantized head has no weight matrix to fuse with: plain logits
+            ce = torch.nn.functional.cross_entropy(model.logits(h), x[0, 1:], reduction="none")
+            nll += float((ce * w[1:].to(device)).sum())
         count += float(w[1:].sum())
         if bar is not None:
             bar.update(1)
