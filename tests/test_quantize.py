@@ -248,3 +248,21 @@ def test_cli_quantize_generate_and_info(neo, tmp_path, capsys):
     assert set(rows) == {"float32", "bfloat16", "float16", "int8 (bfloat16)", "int4 (bfloat16)"}
     assert rows["int4 (bfloat16)"]["weights_bytes"] < rows["int8 (bfloat16)"]["weights_bytes"] < \
         rows["bfloat16"]["weights_bytes"] / 1.9
+
+
+def test_eval_perplexity_of_a_quantized_model_matches_its_logits(neo, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The list type is a mutable sequence. " * 12)
+    assert main(["eval", "perplexity", "--model", str(neo.path), "-q", "int8", "--data", str(text), "--json",
+                 "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    from neoj.train.evaluate import file_tokens
+
+    lm = neoj.load(neo.path, quantize="int8", device="cpu")
+    ids, _ = file_tokens([text], lm.tokenizer)
+    assert ids.numel() < lm.config.n_positions  # one window: every token but the first scored once
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model.logits(lm.model(ids[None]))[0, :-1], dim=-1)
+    nll = -logp.gather(1, ids[1:, None]).mean().item()
+    assert got["tokens"] == ids.numel() - 1
+    assert abs(got["perplexity"] - torch.tensor(nll).exp().item()) < 1e-3 * got["perplexity"]
