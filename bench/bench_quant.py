@@ -392,6 +392,8 @@ def main(argv=None) -> None:
             res = run_worker(spec, timeout=3600)
             res["spec"] = spec
             rows.append(res)
+            if args.json:  # after every row: a crash later loses nothing measured
+                Path(args.json).write_text(json.dumps({"meta": meta, "results": {**results, shape: rows}}, indent=2))
             log(f"  load {res['load_s']:.1f} s, peak RSS {res['peak_rss_load_kb'] / 2**20:.2f} GiB, decode "
                 f"{median(res['decode_b1']):.2f} tok/s, end peak {res['peak_rss_end_kb'] / 2**20:.2f} GiB")
         results[shape] = rows
