@@ -266,3 +266,16 @@ def test_eval_perplexity_of_a_quantized_model_matches_its_logits(neo, tmp_path, 
     nll = -logp.gather(1, ids[1:, None]).mean().item()
     assert got["tokens"] == ids.numel() - 1
     assert abs(got["perplexity"] - torch.tensor(nll).exp().item()) < 1e-3 * got["perplexity"]
+
+
+def test_a_quantized_model_serves_the_same_tokens_as_it_generates(neo):
+    import httpx
+
+    from neoj.server import run_in_thread
+
+    lm = neoj.load(neo.path, quantize="int4", group_size=32, device="cpu")
+    want = lm.generate("The list type", max_new_tokens=8, temperature=0)
+    with run_in_thread(lm, model_id="tiny-int4") as server:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-int4", "prompt": "The list type",
+                                                              "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want

@@ -108,7 +108,7 @@ COMPILE_MIN_WEIGHT_BYTES = 1 << 30
 
 
 def prepare_for_inference(model: Transformer) -> Transformer:
-    """Returns the model with its CPU decode fast paths installed (see neoj.kernels)."""
+    """Returns the model with its CPU decode fast paths installed (see neoj.kernels; neoj.quantize has its own)."""
     if model.num_parameters() >= DECODE_KERNEL_MIN_PARAMS:
         weight_bytes = model.num_parameters() * model.wte.weight.element_size()
         use_decode_kernels(model, allow_compile=weight_bytes >= COMPILE_MIN_WEIGHT_BYTES)
