@@ -252,17 +252,21 @@ def quality(data: Path, eval_tokens: int, threads: int) -> dict:
 
 
 def read_bandwidth_gbs(threads: int) -> float:
-    """Returns the best of 5 sums over 1 GiB of fp32 with `threads` threads: bytes read per second, in GB/s."""
+    """Returns the median of 11 sums over 1 GiB of fp32 with `threads` threads: bytes read per second, GB/s.
+
+    The median, not the best: single runs on this shared VM range from 25 to 45 GB/s.
+    """
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(256 << 20, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
+    x = torch.rand(256 << 20, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(11):
         t = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / median(times) / 1e9
 
 
 def configs(shape: str) -> list[dict]:
@@ -288,14 +292,15 @@ def render(meta: dict, results: dict, qual: dict | None) -> str:
     bw = meta["read_bandwidth_gbs"]
     lines = [SECTION_BEGIN, "## Quantization: int8 / int4 weight-only, memory, bandwidth (CPU)", "",
              f"- Machine: {meta['cpu']}, {meta['threads']} threads, {meta['ram_gib']:.0f} GiB RAM; "
-             f"measured read bandwidth **{bw:.1f} GB/s** (best of 5 sums over 1 GiB, {meta['threads']} threads)",
+             f"read bandwidth at the start **{bw:.1f} GB/s** (median of 11 sums over 1 GiB, {meta['threads']} threads; "
+             "measured again before every row, in the table)",
              f"- Date: {meta['date']}; load average at start {meta['loadavg']}",
              f"- Command: `{meta['command']}`",
              f"- Versions: {meta['versions']}",
              "- Random weights of the published shapes. Each row is a fresh process. Decode: greedy, batch 1, "
              "first to last new token (median of the repeats). Prefill: prompt tokens / time to the first token. "
              "Peak RSS: VmHWM after loading, and at the end. Bandwidth use: weight bytes read per token x "
-             "tokens/s / measured read bandwidth. Ratios are against the transformers row of the same shape.",
+             "tokens/s / the read bandwidth measured just before that row. Ratios are against the transformers row of the same shape.",
              ""]
     titles = {"125m": "GPT-Neo-125M", "1.3b": "GPT-Neo-1.3B", "6b": "GPT-J-6B"}
     for shape, rows in results.items():
@@ -303,15 +308,15 @@ def render(meta: dict, results: dict, qual: dict | None) -> str:
         lines += [f"### {titles[shape]} shape ({spec['new_tokens']} new tokens x {spec['repeats']} repeats after a "
                   f"{spec['decode_prompt_tokens']}-token prompt; prefill {spec['prefill_tokens']} tokens)", "",
                   "| configuration | load s | peak RSS load / end GiB | weights read / token | decode tok/s "
-                  "| vs transformers | bandwidth use | prefill tok/s |",
+                  "| vs transformers | bandwidth use (GB/s measured) | prefill tok/s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         ref = median(rows[0]["decode_b1"])
         for r in rows:
             rate = median(r["decode_b1"])
-            use = r["read_bytes"] * rate / (bw * 1e9)
+            use = r["read_bytes"] * rate / (r["bandwidth_gbs"] * 1e9)
             lines.append(f"| {r['spec']['label']} | {r['load_s']:.1f} | {r['peak_rss_load_kb'] / 2**20:.2f} / "
                          f"{r['peak_rss_end_kb'] / 2**20:.2f} | {r['read_bytes'] / 2**20:,.0f} MiB | {rate:.2f} | "
-                         f"{rate / ref:.2f}x | {use:.0%} | {r['prefill']:.1f} |")
+                         f"{rate / ref:.2f}x | {use:.0%} ({r['bandwidth_gbs']:.0f}) | {r['prefill']:.1f} |")
         lines.append("")
     if qual:
         lines += [f"### Quality on the built-in model ({qual['tokens']:,} held-out tokens, windows of 512)", "",
@@ -355,7 +360,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bandwidth:
+        print(read_bandwidth_gbs(args.bandwidth))
+        return
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -389,7 +398,12 @@ def main(argv=None) -> None:
             directory = dirs[c.pop("ckpt")] if shape == "6b" else ckpt
             spec = {**c, **run, "shape": shape, "dir": str(directory), "threads": args.threads}
             log(f"{spec['label']} on {shape}")
+            # Bandwidth right before each row, in its own process (it would add 1 GiB to the row's RSS):
+            # this VM's bandwidth drifts between 25 and 45 GB/s over minutes.
+            bw = float(subprocess.run([sys.executable, str(Path(__file__).resolve()), "--bandwidth",
+                                       str(args.threads)], capture_output=True, text=True, check=True).stdout)
             res = run_worker(spec, timeout=3600)
+            res["bandwidth_gbs"] = bw
             res["spec"] = spec
             rows.append(res)
             if args.json:  # after every row: a crash later loses nothing measured

@@ -339,6 +339,33 @@ def decode_read_bytes(model: nn.Module) -> int:
 # Loading: quantize while the checkpoint streams in, or read a quantized checkpoint
 
 
+def return_freed_memory_promptly() -> None:
+    """Makes glibc serve allocations of 1 MiB and more with mmap, so each freed tensor returns to the OS.
+
+    Quantizing while loading frees a full-precision tensor for every weight it keeps. By default glibc
+    raises its mmap threshold as large blocks are freed and then carves later tensors out of its heaps,
+    where freed space interleaved with kept scales cannot be returned: measured on GPT-J-6B, the peak
+    RSS of the same int8 load varied between 6.6 and 12 GB from run to run. A fixed threshold keeps it
+    at the model's size. No effect (and no harm) off glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it disables the adjustment)
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    """Gives memory glibc holds free back to the OS (after loading)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class StreamingQuantizer:
     """A load_state_into transform that quantizes each linear weight as it arrives.
 
@@ -349,6 +376,7 @@ class StreamingQuantizer:
     def __init__(self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device: torch.device):
         self.model, self.spec, self.dtype, self.device = model, spec, dtype, torch.device(device)
         self.tied_head: QuantLinear | None = None
+        return_freed_memory_promptly()
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         if name == "wte.weight" and self.model.config.tie_word_embeddings:
@@ -368,6 +396,7 @@ class StreamingQuantizer:
             if self.tied_head is None:
                 raise NeojError("internal: the tied LM head was never quantized")
             model.lm_head = self.tied_head
+        trim_heap()
         return model
 
 
