@@ -219,3 +219,42 @@ def neoj_logits(lm: neoj.LanguageModel, ids: list[int]) -> torch.Tensor:
     """Returns neoj's fp32 logits (T, V) for one unpadded sequence, with no cache."""
     model = lm.model
     return model.logits(model(torch.tensor([ids])))[0]
+
+
+def tiny_server_config(n_positions: int = 128, layers: int = 4) -> dict:
+    """Returns the HF config of the server tests' tiny GPT-Neo: hidden 32, 4 heads, global/local layers, window 8."""
+    return {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": n_positions, "hidden_size": 32,
+            "num_layers": layers, "num_heads": 4, "attention_types": [[["global", "local"], layers // 2]],
+            "window_size": WINDOW}
+
+
+@pytest.fixture(scope="module")
+def serve_tiny():
+    """Returns serve(n_positions=128, layers=4, **create_app options) -> a started BackgroundServer.
+
+    Each server runs a tiny random GPT-Neo (seeded 0, one model per shape in the module, reachable as
+    server.lm) on a loopback port. Torch runs on one thread meanwhile: tiny models gain nothing from more,
+    and client, server and model threads share the test machine. Every server stops when the module ends.
+    """
+    from neoj.config import from_hf_dict
+    from neoj.server import run_in_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    models: dict[tuple[int, int], neoj.LanguageModel] = {}
+    servers = []
+
+    def serve(n_positions: int = 128, layers: int = 4, **options):
+        if (n_positions, layers) not in models:
+            torch.manual_seed(0)
+            config = from_hf_dict(tiny_server_config(n_positions, layers))
+            models[n_positions, layers] = neoj.from_config(config, dtype="float32", device="cpu")
+        server = run_in_thread(models[n_positions, layers], **options)
+        server.lm = models[n_positions, layers]
+        servers.append(server)
+        return server
+
+    yield serve
+    for server in servers:
+        server.stop()
+    torch.set_num_threads(before)

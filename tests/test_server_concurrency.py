@@ -6,36 +6,13 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-import neoj
-from neoj.config import from_hf_dict
-from neoj.server import run_in_thread
-
-TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 32,
-        "num_layers": 4, "num_heads": 4, "attention_types": [[["global", "local"], 2]], "window_size": 8}
 CLIENTS = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    with run_in_thread(lm, model_id="tiny", max_batch=CLIENTS, max_queue=CLIENTS) as srv:
-        yield srv
+def server(serve_tiny):
+    return serve_tiny(n_positions=2048, model_id="tiny", max_batch=CLIENTS, max_queue=CLIENTS)
 
 
 def requests_for(i: int) -> dict:

@@ -8,37 +8,19 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-import neoj
-from neoj.config import from_hf_dict
-from neoj.server import run_in_thread
-
-TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 128, "hidden_size": 32,
-        "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8}
 KEY = "s3cret-key"
 LIMIT = 4096
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def server(serve_tiny):
+    return serve_tiny(layers=2, model_id="EleutherAI/gpt-neo-125m", api_key=KEY, max_body_bytes=LIMIT)
 
 
 @pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    with run_in_thread(lm, model_id="EleutherAI/gpt-neo-125m", api_key=KEY, max_body_bytes=LIMIT) as srv:
-        yield srv
+def lm(server):
+    return server.lm
 
 
 @pytest.fixture(scope="module")
@@ -211,10 +193,9 @@ def test_metrics_are_prometheus_text(http):
         assert name in text
 
 
-def test_queue_full_is_503_with_retry_after():
-    torch.manual_seed(0)
-    long_lm = neoj.from_config(from_hf_dict({**TINY, "max_position_embeddings": 2048}), dtype="float32", device="cpu")
-    with run_in_thread(long_lm, max_batch=1, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+def test_queue_full_is_503_with_retry_after(serve_tiny):
+    srv = serve_tiny(n_positions=2048, layers=2, max_batch=1, max_queue=1)
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
         engine = srv.app.state.neoj.engine
         busy = {"prompt": "a", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         with c.stream("POST", "/v1/completions", json=busy) as running:

@@ -4,37 +4,19 @@ import json
 
 import httpx
 import pytest
-import torch
 from huggingface_hub import InferenceClient
 
-import neoj
-from neoj.config import from_hf_dict
-from neoj.server import run_in_thread
-
-TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 128, "hidden_size": 32,
-        "num_layers": 4, "num_heads": 4, "attention_types": [[["global", "local"], 2]], "window_size": 8}
 KEY = "test-key-123"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def server(serve_tiny):
+    return serve_tiny(model_id="EleutherAI/gpt-j-6B", api_key=KEY)
 
 
 @pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    with run_in_thread(lm, model_id="EleutherAI/gpt-j-6B", api_key=KEY) as srv:
-        yield srv
+def lm(server):
+    return server.lm
 
 
 @pytest.fixture(scope="module")

@@ -4,35 +4,19 @@ import openai
 import pytest
 import torch
 
-import neoj
-from neoj.config import from_hf_dict
-from neoj.server import run_in_thread
 from neoj.server.chat import TEMPLATES
 
-TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 128, "hidden_size": 32,
-        "num_layers": 4, "num_heads": 4, "attention_types": [[["global", "local"], 2]], "window_size": 8}
 MODEL = "EleutherAI/gpt-neo-125m"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def server(serve_tiny):
+    return serve_tiny(model_id=MODEL)
 
 
 @pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    with run_in_thread(lm, model_id=MODEL) as srv:
-        yield srv
+def lm(server):
+    return server.lm
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +129,7 @@ def test_models_and_unknown_model(client):
 
 def test_embeddings(lm, client):
     r = client.embeddings.create(model=MODEL, input=["hello world", "a cat"])  # the client asks for base64
-    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == TINY["hidden_size"]
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == lm.config.hidden_size
     ref = lm.embed(["hello world", "a cat"])
     assert torch.tensor([d.embedding for d in r.data]) == pytest.approx(ref, abs=1e-4)
     floats = client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")

@@ -12,17 +12,9 @@ import subprocess
 import time
 
 import pytest
-import torch
-
-import neoj
-from neoj.config import from_hf_dict
-from neoj.server import run_in_thread
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package")
-
-TINY = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 256, "hidden_size": 32,
-        "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]], "window_size": 8}
 
 
 class DevTools:
@@ -110,44 +102,38 @@ class DevTools:
             self.proc.kill()
 
 
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return neoj.from_config(from_hf_dict(TINY), dtype="float32", device="cpu")
-
-
 @pytest.mark.parametrize("api_key", [None, "playground-key"])
-def test_type_a_prompt_and_watch_it_stream(lm, tmp_path, api_key):
-    with run_in_thread(lm, model_id="tiny-neo", api_key=api_key) as server:
-        browser = DevTools(tmp_path / "profile")
-        try:
-            if api_key:
-                # As a person would in the browser's Basic-auth prompt: any user name, the key as password.
-                answer = {"response": "ProvideCredentials", "username": "me", "password": api_key}
-                browser.handlers["Fetch.requestPaused"] = lambda p: browser.post(
-                    "Fetch.continueRequest", requestId=p["requestId"])
-                browser.handlers["Fetch.authRequired"] = lambda p: browser.post(
-                    "Fetch.continueWithAuth", requestId=p["requestId"], authChallengeResponse=answer)
-            browser.open(server.url + "/", intercept=bool(api_key))
-            assert browser.eval("document.getElementById('model').textContent") == "tiny-neo"
-            # Type the prompt as a user would: focus the box, select its example text, insert keystrokes' text.
-            browser.eval("const p = document.getElementById('prompt'); p.focus(); p.select(); true")
-            browser.send("Input.insertText", text="Once upon a time")
-            browser.eval("document.getElementById('temperature').value = '0';"
-                         "document.getElementById('max_tokens').value = '40'; true")
-            # Record every change of the output as it happens, then press Generate.
-            browser.eval("window.__seen = []; new MutationObserver(() => window.__seen.push("
-                         "document.getElementById('generated').textContent)).observe("
-                         "document.getElementById('output'), {childList: true, characterData: true, subtree: true});"
-                         "document.getElementById('generate').click(); true")
-            status = browser.wait_for("document.getElementById('status').textContent.startsWith('done') && "
-                                      "document.getElementById('status').textContent")
-            text = browser.eval("document.getElementById('generated').textContent")
-            seen = browser.eval("window.__seen")
-        finally:
-            browser.close()
+def test_type_a_prompt_and_watch_it_stream(serve_tiny, tmp_path, api_key):
+    server = serve_tiny(n_positions=256, layers=2, model_id="tiny-neo", api_key=api_key)
+    browser = DevTools(tmp_path / "profile")
+    try:
+        if api_key:
+            # As a person would in the browser's Basic-auth prompt: any user name, the key as password.
+            answer = {"response": "ProvideCredentials", "username": "me", "password": api_key}
+            browser.handlers["Fetch.requestPaused"] = lambda p: browser.post(
+                "Fetch.continueRequest", requestId=p["requestId"])
+            browser.handlers["Fetch.authRequired"] = lambda p: browser.post(
+                "Fetch.continueWithAuth", requestId=p["requestId"], authChallengeResponse=answer)
+        browser.open(server.url + "/", intercept=bool(api_key))
+        assert browser.eval("document.getElementById('model').textContent") == "tiny-neo"
+        # Type the prompt as a user would: focus the box, select its example text, insert keystrokes' text.
+        browser.eval("const p = document.getElementById('prompt'); p.focus(); p.select(); true")
+        browser.send("Input.insertText", text="Once upon a time")
+        browser.eval("document.getElementById('temperature').value = '0';"
+                     "document.getElementById('max_tokens').value = '40'; true")
+        # Record every change of the output as it happens, then press Generate.
+        browser.eval("window.__seen = []; new MutationObserver(() => window.__seen.push("
+                     "document.getElementById('generated').textContent)).observe("
+                     "document.getElementById('output'), {childList: true, characterData: true, subtree: true});"
+                     "document.getElementById('generate').click(); true")
+        status = browser.wait_for("document.getElementById('status').textContent.startsWith('done') && "
+                                  "document.getElementById('status').textContent")
+        text = browser.eval("document.getElementById('generated').textContent")
+        seen = browser.eval("window.__seen")
+    finally:
+        browser.close()
     assert "done (" in status
-    expected = lm.generate("Once upon a time", max_new_tokens=40, temperature=0)
+    expected = server.lm.generate("Once upon a time", max_new_tokens=40, temperature=0)
     assert text == expected and text
     partial = [s for s in seen if s and s != text]
     assert len(set(partial)) >= 2 and all(text.startswith(s) for s in partial)  # it grew piece by piece
