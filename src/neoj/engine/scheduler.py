@@ -1,10 +1,4 @@
-"""Continuous batching: one model thread admits waiting requests between decode steps and retires finished ones.
-
-The running batch lives in one BatchCache whose rows are right-aligned: each row's tokens are contiguous and
-end at the shared write index, so a new request is prefilled alone (B=1) and spliced in, and local-window
-distances stay exact. Every sequence keeps its own sampling parameters, generator, stop strings and deadline,
-and reports through its own sink (called on the model thread; the server forwards it to its event loop).
-"""
+"""The scheduler: requests, their sequences and events, and the model thread that batches them."""
 
 from __future__ import annotations
 
@@ -21,12 +15,14 @@ from typing import Callable
 
 import torch
 
-from .errors import GenerationError, NeojError
-from .generate import Completion, _drain, _StopScanner, fit_prompt
-from .kv_cache import KVCache
-from .model import Transformer
-from .sampling import GenerationParams
-from .tokenizer import StreamDecoder, Tokenizer
+from ..errors import GenerationError, NeojError
+from ..generate import Completion, _drain, _StopScanner, fit_prompt
+from ..kv_cache import KVCache
+from ..model import Transformer
+from ..sampling import GenerationParams
+from ..tokenizer import StreamDecoder, Tokenizer
+from .batch_cache import BatchCache
+from .sampler import RowSampler
 
 log = logging.getLogger(__name__)
 
@@ -107,214 +103,6 @@ class Request:
     def done(self) -> bool:
         """Returns True once every sequence has finished."""
         return self.finished == len(self.seqs)
-
-
-class BatchCache(KVCache):
-    """The running batch's KV cache: rows are spliced in after a solo prefill and leave between steps.
-
-    Row i's tokens occupy slots [starts[i], length); slots before are invalid (masked). Storage is
-    (layers, row capacity, H, max_len, D); `k`, `v` and `key_valid` are views of the active rows, which is
-    what the model reads and writes. Storage grows by reallocation; all-invalid leading columns are compacted.
-    """
-
-    def __init__(self, model: Transformer, max_rows: int):
-        cfg, w = model.config, model.wte.weight
-        self.dims = (cfg.n_layers, cfg.n_heads, cfg.head_dim)
-        self.dtype, self.device = w.dtype, w.device
-        self.max_rows, self.limit = max_rows, cfg.n_positions
-        self.starts: list[int] = []
-        self.length = 0
-        self._k = self._v = self._valid = None
-        self._allocate(0, 0)
-
-    @property
-    def rows(self) -> int:
-        """Returns the number of active rows."""
-        return len(self.starts)
-
-    def _allocate(self, row_cap: int, len_cap: int) -> None:
-        layers, heads, dim = self.dims
-        shape = (layers, row_cap, heads, len_cap, dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        valid = torch.ones(row_cap, len_cap, dtype=torch.bool, device=self.device)
-        n, L = self.rows, self.length
-        if n and L:
-            k[:, :n, :, :L] = self._k[:, :n, :, :L]
-            v[:, :n, :, :L] = self._v[:, :n, :, :L]
-            valid[:n, :L] = self._valid[:n, :L]
-        self._k, self._v, self._valid, self.max_len = k, v, valid, len_cap
-        self._sync()
-
-    def _sync(self) -> None:
-        n = self.rows
-        self.k, self.v, self.key_valid = self._k[:, :n], self._v[:, :n], self._valid[:n]
-        self.padded = any(s > 0 for s in self.starts)
-
-    def _reserve(self, rows: int, length: int) -> None:
-        row_cap, len_cap = self._k.shape[1], self._k.shape[3]
-        if rows <= row_cap and length <= len_cap:
-            return
-        if rows > row_cap:
-            row_cap = max(rows, min(self.max_rows, 2 * row_cap))
-        if length > len_cap:
-            grown = max(length + 64, len_cap * 3 // 2)
-            len_cap = -(-grown // 64) * 64
-            if len_cap > self.limit >= length:
-                len_cap = self.limit
-        self._allocate(row_cap, len_cap)
-
-    def _shift(self, d: int) -> None:
-        """Moves every row d slots right (d > 0) or left (d < 0) in the cache."""
-        n, L = self.rows, self.length
-        if d > 0:
-            for t in (self._k, self._v):
-                t[:, :n, :, d : d + L] = t[:, :n, :, :L].clone()
-            self._valid[:n, d : d + L] = self._valid[:n, :L].clone()
-            self._valid[:n, :d] = False
-        else:
-            d0 = -d
-            for t in (self._k, self._v):
-                t[:, :n, :, : L - d0] = t[:, :n, :, d0:L].clone()
-            self._valid[:n, : L - d0] = self._valid[:n, d0:L].clone()
-            self._valid[:n, L - d0 :] = True
-        self.starts = [s + d for s in self.starts]
-        self.length += d
-        self._sync()
-
-    def compact(self, min_gap: int = 1) -> None:
-        """Drops leading columns that no row uses, when there are at least min_gap of them."""
-        if self.starts and min(self.starts) >= min_gap:
-            self._shift(-min(self.starts))
-
-    def ensure_room(self, T: int = 1) -> None:
-        """Makes room to write T more tokens at the shared index, compacting before growing."""
-        if self.length + T <= self.max_len:
-            return
-        if self.starts and (min(self.starts) >= self.max_len // 4 or self.max_len >= self.limit):
-            self.compact()
-        self._reserve(self.rows, self.length + T)
-
-    def add(self, src: KVCache, p: int) -> int:
-        """Splices a solo-prefilled row (the first p slots of src) in at [length - p, length); returns its row."""
-        if not self.starts:
-            self.length = 0
-        if max(self.length, p) + 1 > self.max_len:
-            self.compact()
-        self._reserve(self.rows + 1, max(self.length, p) + 1)
-        if p > self.length:
-            self._shift(p - self.length)
-        i, L = self.rows, self.length
-        self._k[:, i, :, L - p : L] = src.k[:, 0, :, :p]
-        self._v[:, i, :, L - p : L] = src.v[:, 0, :, :p]
-        self._valid[i, : L - p] = False
-        self._valid[i, L - p :] = True
-        self.starts.append(L - p)
-        self._sync()
-        return i
-
-    def remove(self, i: int) -> None:
-        """Drops row i by moving the last row into its place (the caller mirrors the move)."""
-        last, L = self.rows - 1, self.length
-        if i != last:
-            self._k[:, i, :, :L] = self._k[:, last, :, :L]
-            self._v[:, i, :, :L] = self._v[:, last, :, :L]
-            self._valid[i] = self._valid[last]
-            self.starts[i] = self.starts[last]
-        self.starts.pop()
-        if not self.starts:
-            self.length = 0
-        self._sync()
-
-
-class RowSampler:
-    """Picks each row's next token from fp32 logits, every row under its own parameters and generator.
-
-    Same semantics as sampling.TokenSelector (transformers' repetition penalty, OpenAI's presence and
-    frequency penalties, temperature, then top-k, then top-p); a row's result never depends on its batch mates.
-    """
-
-    def __init__(self, usable_vocab: int):
-        self.usable_vocab = usable_vocab
-
-    def select(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Returns (tokens, logprobs, top logprobs) per row; logprobs are the model's, before any warping."""
-        if logits.shape[-1] > self.usable_vocab:
-            logits[:, self.usable_vocab :] = float("-inf")
-        if not torch.isfinite(logits).any(dim=-1).all():
-            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype "
-                                  "overflowed; try dtype float32")
-        n, device = len(seqs), logits.device
-        scores = self._penalize(seqs, logits)
-        tokens = [0] * n
-        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-        if greedy:
-            picked = (scores if len(greedy) == n else scores[greedy]).argmax(dim=-1).tolist()
-            for i, t in zip(greedy, picked):
-                tokens[i] = t
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled:
-            probs = self._warp([seqs[i].params for i in sampled], scores[sampled])
-            for j, i in enumerate(sampled):
-                tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=seqs[i].generator))
-        for s, t in zip(seqs, tokens):
-            if s.seen is not None:
-                s.seen[t] = True
-            if s.counts is not None:
-                s.counts[t] += 1
-        logprobs: list[float | None] = [None] * n
-        tops: list[dict[int, float] | None] = [None] * n
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            logp = torch.log_softmax(logits[want], dim=-1)
-            chosen = torch.tensor([tokens[i] for i in want], device=device)
-            for i, lp in zip(want, logp.gather(1, chosen[:, None]).squeeze(1).tolist()):
-                logprobs[i] = lp
-            k = max(seqs[i].params.logprobs for i in want)
-            if k:
-                top = torch.topk(logp, k, dim=-1)
-                for j, (ids, vals) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
-                    kk = seqs[want[j]].params.logprobs
-                    tops[want[j]] = dict(zip(ids[:kk], vals[:kk])) if kk else None
-        return tokens, logprobs, tops
-
-    @staticmethod
-    def _penalize(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        rows = [i for i, s in enumerate(seqs) if s.seen is not None or s.counts is not None]
-        if not rows:
-            return logits
-        scores = logits.clone()
-        for i in rows:  # few rows use penalties; per-row ops keep each row independent of the others
-            s, p, row = seqs[i], seqs[i].params, scores[i]
-            if s.seen is not None:
-                penalized = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
-                row = torch.where(s.seen, penalized, row)
-            if s.counts is not None:
-                row = row - p.frequency_penalty * s.counts - p.presence_penalty * (s.counts > 0).float()
-            scores[i] = row
-        return scores
-
-    @staticmethod
-    def _warp(params: list[GenerationParams], scores: torch.Tensor) -> torch.Tensor:
-        """Returns sampling probabilities after temperature, top-k and top-p, row by row."""
-        device = scores.device
-        scores = scores / torch.tensor([p.temperature for p in params], device=device)[:, None]
-        ks = [p.top_k for p in params]
-        if any(ks):
-            kmax = min(max(ks), scores.shape[-1])
-            top = torch.topk(scores, kmax, dim=-1).values
-            kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=device))
-            kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        tps = [p.top_p for p in params]
-        if any(tp < 1.0 for tp in tps):
-            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - torch.tensor(tps, device=device))[:, None]
-            remove[torch.tensor([tp >= 1.0 for tp in tps], device=device)] = False
-            remove[:, -1] = False  # always keep the most likely token
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        return scores.softmax(dim=-1)
 
 
 @dataclass

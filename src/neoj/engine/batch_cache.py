@@ -1,0 +1,126 @@
+"""The running batch's KV cache: right-aligned rows spliced in after a solo prefill, leaving between steps."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kv_cache import KVCache
+from ..model import Transformer
+
+
+class BatchCache(KVCache):
+    """The running batch's KV cache: rows are spliced in after a solo prefill and leave between steps.
+
+    Row i's tokens occupy slots [starts[i], length); slots before are invalid (masked). Storage is
+    (layers, row capacity, H, max_len, D); `k`, `v` and `key_valid` are views of the active rows, which is
+    what the model reads and writes. Storage grows by reallocation; all-invalid leading columns are compacted.
+    """
+
+    def __init__(self, model: Transformer, max_rows: int):
+        cfg, w = model.config, model.wte.weight
+        self.dims = (cfg.n_layers, cfg.n_heads, cfg.head_dim)
+        self.dtype, self.device = w.dtype, w.device
+        self.max_rows, self.limit = max_rows, cfg.n_positions
+        self.starts: list[int] = []
+        self.length = 0
+        self._k = self._v = self._valid = None
+        self._allocate(0, 0)
+
+    @property
+    def rows(self) -> int:
+        """Returns the number of active rows."""
+        return len(self.starts)
+
+    def _allocate(self, row_cap: int, len_cap: int) -> None:
+        layers, heads, dim = self.dims
+        shape = (layers, row_cap, heads, len_cap, dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        valid = torch.ones(row_cap, len_cap, dtype=torch.bool, device=self.device)
+        n, L = self.rows, self.length
+        if n and L:
+            k[:, :n, :, :L] = self._k[:, :n, :, :L]
+            v[:, :n, :, :L] = self._v[:, :n, :, :L]
+            valid[:n, :L] = self._valid[:n, :L]
+        self._k, self._v, self._valid, self.max_len = k, v, valid, len_cap
+        self._sync()
+
+    def _sync(self) -> None:
+        n = self.rows
+        self.k, self.v, self.key_valid = self._k[:, :n], self._v[:, :n], self._valid[:n]
+        self.padded = any(s > 0 for s in self.starts)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        row_cap, len_cap = self._k.shape[1], self._k.shape[3]
+        if rows <= row_cap and length <= len_cap:
+            return
+        if rows > row_cap:
+            row_cap = max(rows, min(self.max_rows, 2 * row_cap))
+        if length > len_cap:
+            grown = max(length + 64, len_cap * 3 // 2)
+            len_cap = -(-grown // 64) * 64
+            if len_cap > self.limit >= length:
+                len_cap = self.limit
+        self._allocate(row_cap, len_cap)
+
+    def _shift(self, d: int) -> None:
+        """Moves every row d slots right (d > 0) or left (d < 0) in the cache."""
+        n, L = self.rows, self.length
+        if d > 0:
+            for t in (self._k, self._v):
+                t[:, :n, :, d : d + L] = t[:, :n, :, :L].clone()
+            self._valid[:n, d : d + L] = self._valid[:n, :L].clone()
+            self._valid[:n, :d] = False
+        else:
+            d0 = -d
+            for t in (self._k, self._v):
+                t[:, :n, :, : L - d0] = t[:, :n, :, d0:L].clone()
+            self._valid[:n, : L - d0] = self._valid[:n, d0:L].clone()
+            self._valid[:n, L - d0 :] = True
+        self.starts = [s + d for s in self.starts]
+        self.length += d
+        self._sync()
+
+    def compact(self, min_gap: int = 1) -> None:
+        """Drops leading columns that no row uses, when there are at least min_gap of them."""
+        if self.starts and min(self.starts) >= min_gap:
+            self._shift(-min(self.starts))
+
+    def ensure_room(self, T: int = 1) -> None:
+        """Makes room to write T more tokens at the shared index, compacting before growing."""
+        if self.length + T <= self.max_len:
+            return
+        if self.starts and (min(self.starts) >= self.max_len // 4 or self.max_len >= self.limit):
+            self.compact()
+        self._reserve(self.rows, self.length + T)
+
+    def add(self, src: KVCache, p: int) -> int:
+        """Splices a solo-prefilled row (the first p slots of src) in at [length - p, length); returns its row."""
+        if not self.starts:
+            self.length = 0
+        if max(self.length, p) + 1 > self.max_len:
+            self.compact()
+        self._reserve(self.rows + 1, max(self.length, p) + 1)
+        if p > self.length:
+            self._shift(p - self.length)
+        i, L = self.rows, self.length
+        self._k[:, i, :, L - p : L] = src.k[:, 0, :, :p]
+        self._v[:, i, :, L - p : L] = src.v[:, 0, :, :p]
+        self._valid[i, : L - p] = False
+        self._valid[i, L - p :] = True
+        self.starts.append(L - p)
+        self._sync()
+        return i
+
+    def remove(self, i: int) -> None:
+        """Drops row i by moving the last row into its place (the caller mirrors the move)."""
+        last, L = self.rows - 1, self.length
+        if i != last:
+            self._k[:, i, :, :L] = self._k[:, last, :, :L]
+            self._v[:, i, :, :L] = self._v[:, last, :, :L]
+            self._valid[i] = self._valid[last]
+            self.starts[i] = self.starts[last]
+        self.starts.pop()
+        if not self.starts:
+            self.length = 0
+        self._sync()
