@@ -1,0 +1,205 @@
+"""Bulk generation, JSONL in and JSONL out, that never loses or repeats a record however often it is killed.
+
+Input: one JSON object per line with a "prompt", and optionally an "id" (then every record needs a
+unique one) and per-record options (max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+stop, seed); other fields are copied to the output. Without ids, records are keyed by line number.
+Output: one line per record, {"id" (or "line"), ..., "prompt", "text" (or "texts" for several
+sequences), "finish_reason", "completion_tokens"}, in input order within each batch; a prompt too long
+for the context gets {"id", ..., "error"} instead (delete those lines to retry them after a fix).
+
+Each record is one write() of one whole line to a file opened for appending, and every batch is
+fsync'd. A run killed at any point (SIGKILL included) leaves complete lines plus at most one partial
+line at the end; the next run cuts that partial line off, skips every key already written, and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runner import TaskError, as_runner, task_params
+
+log = logging.getLogger(__name__)
+
+RECORD_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+OUTPUT_FIELDS = ("text", "texts", "finish_reason", "completion_tokens", "error")
+
+
+@dataclass
+class BatchResult:
+    """What a run did: records in the input, already done before it, and written by it."""
+
+    total: int
+    skipped: int
+    written: int
+    output: Path
+
+
+def _key(value) -> str:
+    """Returns a canonical form of a record key (1 and "1" stay different)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def read_inputs(path: str | Path) -> tuple[str, list[tuple[object, dict]]]:
+    """Returns (key field, [(key, record)]) of a JSONL prompts file; raises TaskError naming a bad line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except OSError as exc:
+        raise TaskError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TaskError(f"input {path} is not UTF-8 text: {exc}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise TaskError(f"{path}:{n}: not a JSON object: {exc}") from None
+        if not isinstance(rec, dict):
+            raise TaskError(f"{path}:{n}: expected a JSON object with a \"prompt\", got {type(rec).__name__}")
+        prompt = rec.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise TaskError(f"{path}:{n}: \"prompt\" must be a non-empty string")
+        if isinstance(rec.get("stop"), str):
+            rec["stop"] = [rec["stop"]]
+        records.append((n, rec))
+    if not records:
+        raise TaskError(f"input {path} has no records: give one JSON object with a \"prompt\" per line")
+    with_id = [n for n, r in records if "id" in r]
+    if not with_id:
+        return "line", records
+    if len(with_id) != len(records):
+        missing = next(n for n, r in records if "id" not in r)
+        raise TaskError(f"{path}:{missing}: this record has no \"id\" but others do; give every record an id, "
+                        "or none (records are then keyed by line number)")
+    seen: dict[str, int] = {}
+    for n, r in records:
+        if isinstance(r["id"], bool) or not isinstance(r["id"], (str, int)):
+            raise TaskError(f"{path}:{n}: \"id\" must be a string or an integer, got {r['id']!r}")
+        k = _key(r["id"])
+        if k in seen:
+            raise TaskError(f"{path}:{n}: id {r['id']!r} already appears on line {seen[k]}; ids must be unique")
+        seen[k] = n
+    return "id", [(r["id"], r) for _, r in records]
+
+
+def read_done(path: str | Path, key_field: str) -> set[str]:
+    """Returns the keys already in an output file, after cutting off a partial last line left by a kill."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with open(path, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a partial last record (%d bytes) left by an interrupted run", path,
+                        len(data) - end)
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    done = set()
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise TaskError(f"{path}:{n}: not a JSON line; this file was not written by neoj batch, or was "
+                            "edited: fix it, or write to a new output file") from None
+        if not isinstance(rec, dict) or key_field not in rec:
+            raise TaskError(f"{path}:{n}: the record has no {key_field!r}; was this output written for another "
+                            "input? Write to a new output file")
+        done.add(_key(rec[key_field]))
+    return done
+
+
+def _write_line(fd: int, record: dict) -> None:
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    while data:  # O_APPEND: each write lands at the end; a short write is finished before the next record
+        data = data[os.write(fd, data) :]
+
+
+def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size: int = 8, max_new_tokens: int = 128,
+              num_return_sequences: int = 1, progress: bool = False, **options) -> BatchResult:
+    """Generates a completion for every record of input_path not yet in output_path; returns what it did.
+
+    Safe to re-run after any interruption (see the module docstring). options are generation defaults
+    (temperature, top_p, stop, seed, ...); a record's own option fields override them.
+    """
+    runner = as_runner(lm)
+    if batch_size < 1:
+        raise TaskError(f"batch_size={batch_size} must be at least 1")
+    key_field, records = read_inputs(input_path)
+    output_path = Path(output_path)
+    if output_path.resolve() == Path(input_path).resolve():
+        raise TaskError("the output file must not be the input file")
+    done = read_done(output_path, key_field)
+    pending = [(k, r) for k, r in records if _key(k) not in done]
+    skipped = len(records) - len(pending)
+    defaults = dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), initial=skipped, unit="record", desc="batch", dynamic_ncols=True)
+    written = 0
+    fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        tok = runner.tokenizer
+        for b in range(0, len(pending), batch_size):
+            batch = pending[b : b + batch_size]
+            results: dict[int, list] = {}
+            groups: dict[str, list[int]] = {}  # records sharing options are generated together
+            for i, (_, rec) in enumerate(batch):
+                opts = {**defaults, **{k: rec[k] for k in RECORD_OPTIONS if k in rec}}
+                groups.setdefault(json.dumps(opts, sort_keys=True), []).append(i)
+            for opts_json, idx in groups.items():
+                opts = json.loads(opts_json)
+                try:
+                    params = task_params(opts.pop("max_new_tokens"), opts.pop("stop", None) or (), **opts)
+                except (TypeError, ValueError) as exc:
+                    where = ", ".join(repr(batch[i][0]) for i in idx)
+                    raise TaskError(f"record {where}: bad generation options: {exc}") from None
+                n, ok, prompts = params.num_return_sequences, [], []
+                for i in idx:
+                    ids = tok.encode(batch[i][1]["prompt"])
+                    if len(ids) + params.max_new_tokens > runner.n_positions and not params.truncate:
+                        results[i] = (f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}"
+                                      f", more than the model's {runner.n_positions}-token context")
+                    else:
+                        ok.append(i)
+                        prompts.append(ids)
+                comps = runner.generate(prompts, params) if prompts else []
+                for j, i in enumerate(ok):
+                    results[i] = comps[j * n : (j + 1) * n]
+            for i, (key, rec) in enumerate(batch):
+                _write_line(fd, _output(key_field, key, rec, results[i]))
+                written += 1
+            os.fsync(fd)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
+    return BatchResult(len(records), skipped, written, output_path)
+
+
+def _output(key_field: str, key, rec: dict, comps: list | str) -> dict:
+    out = {key_field: key}
+    out.update({k: v for k, v in rec.items() if k not in RECORD_OPTIONS and k not in OUTPUT_FIELDS and k != "id"})
+    if isinstance(comps, str):
+        out["error"] = comps
+        return out
+    if len(comps) == 1:
+        out["text"] = comps[0].text
+    else:
+        out["texts"] = [c.text for c in comps]
+    out["finish_reason"] = comps[0].finish_reason if len(comps) == 1 else [c.finish_reason for c in comps]
+    out["completion_tokens"] = sum(len(c.token_ids) for c in comps)
+    return out

@@ -1,0 +1,262 @@
+"""Where a task's model work runs: in-process (LocalRunner) or on a server's engine (EngineRunner).
+
+Tasks are written once against Runner: generate prompts, stream one prompt, or run a function of the
+model (scoring, embedding). A script gets a LocalRunner around its LanguageModel; the server gets an
+EngineRunner, which sends generation through the continuous-batching engine and runs model functions on
+the engine's thread between decode steps -- the one thread that may touch the model while it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from ..api import LanguageModel
+from ..config import ModelConfig
+from ..errors import ContextLengthError, GenerationError, NeojError
+from ..generate import Completion, generate_batch, stream_batch
+from ..model import Transformer
+from ..sampling import GenerationParams
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+POLL_SECONDS = 0.1  # how often a waiting task checks whether it was cancelled
+# Tokens (rows x width) in one scoring forward: bounds memory, and on a server the time the engine's
+# decode steps wait for one scoring call.
+SCORE_BATCH_TOKENS = 4096
+
+
+class TaskError(NeojError, ValueError):
+    """Input a task cannot work with: empty text, bad labels, options out of range."""
+
+
+class Cancelled(NeojError):
+    """The task was cancelled (its client went away) before it finished."""
+
+
+class Runner:
+    """Runs a task's model work; subclasses decide where."""
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.cancelled = threading.Event()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Returns the model's tokenizer."""
+        return self.lm.tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        """Returns the model's configuration."""
+        return self.lm.config
+
+    @property
+    def n_positions(self) -> int:
+        """Returns the context length in tokens."""
+        return self.lm.config.n_positions
+
+    def check(self) -> None:
+        """Raises Cancelled once cancel() was called; tasks call it between pieces of work."""
+        if self.cancelled.is_set():
+            raise Cancelled("the task was cancelled")
+
+    def cancel(self) -> None:
+        """Asks the task to stop at its next check."""
+        self.cancelled.set()
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Completion]:
+        """Returns one Completion per prompt (x num_return_sequences), in order."""
+        raise NotImplementedError
+
+    def stream(self, prompt: list[int], params: GenerationParams) -> Iterator[str]:
+        """Yields the text of one prompt's continuation as it is generated; closing it stops generation."""
+        raise NotImplementedError
+
+    def call(self, fn: Callable[[Transformer], T]) -> T:
+        """Returns fn(model), run where the model may be used, in inference mode."""
+        raise NotImplementedError
+
+
+class LocalRunner(Runner):
+    """Runs everything in the calling thread, on the LanguageModel itself."""
+
+    def generate(self, prompts, params):
+        self.check()
+        return generate_batch(self.lm.model, self.lm.tokenizer, prompts, params)
+
+    def stream(self, prompt, params):
+        self.check()
+        for events in stream_batch(self.lm.model, self.lm.tokenizer, [prompt], params):
+            for event in events:
+                if event.text:
+                    yield event.text
+
+    def call(self, fn):
+        self.check()
+        with torch.inference_mode():
+            return fn(self.lm.model)
+
+
+class EngineRunner(Runner):
+    """Runs generation through a server's Engine and model functions on its thread; for a worker thread.
+
+    Every wait polls the cancel flag, so a task whose client disconnected frees its rows promptly.
+    """
+
+    def __init__(self, lm: LanguageModel, engine):
+        super().__init__(lm)
+        self.engine = engine
+
+    def _events(self, prompts: list[list[int]], params: GenerationParams):
+        events: queue.Queue = queue.Queue()
+        self.check()
+        req = self.engine.start().submit(prompts, params, events.put)
+        pending = len(req.seqs)
+        try:
+            while pending:
+                try:
+                    ev = events.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    self.check()
+                    continue
+                if ev.finish_reason is not None:
+                    pending -= 1
+                    if ev.finish_reason == "error":
+                        raise GenerationError(f"generation failed: {ev.error}")
+                yield req, ev
+        finally:
+            if pending:
+                self.engine.cancel(req)
+
+    def generate(self, prompts, params):
+        req = None
+        for req, _ in self._events(prompts, params):
+            pass
+        return [s.completion() for s in req.seqs] if req is not None else []
+
+    def stream(self, prompt, params):
+        for _, ev in self._events([prompt], params):
+            if ev.text:
+                yield ev.text
+
+    def call(self, fn):
+        self.check()
+        model = self.lm.model
+        fut = self.engine.start().call(lambda: fn(model))  # the engine's thread is already in inference mode
+        while True:
+            try:
+                return fut.result(timeout=POLL_SECONDS)
+            except FutureTimeout:
+                if self.cancelled.is_set():
+                    fut.cancel()
+                    self.check()
+
+
+def as_runner(lm: "LanguageModel | Runner") -> Runner:
+    """Returns a Runner for a LanguageModel (in-process) or the Runner given."""
+    if isinstance(lm, Runner):
+        return lm
+    if isinstance(lm, LanguageModel):
+        return LocalRunner(lm)
+    raise TypeError(f"expected a neoj LanguageModel (from neoj.load) or a Runner, got {type(lm).__name__}")
+
+
+def task_params(max_new_tokens: int, stop: tuple[str, ...] | list[str] = (), **options) -> GenerationParams:
+    """Returns GenerationParams for a task: greedy unless options say otherwise, extra stops appended."""
+    options = {"temperature": 0.0, **options}
+    extra = options.pop("stop", None) or []
+    extra = [extra] if isinstance(extra, str) else list(extra)
+    return GenerationParams.from_kwargs(max_new_tokens=max_new_tokens, stop=list(stop) + extra, **options)
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, n_positions: int, what: str) -> None:
+    """Raises ContextLengthError when a prompt plus max_new_tokens does not fit the context."""
+    if prompt_tokens + max_new_tokens > n_positions:
+        raise ContextLengthError(
+            f"{what} has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, but the model's "
+            f"context is {n_positions} tokens; shorten it or lower max_new_tokens", prompt_tokens, n_positions)
+
+
+# ---- scoring ----
+
+def continuation_logprobs(runner: Runner, pairs: list[tuple[list[int], list[int]]],
+                          batch_tokens: int = SCORE_BATCH_TOKENS) -> list[float]:
+    """Returns, per (context ids, continuation ids), the sum of log P(continuation token | all before it).
+
+    A context too long for the window keeps its last tokens. Rows are right-padded into batches of about
+    batch_tokens tokens: under causal attention, padding after a row's end never reaches its real tokens.
+    """
+    n_pos, eos = runner.n_positions, runner.tokenizer.eos_token_id
+    rows = []
+    for ctx, cont in pairs:
+        if not cont:
+            raise TaskError("a scored continuation must have at least one token")
+        if len(cont) >= n_pos:
+            raise ContextLengthError(f"a scored continuation has {len(cont)} tokens; the context is {n_pos}",
+                                     len(cont), n_pos)
+        ctx = (list(ctx) or [eos])[max(0, len(ctx) + len(cont) - n_pos) :]
+        rows.append((ctx + list(cont), len(cont)))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
+    out = [0.0] * len(rows)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]][0]) <= batch_tokens:
+            end += 1
+        group = order[start:end]
+        for i, lp in zip(group, runner.call(lambda model, g=group: _score_rows(model, [rows[i] for i in g], eos))):
+            out[i] = lp
+        start = end
+    return out
+
+
+def _score_rows(model: Transformer, rows: list[tuple[list[int], int]], pad_id: int) -> list[float]:
+    width = max(len(ids) for ids, _ in rows)
+    device = model.wte.weight.device
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for b, (ids, _) in enumerate(rows):
+        x[b, : len(ids)] = torch.tensor(ids)
+    x = x.to(device)
+    hidden = model(x)  # (B, T, C)
+    # Position t predicts token t + 1: a continuation of n tokens ending at len is predicted from len-n-1 .. len-2.
+    b_idx = torch.tensor([b for b, (ids, n) in enumerate(rows) for _ in range(n)], device=device)
+    t_idx = torch.tensor([t for ids, n in rows for t in range(len(ids) - n - 1, len(ids) - 1)], device=device)
+    logp = torch.log_softmax(model.logits(hidden[b_idx, t_idx]).float(), dim=-1)  # (N, V)
+    lps = logp.gather(1, x[b_idx, t_idx + 1][:, None]).squeeze(1).tolist()
+    out, k = [], 0
+    for _, n in rows:
+        out.append(float(sum(lps[k : k + n])))
+        k += n
+    return out
+
+
+def embeddings(runner: Runner, texts: list[list[int]], batch_tokens: int = SCORE_BATCH_TOKENS) -> torch.Tensor:
+    """Returns the mean-pooled final hidden state (N, C) of each token-id sequence, as LanguageModel.embed."""
+    eos, n_pos = runner.tokenizer.eos_token_id, runner.n_positions
+    rows = [(list(ids) or [eos])[-n_pos:] for ids in texts]
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and (j - i + 1) * max(len(r) for r in rows[i : j + 1]) <= batch_tokens:
+            j += 1
+        out += runner.call(lambda model, g=rows[i:j]: _mean_hidden(model, g, eos))
+        i = j
+    return torch.stack(out) if out else torch.zeros(0, runner.config.hidden_size)
+
+
+def _mean_hidden(model: Transformer, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        x[b, : len(r)] = torch.tensor(r)
+    hidden = model(x.to(model.wte.weight.device)).float()  # (B, T, C), right-padded as in _score_rows
+    return [hidden[b, : len(r)].mean(dim=0).cpu() for b, r in enumerate(rows)]
