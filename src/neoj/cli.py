@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_commands
 
     add_train_commands(sub)
+    from .tasks.cli import add_task_commands
+
+    add_task_commands(sub)
     return parser
 
 

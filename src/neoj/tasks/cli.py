@@ -1,0 +1,363 @@
+"""The task subcommands of `neoj`: summarize, ask, translate, classify, complete-code, chat, batch.
+
+neoj.cli.build_parser calls add_task_commands(subparsers). Each command is a thin shell over the
+function of the same name in neoj.tasks; results go to stdout, progress bars and notes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import NeojError
+
+TASK_EPILOG = """models: --model takes a checkpoint directory, a Hub id (EleutherAI/gpt-neo-1.3B, EleutherAI/gpt-j-6b)
+or random:PRESET; without it the small built-in model is used, whose answers are weak: use a real
+checkpoint for real work. Prompts: every template is in neoj/tasks/prompts.py; --prompts FILE (.json or
+.toml) overrides any of them by name."""
+
+
+def _read(source: str, what: str) -> str:
+    """Returns the text of a file, or of standard input for "-"."""
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NeojError(f"{what} {source!r} does not exist") from None
+    except IsADirectoryError:
+        raise NeojError(f"{what} {source!r} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise NeojError(f"{what} {source!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise NeojError(f"cannot read {what} {source!r}: {exc.strerror or exc}") from None
+
+
+def _add_common(p: argparse.ArgumentParser, max_new_tokens: int | str | None, temperature: float = 0.0,
+                progress: bool = True, generation: bool = True) -> None:
+    """Adds the model, prompts, progress and generation options; max_new_tokens: an int default, or the help
+    text saying how the task picks it."""
+    from ..cli import _add_model_args
+
+    _add_model_args(p)
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if not generation:
+        return
+    g = p.add_argument_group("generation")
+    default = max_new_tokens if isinstance(max_new_tokens, int) else None
+    g.add_argument("--max-new-tokens", "-n", type=int, default=default,
+                   help=f"tokens to generate (default {max_new_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature:g})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off, the default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
+def _options(args) -> dict:
+    """Returns the generation options shared by every task."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _prompts(args):
+    from .prompts import Prompts
+
+    return Prompts.load(args.prompts) if args.prompts else None
+
+
+def _load(args):
+    from ..cli import _load as load
+
+    return load(args)
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+def cmd_summarize(args) -> int:
+    from .summarize import summarize
+
+    text, prompts = _read(args.input, "input"), _prompts(args)
+    result = summarize(_load(args), text, length=args.length, max_new_tokens=args.max_new_tokens,
+                       overlap=args.overlap, prompts=prompts, batch_size=args.batch_size, progress=_progress(args),
+                       **_options(args))
+    if args.json:
+        print(json.dumps({"summary": result.text, "chunks": result.chunks, "rounds": result.rounds},
+                         indent=2, ensure_ascii=False))
+    else:
+        print(result.text)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .ask import ask
+
+    context = _read(args.context, "context file") if args.context else None
+    answer = ask(_load(args), args.question, context, max_new_tokens=args.max_new_tokens, rank=args.rank,
+                 passage_tokens=args.passage_tokens, prompts=_prompts(args), progress=_progress(args),
+                 **_options(args))
+    if args.json:
+        print(json.dumps({"answer": answer.text, "passages_total": answer.passages_total,
+                          "passages": [vars(p) for p in answer.passages]}, indent=2, ensure_ascii=False))
+        return 0
+    print(answer.text)
+    if args.show_passages:
+        for p in answer.passages:
+            score = f", score {p.score:.3f}" if p.score is not None else ""
+            print(f"--- passage: tokens {p.start}-{p.end}{score} ---\n{p.text}", file=sys.stderr)
+    return 0
+
+
+def cmd_translate(args) -> int:
+    from .translate import translate
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    print(translate(_load(args), text, to=args.to, source=args.source, shots=args.shots,
+                    max_new_tokens=args.max_new_tokens, prompts=_prompts(args), progress=_progress(args),
+                    **_options(args)))
+    return 0
+
+
+def _read_texts(source: str) -> list[str]:
+    """Returns the texts of a file: one per line, or the "text" field of each JSONL line."""
+    lines = [ln for ln in _read(source, "file").splitlines() if ln.strip()]
+    if not source.endswith(".jsonl"):
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise NeojError(f"{source}: record {n} is not JSON: {exc}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise NeojError(f"{source}: record {n} has no \"text\" string")
+        texts.append(rec["text"])
+    return texts
+
+
+def _read_examples(source: str) -> list[tuple[str, str]]:
+    """Returns (text, label) pairs from a JSONL file of {"text", "label"} objects."""
+    out = []
+    for n, line in enumerate((ln for ln in _read(source, "examples file").splitlines() if ln.strip()), 1):
+        try:
+            rec = json.loads(line)
+            out.append((rec["text"], rec["label"]))
+        except (ValueError, KeyError, TypeError):
+            raise NeojError(f"{source}: example {n} must be a JSON object with \"text\" and \"label\"") from None
+    return out
+
+
+def cmd_classify(args) -> int:
+    from .classify import classify
+
+    if (args.text is None) == (args.file is None):
+        raise NeojError("give a TEXT to classify, or --file FILE (one text per line, or .jsonl with \"text\")")
+    texts = _read_texts(args.file) if args.file else [sys.stdin.read() if args.text == "-" else args.text]
+    if not texts:
+        raise NeojError(f"{args.file} holds no text to classify")
+    examples = _read_examples(args.examples) if args.examples else None
+    results = classify(_load(args), texts, args.labels, examples=examples, normalize=args.normalize,
+                       prompts=_prompts(args), batch_size=args.batch_size, progress=_progress(args))
+    if args.json or args.file:
+        for r in results:
+            print(json.dumps(r.to_dict(), ensure_ascii=False))
+        return 0
+    r = results[0]
+    print(r.label)
+    for label, prob in sorted(r.probabilities.items(), key=lambda kv: -kv[1]):
+        print(f"  {label}: {prob:.4f} (log-likelihood {r.logprobs[label]:.3f})", file=sys.stderr)
+    return 0
+
+
+def cmd_complete_code(args) -> int:
+    from .code import stream_code
+
+    code = _read(args.input, "input")
+    out = sys.stdout
+    if args.echo:
+        out.write(code)
+    for piece in stream_code(_load(args), code, scope=args.scope, language=args.language,
+                             filename=None if args.input == "-" else args.input, max_new_tokens=args.max_new_tokens,
+                             prompts=_prompts(args), **_options(args)):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /save FILE (write it as JSON), /exit (or Ctrl-D)"
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+
+    session = ChatSession(_load(args), system=args.system, max_new_tokens=args.max_new_tokens,
+                          prompts=_prompts(args), **_options(args))
+    if args.load:
+        session.load(args.load)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"neoj chat: {CHAT_HELP}", file=sys.stderr)
+    out = sys.stdout
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+        elif command == "/save":
+            if not rest.strip():
+                print("neoj: /save needs a file name: /save chat.json", file=sys.stderr)
+                continue
+            try:
+                print(f"(saved to {session.save(rest.strip())})", file=sys.stderr)
+            except NeojError as exc:
+                print(f"neoj: error: {exc}", file=sys.stderr)
+        elif command == "/help" or (command.startswith("/") and command[1:].isalpha()):
+            print(CHAT_HELP, file=sys.stderr)
+        else:
+            if interactive:
+                out.write("assistant> ")
+            try:
+                for piece in session.stream(line):
+                    out.write(piece)
+                    out.flush()
+            except NeojError as exc:  # a message too long for the context: say so, keep chatting
+                print(f"\nneoj: error: {exc}", file=sys.stderr)
+            out.write("\n")
+            out.flush()
+            if session.last is not None and session.last.dropped:
+                print(f"(the {session.last.dropped} oldest messages no longer fit the context)", file=sys.stderr)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+
+    options = _options(args)
+    if args.stop:
+        options["stop"] = args.stop
+    result = run_batch(_load(args), args.input, args.output, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_return_sequences,
+                       progress=_progress(args), **options)
+    print(f"{result.written} records written to {result.output} ({result.skipped} already there, "
+          f"{result.total} in the input)", file=sys.stderr)
+    return 0
+
+
+def add_task_commands(sub) -> None:
+    """Registers summarize, ask, translate, classify, complete-code, chat and batch on the subcommand parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over chunks)",
+                       description="Summarize FILE (or standard input with -). A document longer than the context "
+                       "is cut into chunks on a token budget, at paragraph or sentence boundaries, with overlap; "
+                       "each chunk is summarized, then the summaries, until one prompt holds them all.",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("input", metavar="FILE", help="the document, or - for standard input")
+    p.add_argument("--length", choices=["short", "medium", "long"], default="medium",
+                   help="summary length: 64, 128 or 256 tokens, at most a quarter of the context (default medium)")
+    p.add_argument("--overlap", type=int, default=None, help="tokens consecutive chunks share (default 64 or less)")
+    p.add_argument("--batch-size", type=int, default=4, help="chunks summarized together (default 4)")
+    p.add_argument("--json", action="store_true", help="print the summary and every round's summaries as JSON")
+    _add_common(p, "per summary: set by --length")
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("ask", help="answer a question, from the model alone or from a document",
+                       description="Answer QUESTION. With --context FILE, the document's passages most relevant "
+                       "to the question (ranked by the model's likelihood of the question after each, or by "
+                       "embedding similarity) are placed in the context window, in document order.",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--context", "-c", default=None, metavar="FILE", help="a document to answer from (- for stdin)")
+    p.add_argument("--rank", choices=["likelihood", "embedding"], default="likelihood",
+                   help="how passages of a long document are ranked (default likelihood)")
+    p.add_argument("--passage-tokens", type=int, default=None, help="passage size in tokens (default up to 256)")
+    p.add_argument("--show-passages", action="store_true", help="print the passages used, to stderr")
+    p.add_argument("--json", action="store_true", help="print the answer and passages as JSON")
+    _add_common(p, 64)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("translate", help="translate text by few-shot prompting",
+                       description="Translate TEXT (or standard input with -) into --to LANG, one line at a time, "
+                       "after a few example sentence pairs (English, French, German, Spanish, Italian, Portuguese, "
+                       "Dutch, Chinese, Japanese have built-in examples; other languages go zero-shot).",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("text", metavar="TEXT", help="the text, or - for standard input")
+    p.add_argument("--to", required=True, metavar="LANG", help="target language: a name (French) or a code (fr)")
+    p.add_argument("--from", dest="source", default="English", metavar="LANG", help="source language (English)")
+    p.add_argument("--shots", type=int, default=3, help="example pairs in the prompt (default 3; 0 = zero-shot)")
+    _add_common(p, "per line: twice the line's tokens plus 16")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("classify", help="classify text by comparing the likelihood of each label",
+                       description="Classify TEXT (or each line of --file) into one of --labels by the model's "
+                       "log-likelihood of each label after the prompt, turned into probabilities; nothing is "
+                       "generated. Prints the label (probabilities to stderr), or one JSON line per text.",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("text", metavar="TEXT", nargs="?", default=None, help="the text, or - for standard input")
+    p.add_argument("--labels", "-l", default="positive,negative",
+                   help="comma-separated labels (default positive,negative: sentiment)")
+    p.add_argument("--file", "-f", default=None, help="classify each line (or each .jsonl \"text\") of FILE")
+    p.add_argument("--examples", default=None, metavar="FILE",
+                   help="few-shot examples: JSONL with \"text\" and \"label\" per line")
+    p.add_argument("--normalize", choices=["sum", "mean"], default="sum",
+                   help="score a label by its total log-likelihood (sum, default) or per token (mean)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts scored together (default 16)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p, None, generation=False)  # nothing is generated: labels are scored
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("complete-code", help="complete code up to the end of the current function or block",
+                       description="Complete the code in FILE (or standard input with -) from its end, and stop "
+                       "where the current function (or, with --scope block, block) ends: Python by indentation, "
+                       "C-like languages by braces (detected from the file name or the code).",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("input", metavar="FILE", help="the code, or - for standard input")
+    p.add_argument("--scope", choices=["function", "block"], default="function",
+                   help="stop at the end of the enclosing function (default) or the innermost block")
+    p.add_argument("--language", choices=["python", "braces"], default=None,
+                   help="how blocks are delimited (default: from the file name, else guessed)")
+    p.add_argument("--echo", action="store_true", help="print the code before its completion")
+    _add_common(p, "256, at most half the context", progress=False)
+    p.set_defaults(func=cmd_complete_code)
+
+    p = sub.add_parser("chat", help="chat in the terminal, replies streamed",
+                       description="Chat with the model: type a message, get a streamed reply. The prompt holds "
+                       "a persona (--system) and as much of the conversation as fits the context, oldest messages "
+                       "dropped first. " + CHAT_HELP + ". Reads standard input, so it can be scripted.",
+                       epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("--system", default=None, help="persona / system text (default: a helpful assistant)")
+    p.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
+    _add_common(p, "per reply: 256, at most half the context", temperature=0.7, progress=False)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("batch", help="bulk generation from a JSONL file, resumable",
+                       description="Generate a completion for every record of --input (JSONL: \"prompt\", "
+                       "optional \"id\" and per-record options) into --output (JSONL, one line per record). "
+                       "Killed at any point and run again, it skips the records already written and never "
+                       "duplicates or loses one.", epilog=TASK_EPILOG, formatter_class=fmt)
+    p.add_argument("--input", "-i", required=True, help="JSONL prompts file")
+    p.add_argument("--output", "-o", required=True, help="JSONL output file (appended to; resumed if it exists)")
+    p.add_argument("--batch-size", "-b", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    _add_common(p, 128, temperature=0.8)
+    p.set_defaults(func=cmd_batch)
