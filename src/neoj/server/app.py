@@ -21,14 +21,14 @@ from ..engine import Engine
 from .chat import ChatTemplate, get_template
 from .common import APIError, ServerState, default_aliases
 from .metrics import CONTENT_TYPE, Metrics
-from . import hf_api, openai_api
+from . import hf_api, openai_api, tasks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 OPEN_PATHS = ("/health",)  # reachable without the API key
 ROUTE_LABELS = {"/", "/health", "/metrics", "/info", "/generate", "/generate_stream", "/v1/models",
-                "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+                "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *tasks.PATHS}
 
 
 def _route_label(path: str) -> str:
@@ -152,6 +152,7 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     app.state.neoj = state
     app.include_router(openai_api.router)
     app.include_router(hf_api.router)
+    app.include_router(tasks.router)
     playground = resources.files("neoj.server").joinpath("playground.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
