@@ -7,6 +7,7 @@ Output: one line per record, {"id" (or "line"), ..., "prompt", "text" (or "texts
 sequences), "finish_reason", "completion_tokens"}, in input order within each batch; a prompt too long
 for the context gets {"id", ..., "error"} instead (delete those lines to retry them after a fix).
 
+Records are generated batch_size at a time, each with its own options and seed (see run_batch).
 Each record is one write() of one whole line to a file opened for appending, and every batch is
 fsync'd. A run killed at any point (SIGKILL included) leaves complete lines plus at most one partial
 line at the end; the next run cuts that partial line off, skips every key already written, and goes on.
@@ -20,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runner import TaskError, as_runner, task_params
+from .runner import EngineRunner, Runner, TaskError, as_runner, task_params
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,11 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     """Generates a completion for every record of input_path not yet in output_path; returns what it did.
 
     Safe to re-run after any interruption (see the module docstring). options are generation defaults
-    (temperature, top_p, stop, seed, ...); a record's own option fields override them.
+    (temperature, top_p, stop, seed, ...); a record's own option fields override them. With a seed,
+    record i (0-based, in the input) samples with seed + i unless it names its own: a resumed run
+    reproduces what an uninterrupted one would have written. A LanguageModel runs on an engine of its
+    own here, so records with different options and lengths still share every decode step.
     """
-    runner = as_runner(lm)
     if batch_size < 1:
         raise TaskError(f"batch_size={batch_size} must be at least 1")
     key_field, records = read_inputs(input_path)
@@ -139,9 +142,18 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     if output_path.resolve() == Path(input_path).resolve():
         raise TaskError("the output file must not be the input file")
     done = read_done(output_path, key_field)
-    pending = [(k, r) for k, r in records if _key(k) not in done]
+    pending = [(i, k, r) for i, (k, r) in enumerate(records) if _key(k) not in done]
     skipped = len(records) - len(pending)
     defaults = dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
+    engine = None
+    if isinstance(lm, Runner):
+        runner = lm
+    else:
+        from ..engine import Engine
+
+        runner = as_runner(lm)
+        engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
+        runner = EngineRunner(runner.lm, engine)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -150,41 +162,37 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     written = 0
     fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        tok = runner.tokenizer
         for b in range(0, len(pending), batch_size):
             batch = pending[b : b + batch_size]
-            results: dict[int, list] = {}
-            groups: dict[str, list[int]] = {}  # records sharing options are generated together
-            for i, (_, rec) in enumerate(batch):
+            results: dict[int, list | str] = {}
+            jobs, job_rows = [], []
+            for j, (index, key, rec) in enumerate(batch):
                 opts = {**defaults, **{k: rec[k] for k in RECORD_OPTIONS if k in rec}}
-                groups.setdefault(json.dumps(opts, sort_keys=True), []).append(i)
-            for opts_json, idx in groups.items():
-                opts = json.loads(opts_json)
+                if opts.get("seed") is not None and "seed" not in rec:
+                    opts["seed"] += index
                 try:
                     params = task_params(opts.pop("max_new_tokens"), opts.pop("stop", None) or (), **opts)
                 except (TypeError, ValueError) as exc:
-                    where = ", ".join(repr(batch[i][0]) for i in idx)
-                    raise TaskError(f"record {where}: bad generation options: {exc}") from None
-                n, ok, prompts = params.num_return_sequences, [], []
-                for i in idx:
-                    ids = tok.encode(batch[i][1]["prompt"])
-                    if len(ids) + params.max_new_tokens > runner.n_positions and not params.truncate:
-                        results[i] = (f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}"
-                                      f", more than the model's {runner.n_positions}-token context")
-                    else:
-                        ok.append(i)
-                        prompts.append(ids)
-                comps = runner.generate(prompts, params) if prompts else []
-                for j, i in enumerate(ok):
-                    results[i] = comps[j * n : (j + 1) * n]
-            for i, (key, rec) in enumerate(batch):
-                _write_line(fd, _output(key_field, key, rec, results[i]))
+                    raise TaskError(f"record {key!r}: bad generation options: {exc}") from None
+                ids = runner.tokenizer.encode(rec["prompt"])
+                if len(ids) + params.max_new_tokens > runner.n_positions and not params.truncate:
+                    results[j] = (f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
+                                  f"more than the model's {runner.n_positions}-token context")
+                    continue
+                jobs.append((ids, params))
+                job_rows.append(j)
+            for j, comps in zip(job_rows, runner.generate_each(jobs) if jobs else []):
+                results[j] = comps
+            for j, (_, key, rec) in enumerate(batch):
+                _write_line(fd, _output(key_field, key, rec, results[j]))
                 written += 1
             os.fsync(fd)
             if bar is not None:
                 bar.update(len(batch))
     finally:
         os.close(fd)
+        if engine is not None:
+            engine.shutdown()
         if bar is not None:
             bar.close()
     return BatchResult(len(records), skipped, written, output_path)

@@ -76,6 +76,20 @@ class Runner:
         """Returns one Completion per prompt (x num_return_sequences), in order."""
         raise NotImplementedError
 
+    def generate_each(self, jobs: list[tuple[list[int], GenerationParams]]) -> list[list[Completion]]:
+        """Returns the Completions of each (prompt, params) job; here, jobs with equal params share a batch."""
+        groups: dict[str, list[int]] = {}
+        for i, (_, params) in enumerate(jobs):
+            groups.setdefault(repr(params), []).append(i)
+        out: list[list[Completion]] = [[] for _ in jobs]
+        for idx in groups.values():
+            params = jobs[idx[0]][1]
+            n = params.num_return_sequences
+            comps = self.generate([jobs[i][0] for i in idx], params)
+            for j, i in enumerate(idx):
+                out[i] = comps[j * n : (j + 1) * n]
+        return out
+
     def stream(self, prompt: list[int], params: GenerationParams) -> Iterator[str]:
         """Yields the text of one prompt's continuation as it is generated; closing it stops generation."""
         raise NotImplementedError
@@ -141,6 +155,31 @@ class EngineRunner(Runner):
         for req, _ in self._events(prompts, params):
             pass
         return [s.completion() for s in req.seqs] if req is not None else []
+
+    def generate_each(self, jobs):
+        """Submits every job as its own request (its own seed and options), all decoded in one running batch."""
+        events: queue.Queue = queue.Queue()
+        self.check()
+        reqs = []
+        try:
+            for ids, params in jobs:
+                reqs.append(self.engine.start().submit([ids], params, events.put))
+            pending = sum(len(r.seqs) for r in reqs)
+            while pending:
+                try:
+                    ev = events.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    self.check()
+                    continue
+                if ev.finish_reason is not None:
+                    pending -= 1
+                    if ev.finish_reason == "error":
+                        raise GenerationError(f"generation failed: {ev.error}")
+        finally:
+            for r in reqs:
+                if not r.done:
+                    self.engine.cancel(r)
+        return [[s.completion() for s in r.seqs] for r in reqs]
 
     def stream(self, prompt, params):
         for _, ev in self._events([prompt], params):
