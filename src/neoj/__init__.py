@@ -6,11 +6,12 @@ from .errors import CheckpointError, ConfigError, ContextLengthError, Generation
 from .generate import Completion, Score
 from .sampling import GenerationParams
 from .tokenizer import Tokenizer
+from . import tasks  # neoj.tasks.summarize(lm, text), ask, translate, classify, complete_code, ChatSession, run_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "from_config", "LanguageModel", "ModelConfig", "PRESETS", "preset", "load_config", "Tokenizer",
     "GenerationParams", "Completion", "Score", "NeojError", "ConfigError", "CheckpointError",
-    "ContextLengthError", "GenerationError",
+    "ContextLengthError", "GenerationError", "tasks",
 ]

@@ -141,7 +141,7 @@ def _state(request: Request) -> ServerState:
 
 
 async def _run(request: Request, body: TaskRequest, fn: Callable[[Runner, Prompts | None, dict], dict]):
-    """Returns fn(runner, prompts, options) run in a worker thread, with errors as API errors; 499 if the client left."""
+    """Returns fn(runner, prompts, options), run in a worker thread; errors become API errors, a gone client 499."""
     st = _state(request)
     st.check_model(body.model)
     prompts = body.prompt_set()

@@ -91,7 +91,8 @@ def classify(lm, texts: str | list[str], labels=SENTIMENT, *, examples: list[tup
     try:
         for b in range(0, len(texts), max(1, batch_size)):
             batch = texts[b : b + batch_size]
-            pairs = [(tok.encode(classification_prompt(p, t, labels, examples)), ids) for t in batch for ids in label_ids]
+            contexts = [tok.encode(classification_prompt(p, t, labels, examples)) for t in batch]
+            pairs = [(ctx, ids) for ctx in contexts for ids in label_ids]
             scores = continuation_logprobs(runner, pairs)
             for j, t in enumerate(batch):
                 lps = scores[j * len(labels) : (j + 1) * len(labels)]

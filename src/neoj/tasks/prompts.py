@@ -124,7 +124,8 @@ class Prompts:
         """Returns a copy with some templates replaced; an unknown name is an error listing the known ones."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise NeojError(f"unknown prompt name(s) {unknown}; known: {sorted(f.name for f in dataclasses.fields(self))}")
+            known = sorted(f.name for f in dataclasses.fields(self))
+            raise NeojError(f"unknown prompt name(s) {unknown}; known: {known}")
         if "translation_examples" in overrides:
             overrides["translation_examples"] = {**self.translation_examples, **overrides["translation_examples"]}
         return dataclasses.replace(self, **overrides)

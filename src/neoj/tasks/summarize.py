@@ -1,4 +1,4 @@
-"""Summaries of documents of any length: summarize the chunks, then the summaries, until one summary fits (map-reduce)."""
+"""Summaries of documents of any length: summarize the chunks, then the summaries, until one prompt holds them."""
 
 from __future__ import annotations
 
