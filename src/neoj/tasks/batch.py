@@ -94,15 +94,18 @@ def read_done(path: str | Path, key_field: str) -> set[str]:
     path = Path(path)
     if not path.exists():
         return set()
-    with open(path, "r+b") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("%s: dropping a partial last record (%d bytes) left by an interrupted run", path,
-                        len(data) - end)
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with open(path, "r+b") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                log.warning("%s: dropping a partial last record (%d bytes) left by an interrupted run", path,
+                            len(data) - end)
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        raise TaskError(f"cannot resume output {path}: {exc.strerror or exc}") from None
     done = set()
     for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
         if not line.strip():
@@ -160,7 +163,12 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
 
         bar = tqdm(total=len(records), initial=skipped, unit="record", desc="batch", dynamic_ncols=True)
     written = 0
-    fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if engine is not None:
+            engine.shutdown()
+        raise TaskError(f"cannot write output {output_path}: {exc.strerror or exc}") from None
     try:
         for b in range(0, len(pending), batch_size):
             batch = pending[b : b + batch_size]

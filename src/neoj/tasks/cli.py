@@ -7,6 +7,7 @@ function of the same name in neoj.tasks; results go to stdout, progress bars and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -205,15 +206,22 @@ def cmd_chat(args) -> int:
         session.load(args.load)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"neoj chat: {CHAT_HELP}", file=sys.stderr)
+        try:  # line editing and history for input(), where the platform has readline
+            importlib.import_module("readline")
+        except ImportError:
+            pass
+        print(f"neoj chat: {CHAT_HELP}; Ctrl-C stops a reply", file=sys.stderr)
     out = sys.stdout
     while True:
         if interactive:
-            out.write("you> ")
-            out.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
         line = line.strip()
         if not line:
             continue
@@ -242,6 +250,10 @@ def cmd_chat(args) -> int:
                     out.flush()
             except NeojError as exc:  # a message too long for the context: say so, keep chatting
                 print(f"\nneoj: error: {exc}", file=sys.stderr)
+            except KeyboardInterrupt:  # stops this reply (not kept in the history), not the chat
+                if not interactive:
+                    raise
+                print("\n(reply interrupted)", file=sys.stderr)
             out.write("\n")
             out.flush()
             if session.last is not None and session.last.dropped:
