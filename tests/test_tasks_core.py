@@ -250,7 +250,9 @@ def test_brace_languages_stop_at_the_closing_brace(tiny):
     watcher = BraceStop("function f() {\n  if (x) {\n", "block")
     assert watcher.feed("    y();\n  });\n  z();\n") == "    y();\n  });" and watcher.done
     top = IndentStop("x = 1\n", "function")
-    assert top.feed("\n\ny = 2\n\nz") == "\n\ny = 2" and top.done
+    assert top.feed("\n\ny = 2\n\nz") == "\n\ny = 2" and top.done  # leading blank lines, then one block
+    top = IndentStop("x = 1\n", "function")
+    assert top.feed("y = 2\n") == "y = 2" and not top.done and top.feed("\nz") == "" and top.done
 
 
 def test_complete_code_real_model_stays_in_the_function(tiny):

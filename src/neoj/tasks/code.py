@@ -99,7 +99,7 @@ class IndentStop:
                     out.append(c)
                 continue
             if c == "\n":
-                if self.limit is None and self.emitted:  # a blank line ends top-level code
+                if self.limit is None and (self.emitted or out):  # a blank line ends top-level code
                     self.done = True
                     break
                 self.held += c
@@ -113,7 +113,6 @@ class IndentStop:
                     break
                 out.append(self.held + c)
                 self.held, self.judged = "", True
-            self.emitted = self.emitted or bool(out)
         self.emitted = self.emitted or bool(out)
         return "".join(out)
 
