@@ -27,18 +27,17 @@ class RowSampler:
         """Returns (tokens, logprobs, top logprobs) per row; logprobs are the model's, before any warping."""
         if logits.shape[-1] > self.usable_vocab:
             logits[:, self.usable_vocab :] = float("-inf")
-        if not torch.isfinite(logits).any(dim=-1).all():
-            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype "
-                                  "overflowed; try dtype float32")
         n, device = len(seqs), logits.device
         scores = self._penalize(seqs, logits)
-        tokens = [0] * n
-        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-        if greedy:
-            picked = (scores if len(greedy) == n else scores[greedy]).argmax(dim=-1).tolist()
-            for i, t in zip(greedy, picked):
-                tokens[i] = t
+        # One pass over the batch gives every greedy row its token (argmax's first-maximum rule) and, when all
+        # maxima are finite, shows each row has a finite logit (penalties keep finite scores finite and the
+        # others not); only otherwise does the full check run.
+        best, picked = scores.max(dim=-1)
+        if not bool(torch.isfinite(best).all()) and not bool(torch.isfinite(logits).any(dim=-1).all()):
+            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype "
+                                  "overflowed; try dtype float32")
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        tokens = picked.tolist()
         if sampled:
             probs = self._warp([seqs[i].params for i in sampled], scores[sampled])
             for j, i in enumerate(sampled):
