@@ -81,6 +81,42 @@ def test_concurrent_greedy_equals_alone(lm, engine):
     assert engine.stats.steps > 0 and engine.stats.finished["length"] == 2 * len(jobs)
 
 
+def test_requests_admitted_together_are_prefilled_together(lm):
+    # Queued before the model thread starts, so one admission round takes them all: the new prompts
+    # (of different lengths, so left-padded) share one prefill forward, and each row still gets what it
+    # gets alone, prompt log-probabilities and copies of a prompt included.
+    jobs = [(lm.tokenizer.encode(p), greedy(12 + i)) for i, p in enumerate(PROMPTS)]
+    jobs.append((lm.tokenizer.encode(PROMPTS[1]), GenerationParams(max_new_tokens=10, temperature=0.9, seed=5,
+                                                                   num_return_sequences=2)))
+    ref = Engine(lm.model, lm.tokenizer, max_batch=8).start()
+    try:
+        alone = [[c.token_ids for c in ref.generate([ids], p)] for ids, p in jobs]
+        scored = ref.submit([jobs[5][0]], GenerationParams(max_new_tokens=0), lambda e: None, prompt_logprobs=2)
+        while not scored.done:
+            time.sleep(0.01)
+    finally:
+        ref.shutdown()
+    eng = Engine(lm.model, lm.tokenizer, max_batch=16)
+    groups = []
+    prefill = eng._prefill
+    eng._prefill = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]
+    events = queue.Queue()
+    reqs = [eng.submit([ids], p, events.put) for ids, p in jobs]
+    reqs.append(eng.submit([jobs[5][0]], GenerationParams(max_new_tokens=0), events.put, prompt_logprobs=2))
+    eng.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(r.done for r in reqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.shutdown()
+    assert [[s.token_ids for s in r.seqs] for r in reqs[:-1]] == alone
+    assert groups == [len(jobs) + 1]
+    got, want = reqs[-1].seqs[0].prompt_logprobs, scored.seqs[0].prompt_logprobs
+    assert [lp for lp, _ in got[1:]] == pytest.approx([lp for lp, _ in want[1:]], abs=1e-5)
+    assert [list(top) for _, top in got[1:]] == [list(top) for _, top in want[1:]]
+
+
 def test_staggered_arrivals_compact_and_grow_the_cache(lm):
     eng = Engine(lm.model, lm.tokenizer, max_batch=3).start()
     try:

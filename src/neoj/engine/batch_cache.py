@@ -94,8 +94,10 @@ class BatchCache(KVCache):
             self.compact()
         self._reserve(self.rows, self.length + T)
 
-    def add(self, src: KVCache, p: int) -> int:
-        """Splices a solo-prefilled row (the first p slots of src) in at [length - p, length); returns its row."""
+    def add(self, src: KVCache, p: int, row: int = 0, end: int | None = None) -> int:
+        """Splices a prefilled row (slots [end - p, end) of src's row `row`; end defaults to p) in at
+        [length - p, length); returns its row in the batch."""
+        end = p if end is None else end
         if not self.starts:
             self.length = 0
         if max(self.length, p) + 1 > self.max_len:
@@ -104,8 +106,8 @@ class BatchCache(KVCache):
         if p > self.length:
             self._shift(p - self.length)
         i, L = self.rows, self.length
-        self._k[:, i, :, L - p : L] = src.k[:, 0, :, :p]
-        self._v[:, i, :, L - p : L] = src.v[:, 0, :, :p]
+        self._k[:, i, :, L - p : L] = src.k[:, row, :, end - p : end]
+        self._v[:, i, :, L - p : L] = src.v[:, row, :, end - p : end]
         self._valid[i, : L - p] = False
         self._valid[i, L - p :] = True
         self.starts.append(L - p)

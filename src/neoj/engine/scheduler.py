@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from ..errors import GenerationError, NeojError
-from ..generate import Completion, _drain, _StopScanner, fit_prompt
+from ..generate import Completion, _drain, _left_pad, _StopScanner, fit_prompt
 from ..kv_cache import KVCache
-from ..model import Transformer
+from ..model import Transformer, positions_from_valid
 from ..sampling import GenerationParams
 from ..tokenizer import StreamDecoder, Tokenizer
 from .batch_cache import BatchCache
@@ -97,7 +97,8 @@ class Request:
         self.finished = 0
         self.cancelled = False
         self.first_token_at: float | None = None
-        self.prefills: dict[int, tuple[KVCache, torch.Tensor, list | None, int]] = {}
+        # prompt index -> (cache, row, end, last logits, prompt logprobs, copies still to start)
+        self.prefills: dict[int, tuple[KVCache, int, int, torch.Tensor, list | None, int]] = {}
 
     @property
     def done(self) -> bool:
@@ -173,7 +174,8 @@ class Engine:
         """Queues prompts x num_return_sequences sequences; returns the Request.
 
         Raises ContextLengthError or GenerationError for bad input and QueueFull when max_queue requests
-        are already waiting beyond the free rows of the batch. `sink` receives every Event on the model thread and must not block.
+        are already waiting beyond the free rows of the batch. `sink` receives every Event on the model thread
+        and must not block.
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
         params.validated()
@@ -266,13 +268,7 @@ class Engine:
                             fut.set_result(fn())
                         except BaseException as exc:  # handed to the caller, who reports it
                             fut.set_exception(exc)
-                for seq in admitted:
-                    try:
-                        self._admit(seq)
-                    except Exception as exc:
-                        log.exception("prefill failed")
-                        self._finish(seq, "error", error=str(exc))
-                    self._admitting -= 1
+                self._admit(admitted)
                 self._drop_finished_or_cancelled()
                 if self.running:
                     try:
@@ -311,26 +307,42 @@ class Engine:
         self._admitting = len(out)
         return out
 
-    def _prefill(self, seq: Sequence):
-        """Returns (cache, last logits, prompt logprobs, uses left) for seq's prompt, shared by its copies."""
-        req = seq.request
-        entry = req.prefills.get(seq.prompt_index)
-        if entry is None:
-            ids = seq.prompt_ids
-            cache = KVCache.for_model(self.model, 1, len(ids) + seq.params.max_new_tokens)
-            hidden = self.model(torch.tensor([ids], device=self.device), None, cache)
-            last = self.model.logits(hidden[:, -1])
-            plp = self._prompt_logprobs(hidden[0, :-1], ids, req.prompt_logprobs) \
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefills the prompts of seqs in one left-padded forward; leaves each in its request's prefills."""
+        rows = [seq.prompt_ids for seq in seqs]
+        ids, valid = _left_pad(rows, self.tokenizer.eos_token_id, self.device)
+        width = ids.shape[1]
+        cache = KVCache.for_model(self.model, len(rows), width)
+        padded = any(len(r) != width for r in rows)
+        positions = positions_from_valid(valid) if padded else None
+        hidden = self.model(ids, positions, cache, valid if padded else None)
+        last = self.model.logits(hidden[:, -1])
+        for i, seq in enumerate(seqs):
+            req, p = seq.request, len(seq.prompt_ids)
+            plp = self._prompt_logprobs(hidden[i, width - p : -1], seq.prompt_ids, req.prompt_logprobs) \
                 if req.prompt_logprobs is not None else None
-            uses = seq.params.num_return_sequences
-            self.stats.prompt_tokens += len(ids)
-            entry = (cache, last, plp, uses)
-        cache, last, plp, uses = entry
+            req.prefills[seq.prompt_index] = (cache, i, width, last[i : i + 1], plp, seq.params.num_return_sequences)
+            self.stats.prompt_tokens += p
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Returns seqs in groups to prefill together: by length, each at most prefill_tokens once padded."""
+        groups: list[list[Sequence]] = []
+        for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+            if groups and (len(groups[-1]) + 1) * len(seq.prompt_ids) <= self.prefill_tokens:
+                groups[-1].append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _take_prefill(self, seq: Sequence):
+        """Returns (cache, row, end, last logits, prompt logprobs) of seq's prompt, shared by its copies."""
+        req = seq.request
+        cache, row, end, last, plp, uses = req.prefills[seq.prompt_index]
         if uses > 1:
-            req.prefills[seq.prompt_index] = (cache, last, plp, uses - 1)
+            req.prefills[seq.prompt_index] = (cache, row, end, last, plp, uses - 1)
         else:
-            req.prefills.pop(seq.prompt_index, None)
-        return cache, last.clone(), plp
+            del req.prefills[seq.prompt_index]
+        return cache, row, end, last.clone(), plp
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top_n: int, chunk: int = 256) -> list:
         """Returns [(logprob, top) per prompt token]; the first token has none (nothing precedes it).
@@ -352,21 +364,49 @@ class Engine:
             out += list(zip(lps, tops))
         return out
 
-    def _admit(self, seq: Sequence) -> None:
-        req = seq.request
-        if req.cancelled:
-            self._finish(seq, "cancelled")
-            return
-        if seq.params.max_new_tokens == 0 and req.prompt_logprobs is None:
-            self._finish(seq, "length")
-            return
-        cache, logits, seq.prompt_logprobs = self._prefill(seq)
+    def _admit(self, seqs: list[Sequence]) -> None:
+        """Prefills this round's sequences (new prompts together, in padded groups) and adds them to the batch."""
+        todo, fresh = [], {}
+        for seq in seqs:
+            req = seq.request
+            if req.cancelled:
+                self._finish(seq, "cancelled")
+            elif seq.params.max_new_tokens == 0 and req.prompt_logprobs is None:
+                self._finish(seq, "length")
+            else:
+                todo.append(seq)
+                if seq.prompt_index not in req.prefills:
+                    fresh.setdefault((id(req), seq.prompt_index), seq)
+                continue
+            self._admitting -= 1
+        failed: dict[tuple[int, int], str] = {}
+        for group in self._prefill_groups(list(fresh.values())):
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                log.exception("prefill failed")
+                failed.update(((id(seq.request), seq.prompt_index), str(exc)) for seq in group)
+        for seq in todo:
+            try:
+                error = failed.get((id(seq.request), seq.prompt_index))
+                if error is not None:
+                    self._finish(seq, "error", error=error)
+                else:
+                    self._start(seq)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._finish(seq, "error", error=str(exc))
+            self._admitting -= 1
+
+    def _start(self, seq: Sequence) -> None:
+        """Chooses a prefilled sequence's first token and, unless that ends it, splices it into the batch."""
+        cache, row, end, logits, seq.prompt_logprobs = self._take_prefill(seq)
         if seq.params.max_new_tokens == 0:
             self._finish(seq, "length")
             return
         seq.pos = len(seq.prompt_ids)
         if not self._advance([seq], logits)[0]:
-            self.cache.add(cache, seq.pos)
+            self.cache.add(cache, seq.pos, row, end)
             self.running.append(seq)
 
     def _step(self) -> None:
