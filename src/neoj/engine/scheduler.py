@@ -142,6 +142,7 @@ class Engine:
         self._stopping = False
         self._seq_seconds = 1.0  # moving average of a sequence's time in the batch, for Retry-After
         self._admitting = 0  # sequences taken from the queue and being prefilled
+        self._flushes: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
 
     # ---- the public, thread-safe side ----
@@ -175,7 +176,7 @@ class Engine:
 
         Raises ContextLengthError or GenerationError for bad input and QueueFull when max_queue requests
         are already waiting beyond the free rows of the batch. `sink` receives every Event on the model thread
-        and must not block.
+        and must not block (see on_events to pass events on in bursts).
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
         params.validated()
@@ -210,6 +211,12 @@ class Engine:
             self.stats.waiting = len(self._waiting)
             self._cv.notify_all()
         return req
+
+    def on_events(self, flush: Callable[[], None]) -> None:
+        """Calls flush() on the model thread after each burst of events (an admission round, a decode step,
+        the shutdown), so that sinks may collect events and pass them on together."""
+        with self._cv:
+            self._flushes.append(flush)
 
     def cancel(self, req: Request) -> None:
         """Ends a request: dropped from the queue now, its running rows at the next step."""
@@ -270,6 +277,7 @@ class Engine:
                             fut.set_exception(exc)
                 self._admit(admitted)
                 self._drop_finished_or_cancelled()
+                self._flush()  # first tokens go out now, not after the next step
                 if self.running:
                     try:
                         self._step()
@@ -279,6 +287,7 @@ class Engine:
                             self._finish(seq, "error", error=str(exc))
                         self.running = []
                         self.cache = BatchCache(self.model, self.max_batch)
+                    self._flush()
             for fut, _ in self._jobs:
                 fut.set_exception(NeojError("the engine is shutting down"))
             for seq in self.running:
@@ -286,6 +295,14 @@ class Engine:
             for req in self._waiting:
                 for seq in req.seqs[req.next_admit :]:
                     self._finish(seq, "cancelled")
+            self._flush()
+
+    def _flush(self) -> None:
+        for flush in self._flushes:
+            try:
+                flush()
+            except Exception:  # like a failing sink, it must not take the model thread down
+                log.exception("event flush failed")
 
     def _take_waiting(self) -> list[Sequence]:
         """Pops the sequences to admit this round: free rows, and a prompt-token budget (at least one)."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -49,6 +50,14 @@ class ServerState:
     chat_template: ChatTemplate
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    relays: dict = field(default_factory=dict, repr=False)  # event loop -> EventRelay
+
+    def relay(self) -> "EventRelay":
+        """Returns the relay of engine events to the running event loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self.relays:
+            self.relays[loop] = EventRelay(loop, self.engine)
+        return self.relays[loop]
 
     @property
     def n_positions(self) -> int:
@@ -244,12 +253,47 @@ def room_for(state: ServerState, prompts: list[list[int]], default: int) -> int:
 MAX_SEQUENCES = 512  # prompts x n in one request
 
 
+class EventRelay:
+    """Carries engine events to one event loop: sinks collect them on the model thread, and the engine's flush
+    after each step hands them all over with one wake-up of the loop. (A call_soon_threadsafe per event would
+    wake the loop once per token and row, each time pulling the GIL away from the model thread mid-step.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+        engine.on_events(self.flush)
+
+    def sink(self, queue: asyncio.Queue) -> Callable[[Event], None]:
+        """Returns a sink (called on the model thread) whose events reach `queue` at the next flush."""
+        def put(event: Event) -> None:
+            with self._lock:
+                self._pending.append((queue, event))
+
+        return put
+
+    def flush(self) -> None:
+        """Schedules delivery of the collected events on the loop; called on the model thread."""
+        with self._lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, []
+        try:
+            self.loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop has closed: the server is gone
+            pass
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
+
+
 class Generation:
     """An engine request seen from the event loop: the model thread's events arrive on an asyncio.Queue."""
 
     def __init__(self, state: ServerState, prompts: list[list[int]], params: GenerationParams,
                  max_time: float | None = None, prompt_logprobs: int | None = None, route: str = ""):
-        loop = asyncio.get_running_loop()
         self.state, self.route = state, route
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.started = time.perf_counter()
@@ -257,15 +301,9 @@ class Generation:
             raise APIError(422, f"{len(prompts)} prompts x {params.num_return_sequences} sequences is more than "
                            f"the {MAX_SEQUENCES} sequences one request may ask for; split the request")
 
-        def sink(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the loop has closed: the server is gone
-                pass
-
         try:
-            self.req = state.engine.start().submit(prompts, params, sink, max_time=max_time,
-                                                   prompt_logprobs=prompt_logprobs)
+            self.req = state.engine.start().submit(prompts, params, state.relay().sink(self.queue),
+                                                   max_time=max_time, prompt_logprobs=prompt_logprobs)
         except QueueFull as exc:
             state.metrics.rejected.inc()
             raise APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
