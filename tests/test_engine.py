@@ -189,6 +189,25 @@ def test_stop_strings_eos_and_streaming_events(lm, engine):
     assert eos not in c.token_ids[:-1]
 
 
+def test_sinks_can_pass_events_on_in_bursts(lm, engine):
+    # What the server does: sinks only collect, and the flush after each admission round and decode step
+    # hands the burst on; every token arrives, in order, as soon as its step is done.
+    collected, bursts = [], []
+
+    def flush():
+        bursts.append(list(collected))
+        collected.clear()
+
+    engine.on_events(flush)
+    req = engine.submit([lm.tokenizer.encode(PROMPTS[0])], greedy(5), collected.append)
+    deadline = time.monotonic() + 30
+    while not (req.done and bursts and bursts[-1] and bursts[-1][-1].finish_reason) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    bursts = [b for b in bursts if b]
+    assert [len(b) for b in bursts] == [1] * 5
+    assert [b[0].token_id for b in bursts] == req.seqs[0].token_ids
+
+
 def test_cancel_frees_the_row_and_queue_limits(lm):
     eng = Engine(lm.model, lm.tokenizer, max_batch=1, max_queue=1).start()
     try:
