@@ -4,8 +4,9 @@ Decoding multiplies each weight matrix by one row per sequence, and PyTorch's de
 that are far from the memory bandwidth (measured on a 2-core AMD EPYC, torch 2.13, see BENCHMARKS.md):
 - fp32, one row: MKL's GEMV streams weights at 9-13 GB/s on one core. The same product as a batched
   matmul over 4 row blocks runs the blocks on all cores: 18-40 GB/s, no compiler needed.
-- fp32, 2-16 rows: MKL packs the weight matrix on every call (4-8 GB/s); oneDNN's linear reads it
-  as it is: 10-16 GB/s.
+- fp32, 2-64 rows: MKL packs the weight matrix on every call (4-8 GB/s at 2-16 rows); oneDNN's linear
+  reads it as it is: 10-16 GB/s, and still 1.3-2x MKL at 32-64 rows (a 32-sequence decode step of
+  GPT-Neo-125M: 157 -> 105 ms).
 - bf16/fp16, one row: oneDNN reaches about 10 GB/s; a reduction compiled by TorchInductor with fp32
   accumulation reaches 20+ GB/s, at the price of a few seconds of compiling in each new process, so
   it is used only for large models. Set NEOJ_COMPILE=0 to skip it.
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _state = {"compile": os.environ.get("NEOJ_COMPILE", "1") != "0", "onednn": True, "fns": None}
 _BLOCKS = 4  # row blocks for the fp32 matrix-vector product: enough for up to 4 cores to share
-_ONEDNN_MAX_ROWS = 16
+_ONEDNN_MAX_ROWS = 64  # decode batches up to the server's default max_batch (32) and beyond
 
 
 def _compiled():
