@@ -5,12 +5,17 @@ The server runs in its own process (`python -m neoj serve --model random:gpt-neo
 the GPT-Neo-125M shape) on a loopback port. Each client streams /v1/completions (greedy, ignore_eos, so
 every request makes exactly --new-tokens tokens) back to back, --requests-per-client times. Per level it
 reports aggregate generated tokens/s (all tokens / wall time), per-request latency and time to first token
-(p50, p99), and the speed-up over one client. For comparison a separate process times the same request
-through the library's streaming generate (what `neoj generate` runs), after a warm-up.
+(p50, p99), and the speed-up over one client. Every level is warmed up first with as many clients (short
+requests), so one-time costs such as oneDNN's kernels for each batch size stay out of the numbers.
+
+Against `neoj generate`: a second process holds the model as `neoj generate` does and streams the same
+request through LanguageModel.stream, writing each piece out as the command does. Its requests alternate
+with single requests to the server (server and library never run at once, the order flips every round,
+the model is warm in both), and the medians of the two end-to-end times give the ratio.
 
 It writes (or replaces) the `bench_server` section of BENCHMARKS.md. Progress goes to stderr.
 
-    python bench/bench_server.py            # full run (~5 min on 2 cores), on an otherwise idle machine
+    python bench/bench_server.py            # full run (~6 min on 2 cores), on an otherwise idle machine
     python bench/bench_server.py --quick    # smoke test (tiny counts), prints the section instead
 """
 
@@ -37,22 +42,25 @@ SECTION_BEGIN = "<!-- bench_server:begin -->"
 SECTION_END = "<!-- bench_server:end -->"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
-GENERATE_SNIPPET = r"""
-import json, sys, time, torch, neoj
-model, new_tokens, repeats, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# What `neoj generate --temperature 0 --ignore-eos` does per request, timed on each line read from stdin.
+GENERATE_WORKER = r"""
+import json, os, sys, time, torch, neoj
+model, new_tokens, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
 lm = neoj.load(model, dtype="float32", device="cpu")
 opts = dict(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
-for _ in lm.stream(sys.argv[5], **dict(opts, max_new_tokens=4)):  # warm-up (compiles the decode kernels)
+out = open(os.devnull, "w")
+for _ in lm.stream(prompt, **dict(opts, max_new_tokens=4)):  # warm-up
     pass
-out = []
-for _ in range(repeats):
-    start = time.perf_counter(); first = None; n = 0
-    for piece in lm.stream(sys.argv[5], **opts):
+print("READY", flush=True)
+for _ in sys.stdin:
+    start = time.perf_counter(); first = None
+    for piece in lm.stream(prompt, **opts):
         first = first or time.perf_counter()
+        out.write(piece)
+        out.flush()
     end = time.perf_counter()
-    out.append({"latency": end - start, "ttft": first - start})
-print("RESULT " + json.dumps(out))
+    print("RESULT " + json.dumps({"latency": end - start, "ttft": first - start}), flush=True)
 """
 
 
@@ -148,17 +156,55 @@ async def run_level(url: str, clients: int, per_client: int, new_tokens: int) ->
             "per_request_tokens_per_s": statistics.median(r["tokens"] / r["latency"] for r in results)}
 
 
-def run_generate(model: str, new_tokens: int, repeats: int, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", GENERATE_SNIPPET, model, str(new_tokens), str(repeats),
-                          str(threads), PROMPT], env=env, capture_output=True, text=True, check=True)
-    runs = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
-    lat = [r["latency"] for r in runs]
-    return {"latency": statistics.median(lat), "tokens_per_s": new_tokens / statistics.median(lat),
-            "ttft": statistics.median(r["ttft"] for r in runs)}
+class Generate:
+    """The library's single stream (what `neoj generate` runs) in its own process, one request per call."""
+
+    def __init__(self, model: str, new_tokens: int, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.proc = subprocess.Popen([sys.executable, "-c", GENERATE_WORKER, model, str(new_tokens), str(threads),
+                                      PROMPT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"the generate worker failed to start (exit code {self.proc.wait()})")
+
+    def request(self) -> dict:
+        """Returns {"latency", "ttft"} of one streamed request."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line.startswith("RESULT "):
+            raise RuntimeError(f"the generate worker failed (exit code {self.proc.wait()})")
+        return json.loads(line[7:])
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-def section(args, levels: list[dict], gen: dict, load: str) -> str:
+async def paired(url: str, gen: Generate, new_tokens: int, rounds: int) -> dict:
+    """Returns medians of alternating single requests to the library and the server, and their ratio."""
+    lib, srv = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, 4)  # the connection is open, as for a client's later requests
+        for r in range(rounds):
+            for side in ("lib", "server") if r % 2 == 0 else ("server", "lib"):
+                if side == "lib":
+                    lib.append(gen.request())
+                else:
+                    srv.append(await one_request(client, new_tokens))
+    lib_lat = statistics.median(x["latency"] for x in lib)
+    srv_lat = statistics.median(x["latency"] for x in srv)
+    return {"rounds": rounds, "lib_tokens_per_s": new_tokens / lib_lat, "server_tokens_per_s": new_tokens / srv_lat,
+            "lib_ttft": statistics.median(x["ttft"] for x in lib),
+            "server_ttft": statistics.median(x["ttft"] for x in srv), "ratio": lib_lat / srv_lat}
+
+
+def section(args, levels: list[dict], pair: dict, load: str) -> str:
     base = levels[0]["tokens_per_s"] if levels and levels[0]["clients"] == 1 else None
     lines = [SECTION_BEGIN, "## Server: continuous batching under concurrent clients (CPU)", "",
              f"`neoj serve --model {args.model}` (random weights), float32, {args.threads} threads, "
@@ -175,23 +221,33 @@ def section(args, levels: list[dict], gen: dict, load: str) -> str:
         lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['tokens_per_s']:.1f} | {speed} | "
                      f"{lv['p50']:.2f} s | {lv['p99']:.2f} s | {lv['ttft_p50']:.2f} s | {lv['ttft_p99']:.2f} s |")
     lines.append("")
-    lines.append(f"Single stream through the library (what `neoj generate` runs, same prompt and length, after a "
-                 f"warm-up): {gen['tokens_per_s']:.1f} tokens/s end to end ({gen['latency']:.2f} s per request, "
-                 f"first token {gen['ttft']:.2f} s).")
+    lines.append(f"One client against `neoj generate` ({pair['rounds']} requests each, alternating, medians, end to "
+                 f"end): the server streams {pair['server_tokens_per_s']:.1f} tokens/s (first token "
+                 f"{pair['server_ttft']:.3f} s), the library's stream as `neoj generate` runs it "
+                 f"{pair['lib_tokens_per_s']:.1f} tokens/s (first token {pair['lib_ttft']:.3f} s): "
+                 f"**{pair['ratio']:.2f}x** (target: at least 1x).")
     one = next((lv for lv in levels if lv["clients"] == 1), None)
     eight = next((lv for lv in levels if lv["clients"] == 8), None)
-    if one:
-        lines.append(f"One server client: {one['per_request_tokens_per_s']:.1f} tokens/s per request, "
-                     f"{one['per_request_tokens_per_s'] / gen['tokens_per_s']:.2f}x `neoj generate` "
-                     "(target: at least 1x).")
     if one and eight:
-        lines.append(f"Eight clients: {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x the single-client "
+        lines.append(f"Eight clients: **{eight['tokens_per_s'] / one['tokens_per_s']:.2f}x** the single-client "
                      "aggregate throughput (target: at least 4x).")
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average at "
-              f"start {load}. Date: {_dt.date.today().isoformat()}.",
+              f"start {load}. Date: {_dt.date.today().isoformat()}; torch {torch_version()}, neoj git {git_rev()}.",
               f"Command: `python bench/bench_server.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip(),
               SECTION_END, ""]
     return "\n".join(lines)
+
+
+def torch_version() -> str:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def git_rev() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "?") + ("+local changes" if dirty else "")
 
 
 def write_section(out: str, text: str) -> None:
@@ -218,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 128; --quick 16)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads in the server")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
+    p.add_argument("--pairs", type=int, default=None, help="requests each to the library and the server in "
+                   "the single-stream comparison (default 6; --quick 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, 1 request per client, stdout")
     p.add_argument("--out", default=None, help="file to write the section to (default BENCHMARKS.md; --quick: -)")
     args = p.parse_args(argv)
@@ -225,27 +283,32 @@ def main(argv=None) -> int:
     args.clients = args.clients or ("1,8" if q else "1,8,32")
     args.requests_per_client = args.requests_per_client or (1 if q else 3)
     args.new_tokens = args.new_tokens or (16 if q else 128)
+    args.pairs = args.pairs or (2 if q else 6)
     args.out = args.out or ("-" if q else str(REPO / "BENCHMARKS.md"))
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
 
-    log(f"timing the library's single stream ({args.new_tokens} tokens)")
-    gen = run_generate(args.model, args.new_tokens, 2 if q else 3, args.threads)
-    log(f"  {gen['tokens_per_s']:.1f} tokens/s")
+    levels_wanted = [int(c) for c in args.clients.split(",")]
     server = Server(args.model, args.threads, args.max_batch)
+    gen = Generate(args.model, args.new_tokens, args.threads)
     try:
-        log("starting the server")
+        log("starting the server and the library's worker")
         server.wait_ready()
-        asyncio.run(run_level(server.url, 1, 1, 4))  # warm-up: compiles the decode kernels
-        asyncio.run(run_level(server.url, 2, 1, 4))
+        gen.wait_ready()
+        for clients in sorted(set(levels_wanted)):  # warm-up: kernels for every batch size on the way
+            asyncio.run(run_level(server.url, clients, 1, 8))
         levels = []
-        for clients in (int(c) for c in args.clients.split(",")):
+        for clients in levels_wanted:
             log(f"{clients} client(s) x {args.requests_per_client} request(s)")
             lv = asyncio.run(run_level(server.url, clients, args.requests_per_client, args.new_tokens))
             log(f"  {lv['tokens_per_s']:.1f} tokens/s, p50 {lv['p50']:.2f} s, p99 {lv['p99']:.2f} s")
             levels.append(lv)
+        log(f"one client against the library's stream, {args.pairs} requests each")
+        pair = asyncio.run(paired(server.url, gen, args.new_tokens, args.pairs))
+        log(f"  server {pair['server_tokens_per_s']:.1f} tokens/s, library {pair['lib_tokens_per_s']:.1f} tokens/s")
     finally:
+        gen.stop()
         server.stop()
-    write_section(args.out, section(args, levels, gen, load))
+    write_section(args.out, section(args, levels, pair, load))
     return 0
 
 
