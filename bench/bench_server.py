@@ -3,10 +3,12 @@
 
 The server runs in its own process (`python -m neoj serve --model random:gpt-neo-125m`, random weights of
 the GPT-Neo-125M shape) on a loopback port. Each client streams /v1/completions (greedy, ignore_eos, so
-every request makes exactly --new-tokens tokens) back to back, --requests-per-client times. Per level it
-reports aggregate generated tokens/s (all tokens / wall time), per-request latency and time to first token
-(p50, p99), and the speed-up over one client. Every level is warmed up first with as many clients (short
-requests), so one-time costs such as oneDNN's kernels for each batch size stay out of the numbers.
+every request makes exactly --new-tokens tokens) back to back, --requests-per-client times. The levels
+run --rounds times, interleaved (1, 8, 32, 1, 8, 32, ...), so a slow moment of the machine hits one run
+rather than one level. Per level it reports aggregate generated tokens/s (all tokens / wall time of a
+run; the median and range over the runs), per-request latency and time to first token (p50, p99 over all
+runs' requests), and the speed-up over one client. Every level is warmed up first with as many clients
+(short requests), so one-time costs such as oneDNN's kernels for each batch size stay out of the numbers.
 
 Against `neoj generate`: a second process holds the model as `neoj generate` does and streams the same
 request through LanguageModel.stream, writing each piece out as the command does. Its requests alternate
@@ -147,13 +149,20 @@ async def run_level(url: str, clients: int, per_client: int, new_tokens: int) ->
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker() for _ in range(clients))) for r in rs]
         wall = time.perf_counter() - start
-    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "results": results, "wall": wall,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Returns one level over its runs: median and range of the aggregate tokens/s, latencies pooled."""
+    results = [r for run in runs for r in run["results"]]
+    rates = [run["tokens_per_s"] for run in runs]
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results]
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall": wall,
-            "tokens_per_s": tokens / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["latency"] for r in results)}
+    return {"clients": runs[0]["clients"], "runs": len(runs), "requests": len(results),
+            "tokens_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99)}
 
 
 class Generate:
@@ -209,17 +218,19 @@ def section(args, levels: list[dict], pair: dict, load: str) -> str:
     lines = [SECTION_BEGIN, "## Server: continuous batching under concurrent clients (CPU)", "",
              f"`neoj serve --model {args.model}` (random weights), float32, {args.threads} threads, "
              f"max batch {args.max_batch}. Each client streams `/v1/completions` back to back "
-             f"({args.requests_per_client} requests per client): a {len(PROMPT.split())}-word prompt, "
+             f"({args.requests_per_client} request{'s' if args.requests_per_client != 1 else ''} per client): a {len(PROMPT.split())}-word prompt, "
              f"{args.new_tokens} new tokens (greedy, ignore_eos), over loopback HTTP with the clients in another "
-             "process on the same machine. Latency is per request, from sending it to its last token; aggregate "
-             "tokens/s is all generated tokens over the level's wall time.", "",
-             "| clients | requests | aggregate tokens/s | vs 1 client | latency p50 | latency p99 | "
+             f"process on the same machine. The levels ran {args.rounds} times, interleaved. Aggregate tokens/s is "
+             "all generated tokens over a run's wall time (median of the runs, and their range); latency is per "
+             "request, from sending it to its last token, over all runs.", "",
+             "| clients | requests | aggregate tokens/s | runs | vs 1 client | latency p50 | latency p99 | "
              "first token p50 | first token p99 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
         speed = f"{lv['tokens_per_s'] / base:.2f}x" if base else "-"
-        lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['tokens_per_s']:.1f} | {speed} | "
-                     f"{lv['p50']:.2f} s | {lv['p99']:.2f} s | {lv['ttft_p50']:.2f} s | {lv['ttft_p99']:.2f} s |")
+        lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['tokens_per_s']:.1f} | "
+                     f"{lv['min']:.1f}-{lv['max']:.1f} | {speed} | {lv['p50']:.2f} s | {lv['p99']:.2f} s | "
+                     f"{lv['ttft_p50']:.2f} s | {lv['ttft_p99']:.2f} s |")
     lines.append("")
     lines.append(f"One client against `neoj generate` ({pair['rounds']} requests each, alternating, medians, end to "
                  f"end): the server streams {pair['server_tokens_per_s']:.1f} tokens/s (first token "
@@ -233,13 +244,14 @@ def section(args, levels: list[dict], pair: dict, load: str) -> str:
                      "aggregate throughput (target: at least 4x).")
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average at "
               f"start {load}. Date: {_dt.date.today().isoformat()}; torch {torch_version()}, neoj git {git_rev()}.",
-              f"Command: `python bench/bench_server.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip(),
+              f"Command: `{' '.join(['python', 'bench/bench_server.py'] + [shlex.quote(a) for a in sys.argv[1:]])}`",
               SECTION_END, ""]
     return "\n".join(lines)
 
 
 def torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                         text=True)
     return out.stdout.strip() or "?"
 
 
@@ -274,6 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 128; --quick 16)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads in the server")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
+    p.add_argument("--rounds", type=int, default=None, help="runs of every level, interleaved (default 3; --quick 1)")
     p.add_argument("--pairs", type=int, default=None, help="requests each to the library and the server in "
                    "the single-stream comparison (default 6; --quick 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 tokens, 1 request per client, stdout")
@@ -284,6 +297,7 @@ def main(argv=None) -> int:
     args.requests_per_client = args.requests_per_client or (1 if q else 3)
     args.new_tokens = args.new_tokens or (16 if q else 128)
     args.pairs = args.pairs or (2 if q else 6)
+    args.rounds = args.rounds or (1 if q else 3)
     args.out = args.out or ("-" if q else str(REPO / "BENCHMARKS.md"))
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
 
@@ -296,12 +310,14 @@ def main(argv=None) -> int:
         gen.wait_ready()
         for clients in sorted(set(levels_wanted)):  # warm-up: kernels for every batch size on the way
             asyncio.run(run_level(server.url, clients, 1, 8))
-        levels = []
-        for clients in levels_wanted:
-            log(f"{clients} client(s) x {args.requests_per_client} request(s)")
-            lv = asyncio.run(run_level(server.url, clients, args.requests_per_client, args.new_tokens))
-            log(f"  {lv['tokens_per_s']:.1f} tokens/s, p50 {lv['p50']:.2f} s, p99 {lv['p99']:.2f} s")
-            levels.append(lv)
+        runs: dict[int, list[dict]] = {c: [] for c in levels_wanted}
+        for r in range(args.rounds):
+            for clients in levels_wanted:
+                log(f"run {r + 1}/{args.rounds}: {clients} client(s) x {args.requests_per_client} request(s)")
+                run = asyncio.run(run_level(server.url, clients, args.requests_per_client, args.new_tokens))
+                log(f"  {run['tokens_per_s']:.1f} tokens/s")
+                runs[clients].append(run)
+        levels = [summarize(runs[c]) for c in dict.fromkeys(levels_wanted)]
         log(f"one client against the library's stream, {args.pairs} requests each")
         pair = asyncio.run(paired(server.url, gen, args.new_tokens, args.pairs))
         log(f"  server {pair['server_tokens_per_s']:.1f} tokens/s, library {pair['lib_tokens_per_s']:.1f} tokens/s")
