@@ -17,7 +17,7 @@ the model is warm in both), and the medians of the two end-to-end times give the
 
 It writes (or replaces) the `bench_server` section of BENCHMARKS.md. Progress goes to stderr.
 
-    python bench/bench_server.py            # full run (~6 min on 2 cores), on an otherwise idle machine
+    python bench/bench_server.py            # full run (~7 min on 2 cores), on an otherwise idle machine
     python bench/bench_server.py --quick    # smoke test (tiny counts), prints the section instead
 """
 
@@ -218,7 +218,8 @@ def section(args, levels: list[dict], pair: dict, load: str) -> str:
     lines = [SECTION_BEGIN, "## Server: continuous batching under concurrent clients (CPU)", "",
              f"`neoj serve --model {args.model}` (random weights), float32, {args.threads} threads, "
              f"max batch {args.max_batch}. Each client streams `/v1/completions` back to back "
-             f"({args.requests_per_client} request{'s' if args.requests_per_client != 1 else ''} per client): a {len(PROMPT.split())}-word prompt, "
+             f"({args.requests_per_client} request{'s' if args.requests_per_client != 1 else ''} per client): "
+             f"a {len(PROMPT.split())}-word prompt, "
              f"{args.new_tokens} new tokens (greedy, ignore_eos), over loopback HTTP with the clients in another "
              f"process on the same machine. The levels ran {args.rounds} times, interleaved. Aggregate tokens/s is "
              "all generated tokens over a run's wall time (median of the runs, and their range); latency is per "
