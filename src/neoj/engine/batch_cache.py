@@ -1,4 +1,4 @@
-"""The running batch's KV cache: right-aligned rows spliced in after a solo prefill, leaving between steps."""
+"""The running batch's KV cache: right-aligned rows spliced in after their prefill, leaving between steps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..model import Transformer
 
 
 class BatchCache(KVCache):
-    """The running batch's KV cache: rows are spliced in after a solo prefill and leave between steps.
+    """The running batch's KV cache: rows are spliced in after their prefill and leave between steps.
 
     Row i's tokens occupy slots [starts[i], length); slots before are invalid (masked). Storage is
     (layers, row capacity, H, max_len, D); `k`, `v` and `key_valid` are views of the active rows, which is
