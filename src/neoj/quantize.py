@@ -3,9 +3,13 @@
 Every linear layer and the LM head can be stored as integers with floating-point scales; activations,
 layer norms, attention and the token embedding keep the compute dtype. The products run on PyTorch's
 own kernels, chosen by measurement on a 2-core AMD EPYC with torch 2.13 (see BENCHMARKS.md):
-- int8, a few rows: aten._weight_int8pack_mm with bf16 activations streams the weights at 22 GB/s,
-  the memory bandwidth; the same op with fp32 activations manages 1-2 GB/s, so activations are cast
-  to bf16 for it. From 64 rows up (prefill) dequantizing to bf16 and one matmul is faster.
+- int8, a few rows, on CPUs with AVX512-VNNI: neoj's own kernel (rowmatmul.py, csrc/rowmatmul.c),
+  which multiplies the weight bytes directly instead of converting each to float: 1.3-2.5x the speed
+  of aten._weight_int8pack_mm out of cache for inputs up to 4096 wide, on par for GPT-J's 16384-wide
+  fc_out, with activations kept to 15 bits instead of bf16's 8.
+- int8 otherwise: aten._weight_int8pack_mm with bf16 activations (9-23 GB/s); the same op with fp32
+  activations manages 1-2 GB/s, so activations are cast to bf16 for it. From 64 rows up (prefill)
+  dequantizing to bf16 and one matmul is faster.
 - int4: aten._weight_int4pack_mm_for_cpu (tinygemm's CPU port), 15 GB/s of packed weights at batch 1.
 - CUDA: _weight_int4pack_mm for int4 and _weight_int8pack_mm for int8 where this torch has them;
   otherwise the layer dequantizes on the fly (memory saved, speed of the compute dtype).
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, NeojError
+from . import rowmatmul
 from .kernels import _state
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,11 @@ DEQUANT_MIN_ROWS = 64
 # inputs are 1.3-3x faster in _weight_int8pack_mm.
 COMPILED_INT8_MIN_BYTES = 16 << 20
 COMPILED_INT8_MAX_IN = 2048
+# Few-row int8 products go through neoj's VNNI kernel (rowmatmul.py) where the CPU has it, while the
+# activations (rows x in_features) stay within this many values (16 KB of 15-bit activations: L1):
+# measured 15-29 GB/s against _weight_int8pack_mm's 9-17 GB/s on GPT-Neo and GPT-J shapes at one row,
+# and better up to 8 rows of 768 (BENCHMARKS.md).
+VNNI_MAX_ELEMENTS = 8192
 # Rows quantized at a time: bounds the temporaries to a few MB whatever the matrix size.
 _CHUNK_ROWS = 1024
 # The layers that are quantized: every linear layer of the blocks, and the LM head.
@@ -277,6 +287,9 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8pack":
+            if x.device.type == "cpu" and x.shape[0] * self.in_features <= VNNI_MAX_ELEMENTS and \
+                    self.in_features % rowmatmul.BLOCK == 0 and rowmatmul.available():
+                return rowmatmul.int8_rowmatmul(x.float(), self.qweight, self.scales_fp32)
             if x.shape[0] == 1 and self.allow_compile and x.device.type == "cpu" and _state["compile"] and \
                     self.qweight.numel() >= COMPILED_INT8_MIN_BYTES and self.in_features <= COMPILED_INT8_MAX_IN:
                 try:

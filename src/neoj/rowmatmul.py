@@ -1,0 +1,105 @@
+"""Few-row int8 matrix products for CPU decoding with AVX512-VNNI, from csrc/rowmatmul.c.
+
+The C file is compiled on first use with the system C compiler (`CC`, else cc/gcc) for the CPU it runs
+on (-march=native) and cached under ~/.cache/neoj/kernels, keyed by the source, the compiler flags and
+the CPU's feature flags, so a cache shared between machines never hands one a library it cannot run.
+No compiler, no VNNI, a failed build or NEOJ_COMPILE=0: `available()` is False and callers keep
+PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "rowmatmul.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+BLOCK = 256  # activations are scaled per block of this many values: in_features must be a multiple
+_lib: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "neoj" / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    flags = _cpu_flags()
+    if os.environ.get("NEOJ_COMPILE", "1") == "0" or "avx512_vnni" not in flags or "avx512bw" not in flags:
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + flags.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"rowmatmul-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the target and renamed: a process killed mid-build never leaves a broken library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.neoj_rowmatmul_i8_vnni.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.neoj_rowmatmul_i8_vnni.restype = ctypes.c_int
+    return lib if lib.neoj_rowmatmul_has_vnni() else None
+
+
+def library() -> ctypes.CDLL | None:
+    """Returns the compiled library, building it on first call; None where it cannot be used."""
+    if "lib" not in _lib:
+        try:
+            _lib["lib"] = _build()
+        except (OSError, subprocess.SubprocessError) as exc:
+            err = getattr(exc, "stderr", b"") or b""
+            log.warning("int8 decode kernel not built (%s %s); using PyTorch's kernels",
+                        exc, err.decode(errors="replace")[-500:])
+            _lib["lib"] = None
+    return _lib["lib"]
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used in this process."""
+    return library() is not None
+
+
+def int8_rowmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Returns fp32 x (M, K) @ (qweight (N, K) int8 * scales (N,) fp32)^T, an fp32 (M, N) tensor.
+
+    CPU tensors; K a multiple of BLOCK; the caller checks `available()` first.
+    """
+    x = x.contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    if library().neoj_rowmatmul_i8_vnni(x.data_ptr(), M, K, qweight.data_ptr(), N, scales.data_ptr(),
+                                        None, y.data_ptr()) != 0:
+        raise RuntimeError(f"int8 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+    return y

@@ -1,0 +1,97 @@
+"""The compiled int8 row kernel (neoj/csrc/rowmatmul.c) against exact products, and its fallbacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neoj import rowmatmul
+from neoj.quantize import QuantLinear, QuantSpec, dequantize, quantize_weight
+
+HAS_VNNI = "avx512_vnni" in open("/proc/cpuinfo").read() and "avx512bw" in open("/proc/cpuinfo").read()
+
+
+def exact(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.double() @ (q.double() * scales.double()[:, None]).t()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def test_the_kernel_is_built_where_the_cpu_has_vnni():
+    # This machine's CI CPU has AVX512-VNNI; elsewhere the kernel must stay off, never crash.
+    assert rowmatmul.available() == (HAS_VNNI and os.environ.get("NEOJ_COMPILE", "1") != "0")
+
+
+@pytest.mark.skipif(not rowmatmul.available(), reason="needs AVX512-VNNI and a C compiler")
+@pytest.mark.parametrize("K", [256, 768, 4096, 4352])  # 4352 > 4096 takes the two-row path at M = 1
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("N", [1, 6, 77])  # an odd count leaves one row without a partner
+def test_int8_rows_equal_the_exact_product(M, K, N):
+    torch.manual_seed(M * K + N)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scales = torch.rand(N) / 100
+    x = torch.randn(M, K)
+    got = rowmatmul.int8_rowmatmul(x, q, scales)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    # Each activation is rounded to 1/32766 of its block's largest magnitude (15 bits per 256 values),
+    # so no output can be off by more than sum |w| x max |x| / 32766, plus fp32 rounding.
+    weights = q.double().abs() * scales.double()[:, None]
+    bound = x.double().abs().amax(1, keepdim=True) * weights.sum(1)[None] / 32766
+    want = exact(x, q, scales)
+    assert ((got.double() - want).abs() <= bound + 1e-5 * want.abs() + 1e-6).all()
+    assert relative_error(got, want) < 3e-4 or N == 1  # one output can be a near-cancelling sum
+
+
+@pytest.mark.skipif(not rowmatmul.available(), reason="needs AVX512-VNNI and a C compiler")
+@pytest.mark.parametrize("outlier", [None, 300.0])  # GPT-Neo's residual stream has a few such values
+def test_int8_rows_are_more_accurate_than_the_bf16_kernel_they_replace(outlier):
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (512, 2048), dtype=torch.int8)
+    scales, x = torch.rand(512), torch.randn(1, 2048)
+    if outlier:
+        x[0, 7] = outlier  # its block of 256 is scaled to it: the other 255 values there lose precision
+    want = exact(x, q, scales)
+    ours = relative_error(rowmatmul.int8_rowmatmul(x, q, scales), want)
+    theirs = relative_error(torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scales.bfloat16()), want)
+    assert ours < (theirs if outlier else theirs / 4)
+
+
+@pytest.mark.skipif(not rowmatmul.available(), reason="needs AVX512-VNNI and a C compiler")
+def test_zero_activations_give_zero_and_the_bias_is_added():
+    q = torch.randint(-127, 128, (5, 256), dtype=torch.int8)
+    assert torch.equal(rowmatmul.int8_rowmatmul(torch.zeros(2, 256), q, torch.ones(5)), torch.zeros(2, 5))
+    layer = QuantLinear(quantize_weight(torch.randn(5, 256), QuantSpec("int8")), QuantSpec("int8"),
+                        torch.nn.Parameter(torch.arange(5.0)))
+    torch.testing.assert_close(layer(torch.zeros(1, 256)), torch.arange(5.0)[None])
+
+
+@pytest.mark.parametrize("rows", [1, 4, 32, 40])  # 32 x 256 values take the kernel, 40 rows do not
+def test_int8_layers_with_256_multiple_inputs_match_their_dequantized_weight(rows):
+    torch.manual_seed(rows)
+    spec = QuantSpec("int8")
+    w, b = torch.randn(40, 256) * 0.1, torch.randn(40)
+    layer = QuantLinear(quantize_weight(w, spec), spec, torch.nn.Parameter(b))
+    x = torch.randn(rows, 256)
+    want = x.double() @ dequantize(quantize_weight(w, spec), spec).double().t() + b.double()
+    tolerance = 3e-4 if rowmatmul.available() and rows * 256 <= 8192 else 5e-3  # else bf16 activations
+    assert relative_error(layer(x), want) < tolerance
+
+
+@pytest.mark.parametrize("env", [{"NEOJ_COMPILE": "0"}, {"CC": "/bin/false"}], ids=["disabled", "no-compiler"])
+def test_without_the_kernel_int8_layers_fall_back_to_pytorch(env, tmp_path):
+    # A fresh cache directory, so a library built earlier cannot hide a failing compiler.
+    code = ("import torch; from neoj import rowmatmul; from neoj.quantize import *\n"
+            "spec = QuantSpec('int8'); w = torch.randn(8, 256)\n"
+            "layer = QuantLinear(quantize_weight(w, spec), spec, None)\n"
+            "x = torch.randn(1, 256); want = x @ dequantize(quantize_weight(w, spec), spec).t()\n"
+            "torch.testing.assert_close(layer(x), want, atol=0.05, rtol=0.02)\n"
+            "print(rowmatmul.available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert not list(tmp_path.rglob("*.so"))  # and no half-built library left behind
