@@ -108,12 +108,16 @@ def test_int8_logits_stay_close_to_fp32(family):
     assert (got[0].argmax(-1) == ref[0].argmax(-1)).float().mean() >= 0.8
 
 
-def test_quantizing_while_streaming_equals_quantizing_the_loaded_model(zoo):
+@pytest.mark.parametrize("block_bytes", [16 << 20, 3000])  # whole tensors, and a few rows per block
+@pytest.mark.parametrize("spec", [INT8, INT4], ids=["int8", "int4"])
+def test_quantizing_while_streaming_equals_quantizing_the_loaded_model(zoo, monkeypatch, spec, block_bytes):
+    import neoj.weights
+    monkeypatch.setattr(neoj.weights, "_STAGING_BYTES", block_bytes)  # linear weights arrive in row blocks
     for name in ("neo", "gptj"):  # tied head (from the embedding) and untied head with bias
         tiny = zoo[name]
-        streamed = neoj.load(tiny.path, quantize="int8", device="cpu")
+        streamed = neoj.load(tiny.path, quantize=spec.scheme, group_size=spec.group_size, device="cpu")
         whole = neoj.load(tiny.path, dtype="float32", device="cpu")
-        quantize_model(whole.model, INT8).to(torch.bfloat16)
+        quantize_model(whole.model, spec).to(torch.bfloat16)
         assert torch.equal(logits_of(streamed), logits_of(whole))
 
 

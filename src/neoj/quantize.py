@@ -36,6 +36,7 @@ from torch import nn
 from .errors import CheckpointError, NeojError
 from . import rowmatmul
 from .kernels import _state
+from .weights import RowSink
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,29 @@ class StreamingQuantizer:
         replace_linear(self.model, module_name, QuantLinear(quantize_weight(tensor, self.spec), self.spec,
                                                             old.bias, self.device))
         return None
+
+    def row_sink(self, name: str, shape: tuple) -> RowSink | None:
+        """Quantizes a linear weight block by block as it is read (load_state_into's RowSink hook).
+
+        Rows are quantized independently (per-row scales, per-row groups), so this gives exactly what
+        quantizing the whole tensor would, without holding it in full precision.
+        """
+        if not self.spec.quantizes(name) or len(shape) != 2:
+            return None
+        parts: dict[str, torch.Tensor] = {}
+
+        def take(start: int, rows: torch.Tensor) -> None:
+            for key, part in quantize_weight(rows, self.spec).items():
+                if key not in parts:
+                    parts[key] = torch.empty((shape[0], *part.shape[1:]), dtype=part.dtype)
+                parts[key][start : start + part.shape[0]] = part
+
+        def finish() -> None:
+            module_name = name[: -len(".weight")]
+            old = self.model.get_submodule(module_name)
+            replace_linear(self.model, module_name, QuantLinear(parts, self.spec, old.bias, self.device))
+
+        return RowSink(take, finish)
 
     def finish(self, model: nn.Module) -> nn.Module:
         """Puts the quantized copy of a head tied to the embedding in place; returns the model."""

@@ -220,6 +220,9 @@ def iter_safetensors(file: Path, wanted: Callable[..., torch.Tensor | None]) -> 
             if dest is None:
                 continue
             f.seek(data_start + begin)
+            if isinstance(dest, RowSink):
+                yield key, _read_rows(f, dest, src_dtype, tuple(entry["shape"]), file, key)
+                continue
             if dest.dtype == src_dtype:
                 _read_exactly(f, dest, file, key)
             else:
@@ -235,6 +238,29 @@ def iter_safetensors(file: Path, wanted: Callable[..., torch.Tensor | None]) -> 
 
 
 _STAGING_BYTES = 16 << 20
+
+
+class RowSink:
+    """Stands for a 2-D tensor that is handed over a few MiB of rows at a time instead of whole.
+
+    `take(start_row, rows)` receives each block of rows in order, in the checkpoint's dtype (the block
+    is reused afterwards: copy what you keep); `finish()` returns what load_state_into keeps for the
+    tensor. Quantizing GPT-J's 826 MB fp32 LM head this way never holds it whole.
+    """
+
+    def __init__(self, take: Callable[[int, torch.Tensor], None], finish: Callable[[], torch.Tensor | None]):
+        self.take, self.finish = take, finish
+
+
+def _read_rows(f, sink: RowSink, src_dtype: torch.dtype, shape: tuple, file: Path, key: str):
+    rows, cols = shape
+    step = max(1, _STAGING_BYTES // max(1, cols * src_dtype.itemsize))
+    staging = torch.empty(min(step, rows), cols, dtype=src_dtype)
+    for start in range(0, rows, step):
+        block = staging[: min(step, rows - start)]
+        _read_exactly(f, block, file, key)
+        sink.take(start, block)
+    return sink.finish()
 
 
 def _read_exactly(f, dest: torch.Tensor, file: Path, key: str) -> None:
@@ -344,17 +370,26 @@ def load_state_into(model: Transformer, files: list[Path], dtype: torch.dtype, d
                         keep(name, f.get_tensor(key))
         elif file.suffix == ".safetensors":
             names: dict[str, str] = {}
+            sunk: set[str] = set()
 
-            def wanted(key, src_dtype, shape, file=file, names=names):
+            def wanted(key, src_dtype, shape, file=file, names=names, sunk=sunk):
                 name = check(key, src_dtype, shape, file)
                 if name is None:
                     return None
                 names[key] = name
+                # A transform may take a tensor in row blocks (RowSink) rather than whole.
+                sink = transform.row_sink(name, shape) if hasattr(transform, "row_sink") else None
+                if sink is not None:
+                    sunk.add(name)
+                    return sink
                 # Read straight into the target dtype unless a transform wants the checkpoint's values.
                 return torch.empty(shape, dtype=src_dtype if transform is not None else dtype)
 
             for key, tensor in iter_safetensors(file, wanted):
-                keep(names[key], tensor)
+                if names[key] in sunk:
+                    loaded[names[key]] = tensor  # the transform took it row by row (None: module replaced)
+                else:
+                    keep(names[key], tensor)
         else:
             for key, tensor in iter_torch_bin(file):
                 name = check(key, tensor.dtype, tuple(tensor.shape), file)
