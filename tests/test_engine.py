@@ -273,3 +273,23 @@ def test_max_queue_counts_only_requests_beyond_free_rows(lm):
         assert len(eng.generate([lm.tokenizer.encode("a")], greedy(3))[0].token_ids) == 3
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_single_nan_or_inf_logit_ends_the_batch_with_a_clear_error(lm, bad):
+    # One bad value among 50k finite logits: the greedy pick alone would not notice it.
+    real_logits = lm.model.logits
+
+    def broken(hidden):
+        out = real_logits(hidden)
+        out[:, 1234] = bad
+        return out
+
+    eng = Engine(lm.model, lm.tokenizer, max_batch=4).start()
+    try:
+        lm.model.logits = broken
+        with pytest.raises(GenerationError, match="NaN/inf logits"):
+            eng.generate([lm.tokenizer.encode("Hello")], greedy(4))
+    finally:
+        del lm.model.logits
+        eng.shutdown()

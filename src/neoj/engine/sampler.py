@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import GenerationError
-from ..sampling import GenerationParams
+from ..sampling import GenerationParams, check_logits
 
 if TYPE_CHECKING:
     from .scheduler import Sequence
@@ -30,12 +29,11 @@ class RowSampler:
         n, device = len(seqs), logits.device
         scores = self._penalize(seqs, logits)
         # One pass over the batch gives every greedy row its token (argmax's first-maximum rule) and, when all
-        # maxima are finite, shows each row has a finite logit (penalties keep finite scores finite and the
-        # others not); only otherwise does the full check run.
+        # maxima are finite, shows no row holds NaN (max propagates it) or +inf and each has a finite logit
+        # (penalties keep finite scores finite and the others not); only otherwise does the full check run.
         best, picked = scores.max(dim=-1)
-        if not bool(torch.isfinite(best).all()) and not bool(torch.isfinite(logits).any(dim=-1).all()):
-            raise GenerationError("the model produced no finite logits (inf/NaN): the weights or dtype "
-                                  "overflowed; try dtype float32")
+        if not bool(torch.isfinite(best).all()):
+            check_logits(logits)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         tokens = picked.tolist()
         if sampled:
