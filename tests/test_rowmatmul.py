@@ -95,3 +95,18 @@ def test_without_the_kernel_int8_layers_fall_back_to_pytorch(env, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     assert not list(tmp_path.rglob("*.so"))  # and no half-built library left behind
+
+
+@pytest.mark.skipif(not rowmatmul.available(), reason="needs AVX512-VNNI and a C compiler")
+@pytest.mark.parametrize("M", [1, 3])
+def test_bf16_activations_give_the_fp32_result_rounded_to_bf16(M):
+    # A quantized model computes in bf16: the kernel reads bf16 x and bias and writes bf16, rounding
+    # its fp32 result to nearest even exactly as PyTorch's .bfloat16() does.
+    torch.manual_seed(M)
+    q = torch.randint(-127, 128, (70, 512), dtype=torch.int8)
+    scales, x, bias = torch.rand(70) / 50, torch.randn(M, 512).bfloat16(), torch.randn(70).bfloat16()
+    got = rowmatmul.int8_rowmatmul(x, q, scales, bias)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, rowmatmul.int8_rowmatmul(x.float(), q, scales, bias.float()).bfloat16())
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        rowmatmul.int8_rowmatmul(x.half(), q, scales)

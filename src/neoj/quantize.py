@@ -281,16 +281,22 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self._use_rowmatmul(flat):
+            # The kernel reads x and the bias and writes y in the model's dtype: no conversions around it.
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return rowmatmul.int8_rowmatmul(flat, self.qweight, self.scales_fp32, b).view(*x.shape[:-1], -1)
         y = self._matmul(flat)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def _use_rowmatmul(self, x: torch.Tensor) -> bool:
+        return (self.kernel == "int8pack" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and x.shape[0] * self.in_features <= VNNI_MAX_ELEMENTS and self.in_features % rowmatmul.BLOCK == 0
+                and rowmatmul.available())
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8pack":
-            if x.device.type == "cpu" and x.shape[0] * self.in_features <= VNNI_MAX_ELEMENTS and \
-                    self.in_features % rowmatmul.BLOCK == 0 and rowmatmul.available():
-                return rowmatmul.int8_rowmatmul(x.float(), self.qweight, self.scales_fp32)
             if x.shape[0] == 1 and self.allow_compile and x.device.type == "cpu" and _state["compile"] and \
                     self.qweight.numel() >= COMPILED_INT8_MIN_BYTES and self.in_features <= COMPILED_INT8_MAX_IN:
                 try:

@@ -67,7 +67,8 @@ def _build() -> ctypes.CDLL | None:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     lib.neoj_rowmatmul_i8_vnni.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int]
     lib.neoj_rowmatmul_i8_vnni.restype = ctypes.c_int
     return lib if lib.neoj_rowmatmul_has_vnni() else None
 
@@ -90,16 +91,21 @@ def available() -> bool:
     return library() is not None
 
 
-def int8_rowmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Returns fp32 x (M, K) @ (qweight (N, K) int8 * scales (N,) fp32)^T, an fp32 (M, N) tensor.
+def int8_rowmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns x (M, K) @ (qweight (N, K) int8 * scales (N,) fp32)^T + bias, an (M, N) tensor in x's dtype.
 
-    CPU tensors; K a multiple of BLOCK; the caller checks `available()` first.
+    x and bias are float32 or bfloat16 (the same one); products and sums are fp32 either way. CPU
+    tensors; K a multiple of BLOCK; the caller checks `available()` first.
     """
+    if x.dtype not in (torch.float32, torch.bfloat16) or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations and bias, got {x.dtype}")
     x = x.contiguous()
     M, K = x.shape
     N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    if library().neoj_rowmatmul_i8_vnni(x.data_ptr(), M, K, qweight.data_ptr(), N, scales.data_ptr(),
-                                        None, y.data_ptr()) != 0:
+    y = torch.empty(M, N, dtype=x.dtype)
+    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
+    if library().neoj_rowmatmul_i8_vnni(x.data_ptr(), M, K, qweight.data_ptr(), N, scales.data_ptr(), bias_ptr,
+                                        y.data_ptr(), int(x.dtype == torch.bfloat16)) != 0:
         raise RuntimeError(f"int8 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
     return y

@@ -25,11 +25,34 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-static void quantize_row(const float *x, long K, int8_t *xh, int8_t *xl, float *xs, double *corr) {
+/* Activations, bias and output are all fp32 or all bf16 (the model's dtype), so the layer needs no
+ * conversions around the call. */
+static inline float get(const void *p, long i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void put(void *p, long i, float v, int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    /* Round to nearest even, as PyTorch does; NaN stays NaN. */
+    ((uint16_t *)p)[i] = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static void quantize_row(const void *x, long K, int bf16, int8_t *xh, int8_t *xl, float *xs, double *corr) {
     double c = 0;
+    float xb[QBLOCK];
     for (long b = 0; b < K / QBLOCK; b++) {
-        const float *xb = x + b * QBLOCK;
+        for (int j = 0; j < QBLOCK; j++) xb[j] = get(x, b * QBLOCK + j, bf16);
         float amax = 0;
         for (int j = 0; j < QBLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
         float scale = amax > 0 ? amax / 16383.0f : 0.0f, inv = amax > 0 ? 16383.0f / amax : 0.0f;
@@ -99,8 +122,8 @@ static void vnni_pair(const int8_t *w0, const int8_t *w1, long K, const int8_t *
     *out1 = _mm512_reduce_add_ps(acc1);
 }
 
-int neoj_rowmatmul_i8_vnni(const float *x, long M, long K, const int8_t *w, long N, const float *scale,
-                           const float *bias, float *y) {
+int neoj_rowmatmul_i8_vnni(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
+                           const void *bias, void *y, int bf16) {
     if (K % QBLOCK) return -1;
     long nb = K / QBLOCK;
     int8_t *xh = malloc(2 * M * K);
@@ -108,15 +131,15 @@ int neoj_rowmatmul_i8_vnni(const float *x, long M, long K, const int8_t *w, long
     double *corr = malloc(sizeof(double) * M);
     if (!xh || !xs || !corr) { free(xh); free(xs); free(corr); return -1; }
     int8_t *xl = xh + M * K;
-    for (long m = 0; m < M; m++) quantize_row(x + m * K, K, xh + m * K, xl + m * K, xs + m * nb, corr + m);
+    for (long m = 0; m < M; m++) quantize_row((const char *)x + m * K * (bf16 ? 2 : 4), K, bf16, xh + m * K, xl + m * K, xs + m * nb, corr + m);
     if (M == 1 && K > 4096) { /* wide rows: see vnni_pair */
         #pragma omp parallel for schedule(static) if (N * K >= 32768)
         for (long p = 0; p < (N + 1) / 2; p++) {
             long n0 = 2 * p, n1 = n0 + 1 < N ? n0 + 1 : n0; /* an odd last row is done twice */
             float s0, s1;
             vnni_pair(w + n0 * K, w + n1 * K, K, xh, xl, xs, &s0, &s1);
-            y[n0] = (float)((s0 - corr[0]) * scale[n0]) + (bias ? bias[n0] : 0.0f);
-            y[n1] = (float)((s1 - corr[0]) * scale[n1]) + (bias ? bias[n1] : 0.0f);
+            put(y, n0, (float)((s0 - corr[0]) * scale[n0]) + (bias ? get(bias, n0, bf16) : 0.0f), bf16);
+            put(y, n1, (float)((s1 - corr[0]) * scale[n1]) + (bias ? get(bias, n1, bf16) : 0.0f), bf16);
         }
         free(xh); free(xs); free(corr);
         return 0;
@@ -135,7 +158,8 @@ int neoj_rowmatmul_i8_vnni(const float *x, long M, long K, const int8_t *w, long
             default: vnni_rows(w + n * K, K, 0, nb, 4, h, l, sc, s); break;
             }
             for (long m = 0; m < mc; m++)
-                y[(m0 + m) * N + n] = (float)((s[m] - corr[m0 + m]) * scale[n]) + (bias ? bias[n] : 0.0f);
+                put(y, (m0 + m) * N + n,
+                    (float)((s[m] - corr[m0 + m]) * scale[n]) + (bias ? get(bias, n, bf16) : 0.0f), bf16);
         }
     }
     free(xh); free(xs); free(corr);
@@ -144,9 +168,9 @@ int neoj_rowmatmul_i8_vnni(const float *x, long M, long K, const int8_t *w, long
 int neoj_rowmatmul_has_vnni(void) { return 1; }
 #else
 int neoj_rowmatmul_has_vnni(void) { return 0; }
-int neoj_rowmatmul_i8_vnni(const float *x, long M, long K, const int8_t *w, long N, const float *scale,
-                           const float *bias, float *y) {
-    (void)x; (void)M; (void)K; (void)w; (void)N; (void)scale; (void)bias; (void)y;
+int neoj_rowmatmul_i8_vnni(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
+                           const void *bias, void *y, int bf16) {
+    (void)x; (void)M; (void)K; (void)w; (void)N; (void)scale; (void)bias; (void)y; (void)bf16;
     return -1;
 }
 #endif
