@@ -25,8 +25,8 @@ def test_blocked_matvec_equals_linear_for_any_row_count(out):
     torch.testing.assert_close(blocked_matvec(x, w, None), w @ x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 1),
-                                        (torch.bfloat16, 3)])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.float32, 4), (torch.float32, 16),
+                                        (torch.float32, 17), (torch.bfloat16, 1), (torch.bfloat16, 3)])
 def test_decode_linear_matches_plain_linear(dtype, rows):
     plain = random_model(from_hf_dict(TINY_J), dtype=dtype, seed=1)
     fast = use_decode_kernels(copy.deepcopy(plain), allow_compile=True)
@@ -38,6 +38,21 @@ def test_decode_linear_matches_plain_linear(dtype, rows):
                 xin = torch.randn(rows, 1, b.in_features, dtype=dtype)
                 torch.testing.assert_close(b(xin), torch.nn.functional.linear(xin, a.weight, a.bias),
                                            rtol=tol, atol=tol)
+
+
+def test_fp32_few_row_decode_uses_the_row_kernel(monkeypatch):
+    from neoj import rowmatmul
+
+    if not rowmatmul.f32_available():
+        pytest.skip("needs AVX-512 and a C compiler")
+    calls = []
+    real = rowmatmul.f32_rowmatmul
+    monkeypatch.setattr(rowmatmul, "f32_rowmatmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer = DecodeLinear(64, 40)
+    with torch.inference_mode():
+        for rows in (1, 2, 16, 17):
+            layer(torch.randn(rows, 64))
+    assert calls == [(2, 64), (16, 64)]  # one row: blocked_matvec; past 16: oneDNN
 
 
 @pytest.mark.parametrize("config", [TINY_J, TINY_NEO])

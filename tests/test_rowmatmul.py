@@ -1,4 +1,4 @@
-"""The compiled int8 row kernel (neoj/csrc/rowmatmul.c) against exact products, and its fallbacks."""
+"""The compiled row kernels (neoj/csrc/rowmatmul.c), int8 and fp32, against exact products, and their fallbacks."""
 
 import os
 import subprocess
@@ -10,7 +10,9 @@ import torch
 from neoj import rowmatmul
 from neoj.quantize import QuantLinear, QuantSpec, dequantize, quantize_weight
 
-HAS_VNNI = "avx512_vnni" in open("/proc/cpuinfo").read() and "avx512bw" in open("/proc/cpuinfo").read()
+CPU_FLAGS = open("/proc/cpuinfo").read()
+HAS_VNNI = "avx512_vnni" in CPU_FLAGS and "avx512bw" in CPU_FLAGS
+HAS_AVX512 = "avx512f" in CPU_FLAGS
 
 
 def exact(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -24,6 +26,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_the_kernel_is_built_where_the_cpu_has_vnni():
     # This machine's CI CPU has AVX512-VNNI; elsewhere the kernel must stay off, never crash.
     assert rowmatmul.available() == (HAS_VNNI and os.environ.get("NEOJ_COMPILE", "1") != "0")
+    assert rowmatmul.f32_available() == (HAS_AVX512 and os.environ.get("NEOJ_COMPILE", "1") != "0")
 
 
 @pytest.mark.skipif(not rowmatmul.available(), reason="needs AVX512-VNNI and a C compiler")
@@ -110,3 +113,55 @@ def test_bf16_activations_give_the_fp32_result_rounded_to_bf16(M):
     assert torch.equal(got, rowmatmul.int8_rowmatmul(x.float(), q, scales, bias.float()).bfloat16())
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         rowmatmul.int8_rowmatmul(x.half(), q, scales)
+
+
+# ---- fp32 ----
+
+needs_f32 = pytest.mark.skipif(not rowmatmul.f32_available(), reason="needs AVX-512 and a C compiler")
+
+
+@needs_f32
+@pytest.mark.parametrize("K", [16, 768, 2064])
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 17])  # tiles of 8 activation rows, and partial ones
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 77])  # tiles of 3 weight rows, and partial ones
+def test_f32_rows_equal_linear(M, K, N):
+    torch.manual_seed(M * K + N)
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    want = x.double() @ w.double().t()
+    got = rowmatmul.f32_rowmatmul(x, w)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    # fp32 sums of K products: within a few ulps of the largest partial sums.
+    bound = 1e-6 * K ** 0.5 * (x.double().abs() @ w.double().abs().t()) + 1e-6
+    assert ((got.double() - want).abs() <= bound).all()
+    torch.testing.assert_close(rowmatmul.f32_rowmatmul(x, w, b), got + b, rtol=0, atol=0)
+
+
+@needs_f32
+def test_f32_rows_do_not_depend_on_their_batch_mates():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(13, 768), torch.randn(300, 768), torch.randn(300)
+    together = rowmatmul.f32_rowmatmul(x, w, b)
+    for i in range(13):
+        assert torch.equal(rowmatmul.f32_rowmatmul(x[i : i + 1], w, b)[0], together[i])
+        assert torch.equal(rowmatmul.f32_rowmatmul(x[: i + 1], w, b)[i], together[i])
+
+
+@needs_f32
+def test_f32_kernel_refuses_what_it_cannot_take():
+    with pytest.raises(RuntimeError, match="refused"):
+        rowmatmul.f32_rowmatmul(torch.randn(2, 24), torch.randn(5, 24))  # K not a multiple of 16
+    with pytest.raises(TypeError, match="float32"):
+        rowmatmul.f32_rowmatmul(torch.randn(2, 32).bfloat16(), torch.randn(5, 32).bfloat16())
+
+
+@pytest.mark.parametrize("env", [{"NEOJ_COMPILE": "0"}, {"CC": "/bin/false"}], ids=["disabled", "no-compiler"])
+def test_without_the_kernel_fp32_decode_layers_fall_back_to_onednn(env, tmp_path):
+    code = ("import torch; from neoj import rowmatmul; from neoj.kernels import DecodeLinear\n"
+            "layer = DecodeLinear(64, 40); x = torch.randn(8, 64)\n"
+            "with torch.inference_mode(): got = layer(x)\n"
+            "torch.testing.assert_close(got, x @ layer.weight.t() + layer.bias)\n"
+            "print(rowmatmul.f32_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -4,9 +4,11 @@ Decoding multiplies each weight matrix by one row per sequence, and PyTorch's de
 that are far from the memory bandwidth (measured on a 2-core AMD EPYC, torch 2.13, see BENCHMARKS.md):
 - fp32, one row: MKL's GEMV streams weights at 9-13 GB/s on one core. The same product as a batched
   matmul over 4 row blocks runs the blocks on all cores: 18-40 GB/s, no compiler needed.
-- fp32, 2-64 rows: MKL packs the weight matrix on every call (4-8 GB/s at 2-16 rows); oneDNN's linear
-  reads it as it is: 10-16 GB/s, and still 1.3-2x MKL at 32-64 rows (a 32-sequence decode step of
-  GPT-Neo-125M: 157 -> 105 ms).
+- fp32, 2-16 rows (a server's decode batch): neoj's own AVX-512 kernel (rowmatmul.py) keeps the FMA
+  units busy and prefetches the weights: 17-24 GB/s at 2-8 rows where oneDNN's linear reads 10-15.
+- fp32, 17-64 rows, or no kernel: MKL packs the weight matrix on every call (4-8 GB/s at 2-16 rows);
+  oneDNN's linear reads it as it is: 10-16 GB/s, and still 1.3-2x MKL at 32-64 rows (a 32-sequence
+  decode step of GPT-Neo-125M: 157 -> 105 ms).
 - bf16/fp16, one row: oneDNN reaches about 10 GB/s; a reduction compiled by TorchInductor with fp32
   accumulation reaches 20+ GB/s, at the price of a few seconds of compiling in each new process, so
   it is used only for large models. Set NEOJ_COMPILE=0 to skip it.
@@ -23,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rowmatmul
+
 log = logging.getLogger(__name__)
 
-_state = {"compile": os.environ.get("NEOJ_COMPILE", "1") != "0", "onednn": True, "fns": None}
+_state = {"compile": os.environ.get("NEOJ_COMPILE", "1") != "0", "onednn": True, "rowmatmul": True, "fns": None}
 _BLOCKS = 4  # row blocks for the fp32 matrix-vector product: enough for up to 4 cores to share
 _ONEDNN_MAX_ROWS = 64  # decode batches up to the server's default max_batch (32) and beyond
+_ROWMATMUL_MAX_ROWS = 16  # past 16 rows the fp32 kernel is at parity with oneDNN (bench/bench_f32_kernel.py)
 
 
 def _compiled():
@@ -76,6 +81,10 @@ class DecodeLinear(nn.Linear):
             if w.dtype == torch.float32:
                 if rows == 1:
                     return blocked_matvec(x, w, b).view(*x.shape[:-1], self.out_features)
+                if rows <= _ROWMATMUL_MAX_ROWS and self.in_features % 16 == 0 and _state["rowmatmul"] \
+                        and rowmatmul.f32_available():
+                    y = rowmatmul.f32_rowmatmul(x.reshape(rows, -1), w, b)
+                    return y.view(*x.shape[:-1], self.out_features)
                 if rows <= _ONEDNN_MAX_ROWS and _state["onednn"]:
                     y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), w, b, "none", [], "")
                     return y.view(*x.shape[:-1], self.out_features)
@@ -86,7 +95,7 @@ class DecodeLinear(nn.Linear):
                 return y.view(*x.shape[:-1], self.out_features)
         except Exception as exc:  # no C++ compiler, a torch build without oneDNN, ...
             log.warning("fast decode path unavailable (%s); using F.linear", exc)
-            _state["compile"] = _state["onednn"] = False
+            _state["compile"] = _state["onednn"] = _state["rowmatmul"] = False
         return F.linear(x, w, b)
 
 

@@ -1,10 +1,11 @@
-"""Few-row int8 matrix products for CPU decoding with AVX512-VNNI, from csrc/rowmatmul.c.
+"""Few-row matrix products for CPU decoding, from csrc/rowmatmul.c: int8 weights with AVX512-VNNI, and
+fp32 weights at 2-16 rows (a server's decode batch) with AVX-512.
 
 The C file is compiled on first use with the system C compiler (`CC`, else cc/gcc) for the CPU it runs
 on (-march=native) and cached under ~/.cache/neoj/kernels, keyed by the source, the compiler flags and
 the CPU's feature flags, so a cache shared between machines never hands one a library it cannot run.
-No compiler, no VNNI, a failed build or NEOJ_COMPILE=0: `available()` is False and callers keep
-PyTorch's kernels.
+No compiler, no AVX-512, a failed build or NEOJ_COMPILE=0: `available()` (int8, which also needs VNNI) and
+`f32_available()` are False and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _cache_dir() -> Path:
 
 def _build() -> ctypes.CDLL | None:
     flags = _cpu_flags()
-    if os.environ.get("NEOJ_COMPILE", "1") == "0" or "avx512_vnni" not in flags or "avx512bw" not in flags:
+    if os.environ.get("NEOJ_COMPILE", "1") == "0" or "avx512f" not in flags:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
@@ -70,7 +71,10 @@ def _build() -> ctypes.CDLL | None:
                                            ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_int]
     lib.neoj_rowmatmul_i8_vnni.restype = ctypes.c_int
-    return lib if lib.neoj_rowmatmul_has_vnni() else None
+    lib.neoj_rowmatmul_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                                       ctypes.c_void_p, ctypes.c_void_p]
+    lib.neoj_rowmatmul_f32.restype = ctypes.c_int
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -80,15 +84,40 @@ def library() -> ctypes.CDLL | None:
             _lib["lib"] = _build()
         except (OSError, subprocess.SubprocessError) as exc:
             err = getattr(exc, "stderr", b"") or b""
-            log.warning("int8 decode kernel not built (%s %s); using PyTorch's kernels",
+            log.warning("decode kernels not built (%s %s); using PyTorch's kernels",
                         exc, err.decode(errors="replace")[-500:])
             _lib["lib"] = None
     return _lib["lib"]
 
 
 def available() -> bool:
-    """True when the compiled kernel can be used in this process."""
-    return library() is not None
+    """True when the int8 kernel can be used in this process."""
+    lib = library()
+    return lib is not None and bool(lib.neoj_rowmatmul_has_vnni())
+
+
+def f32_available() -> bool:
+    """True when the fp32 kernel can be used in this process."""
+    lib = library()
+    return lib is not None and bool(lib.neoj_rowmatmul_has_f32())
+
+
+def f32_rowmatmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns x (M, K) @ weight (N, K)^T + bias as an (M, N) fp32 tensor, like F.linear.
+
+    fp32 CPU tensors; K a multiple of 16; the caller checks `f32_available()` first. Each output row is
+    summed in the same order for any M, so a row's values do not depend on the rows beside it.
+    """
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        raise TypeError(f"f32_rowmatmul takes float32 tensors, got {x.dtype} and {weight.dtype}")
+    x, weight = x.contiguous(), weight.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
+    if library().neoj_rowmatmul_f32(x.data_ptr(), M, K, weight.data_ptr(), N, bias_ptr, y.data_ptr()) != 0:
+        raise RuntimeError(f"fp32 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+    return y
 
 
 def int8_rowmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

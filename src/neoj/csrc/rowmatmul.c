@@ -1,10 +1,16 @@
-/* One-row (and few-row) int8 matrix products for CPU decoding: y (M, N) = x (M, K) @ (q (N, K) * scale)^T.
+/* Few-row matrix products for CPU decoding: y (M, N) = x (M, K) @ w (N, K)^T (+ bias), with int8 weights
+ * (times per-row scales) or fp32 weights.
  *
  * Decoding multiplies every weight matrix by one row per running sequence, so its time should be the
  * time to stream the weights from memory. PyTorch's int8 kernel for that shape
  * (aten._weight_int8pack_mm) converts each weight byte to float and stays at 9-18 GB/s out of cache
  * on the 2-core EPYC of BENCHMARKS.md, where a plain sum reads 25-50 GB/s: one core converting bytes
  * to floats cannot keep up with memory. This kernel multiplies bytes with AVX512-VNNI instead.
+ *
+ * fp32 weights at 2-16 rows (a server's decode batch): oneDNN's linear reads weights at 7-12 GB/s there.
+ * Such a product is nearly compute-bound on this CPU (8 rows do 16 FLOPs per 4-byte weight; MKL's best
+ * sgemm does 127 GFLOP/s on 2 cores), so the kernel must both keep the FMA units busy and have the
+ * weights arrive in time: see neoj_rowmatmul_f32.
  *
  * Built on first use by neoj/rowmatmul.py with the system C compiler for the CPU it runs on; its
  * OpenMP loop runs on the libgomp PyTorch has already loaded, so it shares PyTorch's threads.
@@ -175,3 +181,80 @@ int neoj_rowmatmul_i8_vnni(const void *x, long M, long K, const int8_t *w, long 
 }
 #endif
 
+
+/* fp32: three weight rows x up to eight activation rows of accumulators (24 of the 32 registers), so each
+ * weight vector loaded feeds 8 FMAs and each activation vector 3; the 24 sums are reduced once per tile.
+ * The hardware prefetcher alone lets the FMAs and the memory reads take turns (about 10 GB/s); software
+ * prefetches 8 KB ahead of each weight stream overlap them (16-20 GB/s at 8 rows, 2 cores). */
+#if defined(__AVX512F__)
+#define F32_NR 3
+#define F32_MR 8
+#define F32_AHEAD 2048 /* floats: 8 KB */
+static inline __attribute__((always_inline)) void f32_tile(const float *x, int mc, int nr, long K,
+                                                           const float *w, float *s) {
+    __m512 acc[F32_NR][F32_MR];
+    for (int r = 0; r < F32_NR; r++)
+        for (int m = 0; m < F32_MR; m++)
+            if (r < nr && m < mc) acc[r][m] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 16) {
+        __m512 u[F32_NR];
+        for (int r = 0; r < F32_NR; r++)
+            if (r < nr) {
+                _mm_prefetch((const char *)(w + r * K + k + F32_AHEAD), _MM_HINT_T0);
+                u[r] = _mm512_loadu_ps(w + r * K + k);
+            }
+        for (int m = 0; m < F32_MR; m++)
+            if (m < mc) {
+                __m512 xv = _mm512_loadu_ps(x + m * K + k);
+                for (int r = 0; r < F32_NR; r++)
+                    if (r < nr) acc[r][m] = _mm512_fmadd_ps(u[r], xv, acc[r][m]);
+            }
+    }
+    for (int r = 0; r < F32_NR; r++)
+        for (int m = 0; m < F32_MR; m++)
+            if (r < nr && m < mc) s[r * F32_MR + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+/* Dispatches to a tile specialised for its row counts, so the accumulators stay in registers. */
+static void f32_tile_any(const float *x, int mc, int nr, long K, const float *w, float *s) {
+#define F32_CASE(M) \
+    case M: \
+        if (nr == 3) f32_tile(x, M, 3, K, w, s); \
+        else if (nr == 2) f32_tile(x, M, 2, K, w, s); \
+        else f32_tile(x, M, 1, K, w, s); \
+        break;
+    switch (mc) {
+        F32_CASE(1) F32_CASE(2) F32_CASE(3) F32_CASE(4) F32_CASE(5) F32_CASE(6) F32_CASE(7)
+        default: F32_CASE(8)
+    }
+#undef F32_CASE
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + bias, all fp32 and contiguous; K a multiple of 16. Each row of y
+ * is summed in the same order whatever M is, so a sequence gets the same values alone or in a batch. */
+int neoj_rowmatmul_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y) {
+    if (K % 16 || M < 1) return -1;
+    long tiles = (N + F32_NR - 1) / F32_NR;
+    #pragma omp parallel for schedule(static) if (N * K >= 32768)
+    for (long t = 0; t < tiles; t++) {
+        long n0 = t * F32_NR;
+        int nr = N - n0 < F32_NR ? (int)(N - n0) : F32_NR;
+        for (long m0 = 0; m0 < M; m0 += F32_MR) {
+            float s[F32_NR * F32_MR];
+            int mc = M - m0 < F32_MR ? (int)(M - m0) : F32_MR;
+            f32_tile_any(x + m0 * K, mc, nr, K, w + n0 * K, s);
+            for (int m = 0; m < mc; m++)
+                for (int r = 0; r < nr; r++)
+                    y[(m0 + m) * N + n0 + r] = s[r * F32_MR + m] + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+    return 0;
+}
+int neoj_rowmatmul_has_f32(void) { return 1; }
+#else
+int neoj_rowmatmul_has_f32(void) { return 0; }
+int neoj_rowmatmul_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y) {
+    (void)x; (void)M; (void)K; (void)w; (void)N; (void)bias; (void)y;
+    return -1;
+}
+#endif
