@@ -101,12 +101,13 @@ def section(results: list, args, load: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: str, text: str) -> None:
+def write_section(out: str, text: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """Replaces the section between the begin and end markers in `out`, or appends it."""
     path = Path(out)
     doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in doc and SECTION_END in doc:
-        before, rest = doc.split(SECTION_BEGIN, 1)
-        doc = before + text.rstrip("\n") + rest.split(SECTION_END, 1)[1]
+    if begin in doc and end in doc:
+        before, rest = doc.split(begin, 1)
+        doc = before + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
         doc = doc.rstrip("\n") + "\n\n" + text
     path.write_text(doc)

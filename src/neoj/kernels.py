@@ -2,10 +2,12 @@
 
 Decoding multiplies each weight matrix by one row per sequence, and PyTorch's default CPU paths for
 that are far from the memory bandwidth (measured on a 2-core AMD EPYC, torch 2.13, see BENCHMARKS.md):
-- fp32, one row: MKL's GEMV streams weights at 9-13 GB/s on one core. The same product as a batched
-  matmul over 4 row blocks runs the blocks on all cores: 18-40 GB/s, no compiler needed.
-- fp32, 2-16 rows (a server's decode batch): neoj's own AVX-512 kernel (rowmatmul.py) keeps the FMA
-  units busy and prefetches the weights: 17-24 GB/s at 2-8 rows where oneDNN's linear reads 10-15.
+- fp32, 1-16 rows (one sequence, or a server's decode batch): neoj's own AVX-512 kernel (rowmatmul.py)
+  keeps the FMA units busy and prefetches the weights into L2: 25-31 GB/s at one row and 20-28 at 8,
+  where oneDNN's linear reads 10-15 GB/s at 2-8 rows. It sums each row the same way at any row count,
+  so a sequence's linear layers give the same values alone or in a batch.
+- fp32, one row, without that kernel: MKL's GEMV streams weights at 9-13 GB/s on one core. The same
+  product as a batched matmul over 4 row blocks runs the blocks on all cores: 17-25 GB/s.
 - fp32, 17-64 rows, or no kernel: MKL packs the weight matrix on every call (4-8 GB/s at 2-16 rows);
   oneDNN's linear reads it as it is: 10-16 GB/s, and still 1.3-2x MKL at 32-64 rows (a 32-sequence
   decode step of GPT-Neo-125M: 157 -> 105 ms).
@@ -79,12 +81,12 @@ class DecodeLinear(nn.Linear):
         rows = x.numel() // self.in_features
         try:
             if w.dtype == torch.float32:
-                if rows == 1:
-                    return blocked_matvec(x, w, b).view(*x.shape[:-1], self.out_features)
                 if rows <= _ROWMATMUL_MAX_ROWS and self.in_features % 16 == 0 and _state["rowmatmul"] \
                         and rowmatmul.f32_available():
                     y = rowmatmul.f32_rowmatmul(x.reshape(rows, -1), w, b)
                     return y.view(*x.shape[:-1], self.out_features)
+                if rows == 1:
+                    return blocked_matvec(x, w, b).view(*x.shape[:-1], self.out_features)
                 if rows <= _ONEDNN_MAX_ROWS and _state["onednn"]:
                     y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), w, b, "none", [], "")
                     return y.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,99 @@
+"""fp32 few-row products: neoj's AVX-512 row kernel against oneDNN's linear and F.linear, weight by weight.
+
+For the linear layers of GPT-Neo-125M, GPT-Neo-1.3B and GPT-J-6B (random fp32 weights) and 1 to 32
+activation rows (a decode step of that many sequences): the time of one product with the weights out of
+cache (copies of each weight rotated past the last-level cache, as in a decode step that reads every
+layer once), as GB/s of weight bytes, beside a plain sum over the same copies (the bandwidth available).
+`F.linear` is what transformers runs; `oneDNN` (torch.ops.mkldnn._linear_pointwise) is what neoj ran for
+2-64 rows before its own kernel. Rounds are interleaved; medians reported.
+
+    python bench/bench_f32_kernel.py                # writes its section of BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_int8_kernel import SHAPES, median_time, write_section
+from neoj import rowmatmul
+
+SECTION_BEGIN = "<!-- bench_f32_kernel:begin -->"
+SECTION_END = "<!-- bench_f32_kernel:end -->"
+ROWS = (1, 2, 4, 8, 16, 32)
+
+
+def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
+    copies = max(2, -(-cold_bytes // (4 * out * inn)))
+    weights = [torch.randn(out, inn) for _ in range(copies)]
+    items = list(range(copies))
+    repeats = max(8, min(60, int(2e9 // (4 * out * inn))))
+    gb = 4 * out * inn / 1e9
+    result = {}
+    for m in ROWS:
+        x = torch.randn(m, inn)
+        times = {"linear": [], "onednn": [], "neoj": [], "sum": []}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                times["linear"].append(median_time(lambda i: F.linear(x, weights[i]), items, repeats))
+                times["onednn"].append(median_time(
+                    lambda i: torch.ops.mkldnn._linear_pointwise(x, weights[i], None, "none", [], ""), items, repeats))
+                times["neoj"].append(median_time(lambda i: rowmatmul.f32_rowmatmul(x, weights[i]), items, repeats))
+                times["sum"].append(median_time(lambda i: weights[i].sum(), items, repeats))
+            exact = x.double() @ weights[0].double().t()
+            err = (rowmatmul.f32_rowmatmul(x, weights[0]).double() - exact).norm() / exact.norm()
+        result[m] = {k: gb / statistics.median(v) for k, v in times.items()} | {"err": err.item()}
+    return result
+
+
+def section(results: list, args, load: str) -> str:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [SECTION_BEGIN, "## fp32 few-row kernel: neoj (AVX-512) vs oneDNN's linear and F.linear (CPU)", "",
+             f"- Machine: {platform.machine()}, {torch.get_num_threads()} threads; load average at start {load}",
+             f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
+             f"- Command: `python bench/bench_f32_kernel.py{' --rounds ' + str(args.rounds) if args.rounds != 3 else ''}`",
+             f"- GB/s of fp32 weights per product, weights out of cache (copies rotated past {args.cold_mb} MB), "
+             f"median of {args.rounds} interleaved rounds. `sum` is a plain read of the same bytes. Speed-up: neoj "
+             "over oneDNN. Error: neoj's, relative to the exact fp64 product.", "",
+             "| model | layer | out x in | rows | F.linear GB/s | oneDNN GB/s | neoj GB/s | speed-up | sum GB/s | error |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, layer, out, inn), r in results:
+        for m in ROWS:
+            x = r[m]
+            lines.append(f"| {model} | {layer} | {out}x{inn} | {m} | {x['linear']:.1f} | {x['onednn']:.1f} | "
+                         f"{x['neoj']:.1f} | {x['neoj'] / x['onednn']:.2f}x | {x['sum']:.1f} | {x['err']:.1e} |")
+    lines += ["", "neoj's decode layers (kernels.py) use this kernel for 2-16 rows; one row keeps the blocked "
+              "matrix-vector product, 17-64 rows oneDNN's linear.", SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cold-mb", type=int, default=160, help="bytes of weight copies rotated per shape")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
+    args = p.parse_args(argv)
+    if not rowmatmul.f32_available():
+        sys.exit("neoj's fp32 row kernel is not available here (needs AVX-512 and a C compiler)")
+    torch.set_num_threads(args.threads)
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    results = []
+    for shape in SHAPES:
+        r = measure(shape[2], shape[3], args.rounds, args.cold_mb << 20)
+        print(shape, {m: round(r[m]["neoj"] / r[m]["onednn"], 2) for m in ROWS}, flush=True)
+        results.append((shape, r))
+    write_section(args.out, section(results, args, load), SECTION_BEGIN, SECTION_END)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
