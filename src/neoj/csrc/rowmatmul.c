@@ -28,6 +28,9 @@
  * converting every weight to float, which is what bounds a core below the memory bandwidth.
  * Returns 0, or -1 where this CPU (or K not a multiple of 256) cannot take it. */
 #define QBLOCK 256
+/* Weight bytes prefetched into L2 ahead of one- and two-row products: with the hardware prefetcher alone,
+ * 8192-wide rows read 20 GB/s, with this 23-29 (at 3+ rows the kernel is compute-bound and it only hurts). */
+#define I8_AHEAD 16384
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <math.h>
 #include <stdlib.h>
@@ -88,6 +91,7 @@ static inline __attribute__((always_inline)) void vnni_rows(
         for (int m = 0; m < mc; m++) hi[m] = lo[m] = _mm512_setzero_si512();
         for (int c = 0; c < QBLOCK; c += 64) {
             long k = b * QBLOCK + c;
+            if (mc <= 2) _mm_prefetch((const char *)(w + k + I8_AHEAD), _MM_HINT_T1);
             __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k)), flip);
             for (int m = 0; m < mc; m++) {
                 hi[m] = _mm512_dpbusd_epi32(hi[m], u, _mm512_loadu_si512((const void *)(xh + m * K + k)));
@@ -112,6 +116,8 @@ static void vnni_pair(const int8_t *w0, const int8_t *w1, long K, const int8_t *
         __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
         for (int c = 0; c < QBLOCK; c += 64) {
             long k = b * QBLOCK + c;
+            _mm_prefetch((const char *)(w0 + k + I8_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(w1 + k + I8_AHEAD), _MM_HINT_T1);
             __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + k)), flip);
             __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w1 + k)), flip);
             __m512i h = _mm512_loadu_si512((const void *)(xh + k)), l = _mm512_loadu_si512((const void *)(xl + k));
