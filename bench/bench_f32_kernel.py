@@ -78,8 +78,8 @@ def section(results: list, args, load: str) -> str:
             blocked = f"{x['blocked']:.1f}" if "blocked" in x else "-"
             lines.append(f"| {model} | {layer} | {out}x{inn} | {m} | {x['linear']:.1f} | {blocked} | {x['onednn']:.1f} | "
                          f"{x['neoj']:.1f} | {x['neoj'] / x['before']:.2f}x | {x['sum']:.1f} | {x['err']:.1e} |")
-    lines += ["", "neoj's fp32 decode layers (kernels.py) use this kernel for 1-16 rows and oneDNN's linear for "
-              "17-64.", SECTION_END]
+    lines += ["", "neoj's fp32 decode layers (kernels.py) use this kernel for 2-16 rows and for one row of layers at "
+              "least 3072 wide (narrower single rows keep the blocked product); oneDNN's linear for 17-64.", SECTION_END]
     return "\n".join(lines) + "\n"
 
 

@@ -48,11 +48,13 @@ def test_fp32_few_row_decode_uses_the_row_kernel(monkeypatch):
     calls = []
     real = rowmatmul.f32_rowmatmul
     monkeypatch.setattr(rowmatmul, "f32_rowmatmul", lambda *a: calls.append(a[0].shape) or real(*a))
-    layer = DecodeLinear(64, 40)
+    narrow, wide = DecodeLinear(64, 40), DecodeLinear(3072, 8)
     with torch.inference_mode():
         for rows in (1, 2, 16, 17):
-            layer(torch.randn(rows, 64))
-    assert calls == [(1, 64), (2, 64), (16, 64)]  # past 16 rows: oneDNN
+            narrow(torch.randn(rows, 64))
+        wide(torch.randn(1, 3072))
+    # One row of a narrow layer: the blocked matvec; past 16 rows: oneDNN.
+    assert calls == [(2, 64), (16, 64), (1, 3072)]
 
 
 @pytest.mark.parametrize("config", [TINY_J, TINY_NEO])

@@ -2,12 +2,12 @@
 
 Decoding multiplies each weight matrix by one row per sequence, and PyTorch's default CPU paths for
 that are far from the memory bandwidth (measured on a 2-core AMD EPYC, torch 2.13, see BENCHMARKS.md):
-- fp32, 1-16 rows (one sequence, or a server's decode batch): neoj's own AVX-512 kernel (rowmatmul.py)
-  keeps the FMA units busy and prefetches the weights into L2: 25-31 GB/s at one row and 20-28 at 8,
-  where oneDNN's linear reads 10-15 GB/s at 2-8 rows. It sums each row the same way at any row count,
-  so a sequence's linear layers give the same values alone or in a batch.
-- fp32, one row, without that kernel: MKL's GEMV streams weights at 9-13 GB/s on one core. The same
-  product as a batched matmul over 4 row blocks runs the blocks on all cores: 17-25 GB/s.
+- fp32, 2-16 rows (a server's decode batch), and one row of a layer at least 3072 wide: neoj's own
+  AVX-512 kernel (rowmatmul.py) keeps the FMA units busy and prefetches the weights into L2: 18-27 GB/s
+  at 8 rows where oneDNN's linear reads 9-18, and 26-29 GB/s at one row of a wide layer where the
+  blocked product below reads 19-23 (bench/bench_f32_kernel.py).
+- fp32, one row of a narrower layer (or no kernel): MKL's GEMV streams weights at 9-13 GB/s on one
+  core. The same product as a batched matmul over 4 row blocks runs the blocks on all cores: 25-31 GB/s.
 - fp32, 17-64 rows, or no kernel: MKL packs the weight matrix on every call (4-8 GB/s at 2-16 rows);
   oneDNN's linear reads it as it is: 10-16 GB/s, and still 1.3-2x MKL at 32-64 rows (a 32-sequence
   decode step of GPT-Neo-125M: 157 -> 105 ms).
@@ -35,6 +35,7 @@ _state = {"compile": os.environ.get("NEOJ_COMPILE", "1") != "0", "onednn": True,
 _BLOCKS = 4  # row blocks for the fp32 matrix-vector product: enough for up to 4 cores to share
 _ONEDNN_MAX_ROWS = 64  # decode batches up to the server's default max_batch (32) and beyond
 _ROWMATMUL_MAX_ROWS = 16  # past 16 rows the fp32 kernel is at parity with oneDNN (bench/bench_f32_kernel.py)
+_ROWMATMUL_MIN_WIDTH_ONE_ROW = 3072  # narrower single rows: the blocked matvec is as fast or faster (same bench)
 
 
 def _compiled():
@@ -81,8 +82,9 @@ class DecodeLinear(nn.Linear):
         rows = x.numel() // self.in_features
         try:
             if w.dtype == torch.float32:
-                if rows <= _ROWMATMUL_MAX_ROWS and self.in_features % 16 == 0 and _state["rowmatmul"] \
-                        and rowmatmul.f32_available():
+                kernel_rows = rows > 1 or self.in_features >= _ROWMATMUL_MIN_WIDTH_ONE_ROW
+                if kernel_rows and rows <= _ROWMATMUL_MAX_ROWS and self.in_features % 16 == 0 \
+                        and _state["rowmatmul"] and rowmatmul.f32_available():
                     y = rowmatmul.f32_rowmatmul(x.reshape(rows, -1), w, b)
                     return y.view(*x.shape[:-1], self.out_features)
                 if rows == 1:

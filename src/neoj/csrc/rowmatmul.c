@@ -191,7 +191,7 @@ int neoj_rowmatmul_i8_vnni(const void *x, long M, long K, const int8_t *w, long 
 /* fp32: three weight rows x up to eight activation rows of accumulators (24 of the 32 registers), so each
  * weight vector loaded feeds 8 FMAs and each activation vector 3; the 24 sums are reduced once per tile.
  * The hardware prefetcher alone lets the FMAs and the memory reads take turns (about 10 GB/s at 8 rows,
- * 2 cores); software prefetches into L2, 16 KB ahead of each weight stream, overlap them (20-28 GB/s at
+ * 2 cores); software prefetches into L2, 16 KB ahead of each weight stream, overlap them (18-28 GB/s at
  * 8 rows, 25-31 at one; prefetching into L1 instead reached only 16-20). */
 #if defined(__AVX512F__)
 #define F32_NR 3
