@@ -13,18 +13,15 @@ Rounds are interleaved; medians reported.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import statistics
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_int8_kernel import SHAPES, median_time, write_section
+from bench_int8_kernel import median_time, run_kernel_bench
 from neoj import rowmatmul
 from neoj.kernels import blocked_matvec
 
@@ -84,23 +81,9 @@ def section(results: list, args, load: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cold-mb", type=int, default=160, help="bytes of weight copies rotated per shape")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
-    args = p.parse_args(argv)
-    if not rowmatmul.f32_available():
-        sys.exit("neoj's fp32 row kernel is not available here (needs AVX-512 and a C compiler)")
-    torch.set_num_threads(args.threads)
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
-    results = []
-    for shape in SHAPES:
-        r = measure(shape[2], shape[3], args.rounds, args.cold_mb << 20)
-        print(shape, {m: round(r[m]["neoj"] / r[m]["before"], 2) for m in ROWS}, flush=True)
-        results.append((shape, r))
-    write_section(args.out, section(results, args, load), SECTION_BEGIN, SECTION_END)
-    print(f"wrote {args.out}")
+    run_kernel_bench(argv, __doc__, rowmatmul.f32_available(),
+                     "neoj's fp32 row kernel is not available here (needs AVX-512 and a C compiler)",
+                     measure, lambda r: r["neoj"] / r["before"], section, SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":

@@ -113,24 +113,33 @@ def write_section(out: str, text: str, begin: str = SECTION_BEGIN, end: str = SE
     path.write_text(doc)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_kernel_bench(argv, doc: str, available: bool, unavailable: str, measure, speedup, section,
+                     begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """The command line shared by the kernel benchmarks: measure every shape, print speed-ups per row count
+    (speedup(result of one row count)), write section(results, args, load) between begin and end."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cold-mb", type=int, default=160, help="bytes of weight copies rotated per shape")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
     args = p.parse_args(argv)
-    if not rowmatmul.available():
-        sys.exit("neoj's int8 kernel is not available here (needs AVX512-VNNI and a C compiler)")
+    if not available:
+        sys.exit(unavailable)
     torch.set_num_threads(args.threads)
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     results = []
     for shape in SHAPES:
         r = measure(shape[2], shape[3], args.rounds, args.cold_mb << 20)
-        print(shape, {m: round(r[m]["neoj_gbs"] / r[m]["int8pack_gbs"], 2) for m in ROWS}, flush=True)
+        print(shape, {m: round(speedup(v), 2) for m, v in r.items() if isinstance(m, int)}, flush=True)
         results.append((shape, r))
-    write_section(args.out, section(results, args, load))
+    write_section(args.out, section(results, args, load), begin, end)
     print(f"wrote {args.out}")
+
+
+def main(argv=None) -> None:
+    run_kernel_bench(argv, __doc__, rowmatmul.available(),
+                     "neoj's int8 kernel is not available here (needs AVX512-VNNI and a C compiler)",
+                     measure, lambda r: r["neoj_gbs"] / r["int8pack_gbs"], section)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,14 @@ def exact(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
+
+
+def run_without_kernel(code: str, env: dict, cache: Path) -> str:
+    """Runs code in a fresh Python with env and an empty kernel cache; returns its stripped stdout."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache), **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def test_the_kernel_is_built_where_the_cpu_has_vnni():
@@ -93,10 +102,7 @@ def test_without_the_kernel_int8_layers_fall_back_to_pytorch(env, tmp_path):
             "x = torch.randn(1, 256); want = x @ dequantize(quantize_weight(w, spec), spec).t()\n"
             "torch.testing.assert_close(layer(x), want, atol=0.05, rtol=0.02)\n"
             "print(rowmatmul.available())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert run_without_kernel(code, env, tmp_path) == "False"
     assert not list(tmp_path.rglob("*.so"))  # and no half-built library left behind
 
 
@@ -161,7 +167,4 @@ def test_without_the_kernel_fp32_decode_layers_fall_back_to_onednn(env, tmp_path
             "with torch.inference_mode(): got = layer(x)\n"
             "torch.testing.assert_close(got, x @ layer.weight.t() + layer.bias)\n"
             "print(rowmatmul.f32_available())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert run_without_kernel(code, env, tmp_path) == "False"

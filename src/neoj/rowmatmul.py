@@ -1,5 +1,5 @@
 """Few-row matrix products for CPU decoding, from csrc/rowmatmul.c: int8 weights with AVX512-VNNI, and
-fp32 weights at 2-16 rows (a server's decode batch) with AVX-512.
+fp32 weights (a server's decode batch, or one row of a wide layer) with AVX-512.
 
 The C file is compiled on first use with the system C compiler (`CC`, else cc/gcc) for the CPU it runs
 on (-march=native) and cached under ~/.cache/neoj/kernels, keyed by the source, the compiler flags and
@@ -81,25 +81,29 @@ def library() -> ctypes.CDLL | None:
     """Returns the compiled library, building it on first call; None where it cannot be used."""
     if "lib" not in _lib:
         try:
-            _lib["lib"] = _build()
+            lib = _build()
         except (OSError, subprocess.SubprocessError) as exc:
             err = getattr(exc, "stderr", b"") or b""
             log.warning("decode kernels not built (%s %s); using PyTorch's kernels",
                         exc, err.decode(errors="replace")[-500:])
-            _lib["lib"] = None
+            lib = None
+        # Asked once here, not on every layer call of a decode step.
+        _lib["int8"] = lib is not None and bool(lib.neoj_rowmatmul_has_vnni())
+        _lib["f32"] = lib is not None and bool(lib.neoj_rowmatmul_has_f32())
+        _lib["lib"] = lib
     return _lib["lib"]
 
 
 def available() -> bool:
     """True when the int8 kernel can be used in this process."""
-    lib = library()
-    return lib is not None and bool(lib.neoj_rowmatmul_has_vnni())
+    library()
+    return _lib["int8"]
 
 
 def f32_available() -> bool:
     """True when the fp32 kernel can be used in this process."""
-    lib = library()
-    return lib is not None and bool(lib.neoj_rowmatmul_has_f32())
+    library()
+    return _lib["f32"]
 
 
 def f32_rowmatmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
