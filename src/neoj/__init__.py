@@ -1,5 +1,9 @@
 """neoj: run, serve, fine-tune and evaluate GPT-Neo and GPT-J locally, from their Hugging Face checkpoints."""
 
+from .threads import prefer_sleeping_openmp_threads
+
+prefer_sleeping_openmp_threads()  # before anything imports torch: see neoj/threads.py
+
 from .api import LanguageModel, from_config, load
 from .config import PRESETS, ModelConfig, load_config, preset
 from .errors import CheckpointError, ConfigError, ContextLengthError, GenerationError, NeojError
