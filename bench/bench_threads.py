@@ -136,7 +136,11 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.models, args.tokens, args.rounds = ["builtin"], 16, 1
-    write_section(args.out, section(run(args), args), SECTION_BEGIN, SECTION_END)
+    text = section(run(args), args)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        write_section(args.out, text, SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":
