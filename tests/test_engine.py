@@ -229,6 +229,37 @@ def test_cancel_frees_the_row_and_queue_limits(lm):
         eng.shutdown()
 
 
+def test_long_model_work_runs_in_pieces_between_decode_steps(lm, engine):
+    # While a row decodes, a job of pieces runs one piece per round: each piece sees more decode steps done
+    # than the one before, so the running row waited for one piece per step, never for the whole job.
+    events = queue.Queue()
+    req = engine.submit([lm.tokenizer.encode("Hello")], greedy(100), events.put)
+    events.get(timeout=30)  # running
+    steps = []
+    fut = engine.call_pieces([lambda i=i: steps.append(engine.stats.steps) or i * i for i in range(6)])
+    assert fut.result(timeout=60) == [i * i for i in range(6)]
+    assert all(b > a for a, b in zip(steps, steps[1:])), steps
+    assert engine.call(lambda: "one").result(timeout=60) == "one"  # call() runs one function, its own result
+    engine.cancel(req)
+
+
+def test_cancelling_a_job_skips_its_pieces_left_and_errors_reach_the_caller(lm, engine):
+    started, gate, ran = threading.Event(), threading.Event(), []
+    fut = engine.call_pieces([lambda: (started.set(), gate.wait(30)), lambda: ran.append("second")])
+    assert started.wait(30)
+    assert fut.cancel()  # the job stays pending until its last piece: cancellable while a piece runs
+    gate.set()
+    engine.call(lambda: None).result(timeout=30)  # a later job: the cancelled one has had its round
+    assert fut.cancelled() and ran == []
+
+    def broken():
+        raise ValueError("piece failed")
+
+    with pytest.raises(ValueError, match="piece failed"):
+        engine.call_pieces([lambda: 1, broken, lambda: ran.append("after")]).result(timeout=30)
+    assert ran == []
+
+
 def test_max_time_and_bad_input(lm, engine):
     c = engine.generate([lm.tokenizer.encode("x")], greedy(120), max_time=0.02)
     assert len(c[0].token_ids) >= 1

@@ -46,7 +46,8 @@ def hf_error(r: httpx.Response, status: int) -> str:
 GUARDED = [("GET", "/"), ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/completions"),
            ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("POST", "/models/EleutherAI/gpt-neo-125m"),
            ("POST", "/"), ("POST", "/generate"), ("POST", "/generate_stream"), ("GET", "/info"), ("GET", "/metrics"),
-           ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/no-such-route")]
+           ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/no-such-route"), ("POST", "/embed"),
+           ("POST", "/pipeline/feature-extraction/x"), ("POST", "/models/x/pipeline/feature-extraction")]
 
 
 @pytest.mark.parametrize("method,path", GUARDED)
@@ -109,6 +110,9 @@ OUT_OF_RANGE = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 99}, "top_logprobs"),
     ("/v1/embeddings", {"input": "x", "dimensions": 7}, "dimensions"),
+    ("/v1/embeddings", {"input": ["x"] * 65}, "input"),
+    ("/embed", {"inputs": "x", "truncation_direction": "up"}, "truncation_direction"),
+    ("/", {"inputs": "x", "dimensions": 7}, "dimensions"),
     ("/generate", {"inputs": "x", "parameters": {"top_k": -1}}, "top_k"),
     ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": -5}}, "max_new_tokens"),
     ("/generate", {"inputs": "x", "parameters": {"repetition_penalty": 0}}, "repetition_penalty"),
@@ -126,7 +130,7 @@ def test_out_of_range_parameters_are_422(http, path, body, field):
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/generate",
-                                  "/models/EleutherAI/gpt-neo-125m", "/"])
+                                  "/models/EleutherAI/gpt-neo-125m", "/", "/embed"])
 def test_malformed_wrong_types_and_empty(http, path):
     check = openai_error if path.startswith("/v1") else hf_error
     assert "malformed JSON" in check(http.post(path, content=b'{"prompt": "x",'), 400)
@@ -139,7 +143,8 @@ def test_malformed_wrong_types_and_empty(http, path):
     assert "JSON object" in check(http.post(path, json=[1, 2]), 422)
     wrong = {"/v1/completions": {"prompt": "x", "max_tokens": "10"},
              "/v1/chat/completions": {"messages": "hello"},
-             "/v1/embeddings": {"input": {"text": "x"}}}.get(path, {"inputs": "x", "parameters": {"do_sample": "yes"}})
+             "/v1/embeddings": {"input": {"text": "x"}}, "/embed": {"inputs": 5}}.get(
+        path, {"inputs": "x", "parameters": {"do_sample": "yes"}})
     check(http.post(path, json=wrong), 422)
     empty = {"/v1/completions": {"prompt": ""}, "/v1/chat/completions": {"messages": []},
              "/v1/embeddings": {"input": ""}}.get(path, {"inputs": ""})

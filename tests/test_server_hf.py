@@ -71,6 +71,26 @@ def test_root_and_unknown_model(http):
     assert missing.json()["error_type"] == "not_found"
 
 
+def test_root_is_tgis_compat_generate(lm, http):
+    # POST / is TGI's compat_generate, as an Inference Endpoint serves it: /generate's text (greedy, the prompt
+    # not returned) in a one-item list, or /generate_stream's events when "stream" is true.
+    greedy = lm.generate("The sky is", max_new_tokens=6, temperature=0)
+    body = {"inputs": "The sky is", "parameters": {"max_new_tokens": 6}}
+    assert http.post("/", json=body).json() == [{"generated_text": greedy}]
+    assert http.post("/generate", json=body).json() == {"generated_text": greedy}
+
+    def events(path, payload):
+        with http.stream("POST", path, json=payload) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            return [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+
+    streamed = events("/", {**body, "stream": True})
+    assert streamed == events("/generate_stream", body)
+    assert "".join(e["token"]["text"] for e in streamed) == greedy and streamed[-1]["generated_text"] == greedy
+    # The Inference API's defaults are at POST /models/{id}: sampling, and the prompt returned.
+    assert http.post("/models/gpt-j-6B", json=body).json()[0]["generated_text"].startswith("The sky is")
+
+
 def test_inference_client_text_generation(lm, hub):
     ref = lm.generate("The sky is", max_new_tokens=10, temperature=0, stop_at_eos=True)
     assert hub.text_generation("The sky is", max_new_tokens=10) == ref

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from .errors import GenerationError
 
+# Temperatures below this are greedy decoding. Sampling at temperature T weighs a token exp(-gap / T) against
+# the best one: at T = 1e-5 a logit gap of 1e-3 already weighs exp(-100), so sampling would pick the argmax
+# anyway, while dividing logits by smaller temperatures (1e-45, 5e-324 reach float32 as 0) overflows to inf
+# and NaN. vLLM draws the same line (its _SAMPLING_EPS is 1e-5).
+GREEDY_TEMPERATURE = 1e-5
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+
 
 @dataclass
 class GenerationParams:
-    """What to generate and how. temperature=0 means greedy, as in the OpenAI API."""
+    """What to generate and how. temperature=0 means greedy, as in the OpenAI API; so does any temperature
+    below GREEDY_TEMPERATURE (1e-5), where sampling could only pick the most likely token."""
 
     max_new_tokens: int = 64
     temperature: float = 0.8
@@ -29,11 +40,20 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        """Returns True when decoding picks the most likely token."""
-        return self.temperature == 0
+        """Returns True when decoding picks the most likely token (temperature below GREEDY_TEMPERATURE)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validated(self) -> "GenerationParams":
-        """Returns self after checking every field is in range; raises GenerationError naming the bad one."""
+        """Returns self after checking every field is in range; raises GenerationError naming the bad one.
+
+        Every accepted value generates: tiny temperatures are greedy, and the samplers keep huge temperatures
+        and extreme repetition penalties finite (see penalize and sampling_probs). NaN and infinity are refused.
+        """
+        floats = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise GenerationError(f"{name}={value!r} must be a finite number")
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
@@ -103,30 +123,69 @@ class TokenSelector:
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """Returns the next token of each row (B,) from fp32 logits (B, V)."""
         p = self.p
-        scores = logits.clone() if (self.seen is not None or self.counts is not None) else logits
-        if self.seen is not None:
-            # transformers' repetition penalty: shrink the logit of every token already present.
-            penalized = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-            scores = torch.where(self.seen, penalized, scores)
-        if self.counts is not None:
-            scores = scores - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        scores = penalize(logits, self.seen, self.counts, p)
         if p.greedy:
             return scores.argmax(dim=-1)
-        scores = scores / p.temperature
-        if p.top_k:
-            kth = torch.topk(scores, min(p.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - p.top_p)
-            remove[:, -1] = False  # always keep the most likely token
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        probs = scores.softmax(dim=-1)
+        probs = sampling_probs(scores, [p] * scores.shape[0])
         if self.generators is None:
             return torch.multinomial(probs, 1).squeeze(1)
         return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
                           for i, g in enumerate(self.generators)]).squeeze(1)
+
+
+def penalize(scores: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+             p: GenerationParams) -> torch.Tensor:
+    """Returns scores (B, V) or (V,) after the repetition penalty on `seen` tokens and the presence and
+    frequency penalties on `counts`; scores itself when neither applies. The one definition both samplers use.
+
+    transformers' (CTRL) repetition penalty divides a seen token's positive logit by the penalty and multiplies
+    a negative one. A finite logit stays finite whatever the penalty: 1e-300 reaches float32 as 0 (x / 0 = inf)
+    and 1e300 as inf, so the penalty is clamped to float32's normal range and the results to its finite range;
+    a penalized token then wins (or loses) against every other, the limit those penalties tend to. -inf
+    (masked vocabulary) stays -inf.
+    """
+    if seen is None and counts is None:
+        return scores
+    if seen is not None:
+        rp = min(max(p.repetition_penalty, FLOAT32_TINY), FLOAT32_MAX)
+        penalized = torch.where(scores < 0, scores * rp, scores / rp).clamp(-FLOAT32_MAX, FLOAT32_MAX)
+        scores = torch.where(seen & torch.isfinite(scores), penalized, scores)
+    if counts is not None:
+        scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return scores
+
+
+def sampling_probs(scores: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
+    """Returns each row's sampling distribution (B, V) after temperature, top-k and top-p, row i under params[i].
+
+    Each row is first shifted so that its best score is 0: softmax does not change, and dividing by the
+    temperature can then only push scores towards -inf, never overflow to +inf or NaN (a penalized score near
+    float32's limit, or a temperature near GREEDY_TEMPERATURE). Temperatures are clamped to float32's finite
+    range, so a huge one (1e300 reaches float32 as inf, and -inf / inf is NaN) gives the uniform distribution
+    over the tokens top-k keeps (top-k picks before the temperature flattens the scores: the same tokens, as
+    dividing by a temperature keeps their order). The best token is always kept, so every row has one to sample.
+    """
+    device = scores.device
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    ks = [p.top_k for p in params]
+    if any(ks):  # before the temperature, which keeps the order but may flatten it (a huge one to all zeros)
+        kmax = min(max(ks), scores.shape[-1])
+        top = torch.topk(scores, kmax, dim=-1).values
+        kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=device))
+        kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    temps = torch.tensor([min(max(p.temperature, GREEDY_TEMPERATURE), FLOAT32_MAX) for p in params],
+                         dtype=torch.float32, device=device)
+    scores = scores / temps[:, None]
+    tps = [p.top_p for p in params]
+    if any(tp < 1.0 for tp in tps):
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - torch.tensor(tps, dtype=torch.float64, device=device)).float()[:, None]
+        remove[torch.tensor([tp >= 1.0 for tp in tps], device=device)] = False
+        remove[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 class NumericalError(GenerationError):
@@ -137,8 +196,12 @@ def check_logits(logits: torch.Tensor) -> None:
     """Raises NumericalError if any logit is NaN or +inf, or a row has no finite logit.
 
     -inf is legitimate (masked vocabulary rows); NaN or +inf mean the forward pass overflowed, and
-    sampling from them would silently produce garbage. One fused reduction: cheap next to a decode step.
+    sampling from them would silently produce garbage. It runs every step, so the common case is one pass:
+    each row's maximum is finite exactly when the row holds no NaN (max propagates it), no +inf, and at least
+    one finite logit. Only otherwise do the elementwise tests run, to name the rows.
     """
+    if bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        return
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | ~torch.isfinite(logits).any(dim=-1).all()):
         rows = sorted({int(r) for r in torch.nonzero(~torch.isfinite(logits) & (logits != float("-inf")))[:, 0]})
         raise NumericalError(

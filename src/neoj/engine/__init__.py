@@ -5,7 +5,8 @@ end at the shared write index, so new requests are prefilled on their own (those
 together, left-padded) and spliced in, and local-window distances stay exact. Every sequence keeps its own
 sampling parameters, generator, stop strings and deadline, and reports through its own sink (called on the
 model thread; the server's sinks collect events and hand each step's to the event loop at once, see
-Engine.on_events).
+Engine.on_events). Other model work (scoring for tasks, embeddings) runs on the same thread between decode
+steps: Engine.call runs one function, Engine.call_pieces a long job one piece per round.
 
     batch_cache.py  BatchCache: the running rows' keys and values
     sampler.py      RowSampler: next tokens under per-row parameters (greedy rows in one pass)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..sampling import GenerationParams, check_logits
+from ..sampling import check_logits, penalize, sampling_probs
 
 if TYPE_CHECKING:
     from .scheduler import Sequence
@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 class RowSampler:
     """Picks each row's next token from fp32 logits, every row under its own parameters and generator.
 
-    Same semantics as sampling.TokenSelector (transformers' repetition penalty, OpenAI's presence and
-    frequency penalties, temperature, then top-k, then top-p); a row's result never depends on its batch mates.
+    The same functions as sampling.TokenSelector (sampling.penalize: transformers' repetition penalty, OpenAI's
+    presence and frequency penalties; sampling.sampling_probs: temperature, then top-k, then top-p), so the
+    engine and generate() agree on every parameter value; a row's result never depends on its batch mates.
     """
 
     def __init__(self, usable_vocab: int):
@@ -37,7 +38,7 @@ class RowSampler:
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         tokens = picked.tolist()
         if sampled:
-            probs = self._warp([seqs[i].params for i in sampled], scores[sampled])
+            probs = sampling_probs(scores[sampled], [seqs[i].params for i in sampled])
             for j, i in enumerate(sampled):
                 tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=seqs[i].generator))
         for s, t in zip(seqs, tokens):
@@ -68,33 +69,6 @@ class RowSampler:
             return logits
         scores = logits.clone()
         for i in rows:  # few rows use penalties; per-row ops keep each row independent of the others
-            s, p, row = seqs[i], seqs[i].params, scores[i]
-            if s.seen is not None:
-                penalized = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
-                row = torch.where(s.seen, penalized, row)
-            if s.counts is not None:
-                row = row - p.frequency_penalty * s.counts - p.presence_penalty * (s.counts > 0).float()
-            scores[i] = row
+            s = seqs[i]
+            scores[i] = penalize(scores[i], s.seen, s.counts, s.params)
         return scores
-
-    @staticmethod
-    def _warp(params: list[GenerationParams], scores: torch.Tensor) -> torch.Tensor:
-        """Returns sampling probabilities after temperature, top-k and top-p, row by row."""
-        device = scores.device
-        scores = scores / torch.tensor([p.temperature for p in params], device=device)[:, None]
-        ks = [p.top_k for p in params]
-        if any(ks):
-            kmax = min(max(ks), scores.shape[-1])
-            top = torch.topk(scores, kmax, dim=-1).values
-            kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=device))
-            kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        tps = [p.top_p for p in params]
-        if any(tp < 1.0 for tp in tps):
-            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - torch.tensor(tps, device=device))[:, None]
-            remove[torch.tensor([tp >= 1.0 for tp in tps], device=device)] = False
-            remove[:, -1] = False  # always keep the most likely token
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        return scores.softmax(dim=-1)

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -106,6 +106,35 @@ class Request:
         return self.finished == len(self.seqs)
 
 
+class Job:
+    """Model-thread work submitted with call() or call_pieces(): pieces run one per round, between decode steps.
+
+    The future stays pending until the last piece has run, so cancelling it skips the pieces left.
+    """
+
+    def __init__(self, future: Future, pieces: Iterable[Callable[[], object]], single: bool):
+        self.future, self.pieces, self.single = future, iter(pieces), single
+        self.results: list = []
+
+    def run_one(self) -> bool:
+        """Runs the next piece on the model thread; returns True when the job has ended (done, failed, cancelled)."""
+        fut = self.future
+        if fut.cancelled():
+            return True
+        try:
+            piece = next(self.pieces, None)
+            if piece is not None:
+                self.results.append(piece())
+                return False
+        except BaseException as exc:  # handed to the caller, who reports it
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(exc)
+            return True
+        if fut.set_running_or_notify_cancel():
+            fut.set_result(self.results[0] if self.single else self.results)
+        return True
+
+
 @dataclass
 class EngineStats:
     """Counters since start (monotonic) and the current queue depth and batch size."""
@@ -137,7 +166,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
-        self._jobs: list[tuple[Future, Callable]] = []
+        self._jobs: list[Job] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._seq_seconds = 1.0  # moving average of a sequence's time in the batch, for Retry-After
@@ -229,6 +258,16 @@ class Engine:
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Runs fn() on the model thread between steps; returns a Future of its result."""
+        return self._submit_job([fn], single=True)
+
+    def call_pieces(self, pieces: Iterable[Callable[[], object]]) -> Future:
+        """Runs each piece on the model thread, one per round between decode steps; returns a Future of the
+        list of their results. Long model work (embedding many inputs) split into pieces delays the running
+        streams by one piece per step instead of stalling them until it is all done; the queue admits it once,
+        as one job. Cancelling the Future skips the pieces not yet run."""
+        return self._submit_job(pieces, single=False)
+
+    def _submit_job(self, pieces: Iterable[Callable[[], object]], single: bool) -> Future:
         fut: Future = Future()
         with self._cv:
             if self._stopping:
@@ -236,7 +275,7 @@ class Engine:
             if len(self._waiting) + len(self._jobs) >= self.max_queue + 1:
                 self.stats.rejected += 1
                 raise QueueFull("the server is busy; retry later", self._retry_after())
-            self._jobs.append((fut, fn))
+            self._jobs.append(Job(fut, pieces, single))
             self._cv.notify_all()
         return fut
 
@@ -269,12 +308,10 @@ class Engine:
                         break
                     jobs, self._jobs = self._jobs, []
                     admitted = self._take_waiting()
-                for fut, fn in jobs:
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as exc:  # handed to the caller, who reports it
-                            fut.set_exception(exc)
+                unfinished = [job for job in jobs if not job.run_one()]
+                if unfinished:  # their next pieces run next round, after this round's step
+                    with self._cv:
+                        self._jobs[:0] = unfinished
                 self._admit(admitted)
                 self._drop_finished_or_cancelled()
                 self._flush()  # first tokens go out now, not after the next step
@@ -288,8 +325,9 @@ class Engine:
                         self.running = []
                         self.cache = BatchCache(self.model, self.max_batch)
                     self._flush()
-            for fut, _ in self._jobs:
-                fut.set_exception(NeojError("the engine is shutting down"))
+            for job in self._jobs:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(NeojError("the engine is shutting down"))
             for seq in self.running:
                 self._finish(seq, "cancelled")
             for req in self._waiting:

@@ -17,16 +17,30 @@ Routes (one engine behind all of them; every request keeps its own sampling para
                                                "plain" transcript by default, "dolly"; per request: chat_template);
                                                max_tokens defaults to 512, shrunk to what the context leaves
                    GET  /v1/models, /v1/models/{id}
-                   POST /v1/embeddings         mean-pooled final hidden states; encoding_format float | base64
+                   POST /v1/embeddings         mean-pooled final hidden states; encoding_format float | base64;
+                                               at most 64 inputs, each within the context, embedded in pieces
+                                               between decode steps (running streams keep flowing)
     HF Inference   POST /models/{id}           {"inputs": str | [str], "parameters": {...}, "options": {...}} ->
                                                [{"generated_text"}] (a list per input for a list); defaults:
                                                do_sample true, temperature 1, 50 new tokens, return_full_text true.
                                                Also max_length, remove_input, penalty (the Neuro API's names).
-    TGI            POST /, /generate, /generate_stream (SSE), GET /info: TGI's shapes and defaults (greedy unless
+    TGI            POST /generate, /generate_stream (SSE), GET /info: TGI's shapes and defaults (greedy unless
                                                a sampling parameter is given, 100 new tokens, details, top_n_tokens,
-                                               decoder_input_details, truncate N); huggingface_hub's
-                                               InferenceClient(base_url).text_generation posts to POST /.
+                                               decoder_input_details, truncate N)
+                   POST /                      TGI's compat_generate: /generate's answer in a list, or
+                                               /generate_stream's events with "stream": true (what
+                                               InferenceClient(base_url).text_generation posts); a body without
+                                               "parameters" and "stream" is feature extraction (what
+                                               InferenceClient(base_url).feature_extraction posts, as TEI's /)
+    Features       POST /models/{id}/pipeline/feature-extraction, /pipeline/feature-extraction/{id}, /embed (TEI):
+                                               {"inputs": str | [str], "normalize", "truncate",
+                                               "truncation_direction"} -> [[float, ...]] per input, equal to
+                                               LanguageModel.embed (mean-pooled; normalized only if asked)
     Other          GET /health (never needs the key), GET /metrics (Prometheus text), GET / (playground page)
+
+Sampling parameters: every value a route accepts generates. Temperatures below 1e-5 are greedy (as vLLM's),
+the samplers keep huge temperatures and extreme repetition penalties finite; NaN and infinity are 422s.
+/openapi.json documents each route's request model, error responses and content types.
 
 Model ids: the served id (model_id), its last path component, and the Hub id in config.json, compared
 case-insensitively; anything else is 404. Nothing a request names is ever loaded or opened.
@@ -35,8 +49,9 @@ Errors are JSON in the family's shape ({"error": {"message", "type", "param", "c
 {"error": message, "error_type": kind}): 400 malformed JSON or a prompt too long for the context (naming
 its token count and the limit), 401 missing or wrong API key (compared with hmac.compare_digest; Bearer,
 or Basic with the key as password for browsers), 404 unknown model or route, 413 body over max_body_bytes,
-422 wrong types, out-of-range or unsupported parameters and empty prompts, 503 with Retry-After when
-max_queue requests already wait beyond the batch. A client that disconnects frees its slot at the next step.
+422 wrong types, out-of-range or unsupported parameters, empty prompts and more than 64 inputs to embed,
+503 with Retry-After when max_queue requests already wait beyond the batch. A client that disconnects frees
+its slot at the next step.
 """
 
 from __future__ import annotations

@@ -21,21 +21,31 @@ from ..engine import Engine
 from .chat import ChatTemplate, get_template
 from .common import APIError, ServerState, default_aliases
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import describe, install as install_openapi
 from . import hf_api, openai_api, tasks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 OPEN_PATHS = ("/health",)  # reachable without the API key
-ROUTE_LABELS = {"/", "/health", "/metrics", "/info", "/generate", "/generate_stream", "/v1/models",
+ROUTE_LABELS = {"/", "/health", "/metrics", "/info", "/generate", "/generate_stream", "/embed", "/v1/models",
                 "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *tasks.PATHS}
+
+
+class MetricsResponse(Response):
+    """The Prometheus text exposition format (its content type also documents GET /metrics)."""
+
+    media_type = CONTENT_TYPE
 
 
 def _route_label(path: str) -> str:
     if path in ROUTE_LABELS:
         return path
     if path.startswith("/models/"):
-        return "/models/{model_id}"
+        return "/models/{model_id}/pipeline/feature-extraction" if path.endswith("/pipeline/feature-extraction") \
+            else "/models/{model_id}"
+    if path.startswith("/pipeline/feature-extraction/"):
+        return "/pipeline/feature-extraction/{model_id}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model_id}"
     return "other"
@@ -155,19 +165,22 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     app.include_router(tasks.router)
     playground = resources.files("neoj.server").joinpath("playground.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, **describe("/", summary="The playground page"))
     async def index():
+        """The playground: a page to type a prompt and watch it stream (Basic auth with the key as password)."""
         return HTMLResponse(playground.replace("{{MODEL_ID}}", json.dumps(model_id).replace("<", "\\u003c")))
 
-    @app.get("/health")
+    @app.get("/health", **describe("/health", errors=(503,)))
     async def health():
+        """{"status": "ok"} while the model thread runs, else 503; never needs the API key."""
         if engine.alive is False:
             return JSONResponse({"status": "error", "error": "the model thread has stopped"}, status_code=503)
         return {"status": "ok", "model": model_id}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=MetricsResponse, **describe("/metrics"))
     async def metrics():
-        return Response(state.metrics.render(engine), media_type=CONTENT_TYPE)
+        """Prometheus metrics, in the text exposition format 0.0.4."""
+        return MetricsResponse(state.metrics.render(engine))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -189,5 +202,6 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
         log.exception("unhandled error on %s", request.url.path)
         return _error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
+    install_openapi(app)
     app.add_middleware(Gate, state=state)
     return app

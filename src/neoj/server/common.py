@@ -211,7 +211,7 @@ def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[li
         if isinstance(p, str):
             if not p:
                 raise APIError(422, f"{what} is empty" + (f" (item {i})" if len(prompt) > 1 else "")
-                               + f": give some text", param=what)
+                               + ": give some text", param=what)
             ids.append(tok.encode(p))
             texts.append(p)
         else:
@@ -373,9 +373,25 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+async def unless_disconnected(request: Request, work: asyncio.Future):
+    """Returns work's result; cancels work and raises ClientGone if the client disconnects first."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work not in done:
+        raise ClientGone()
+    return work.result()
+
+
 class EventStream(StreamingResponse):
     """A server-sent-events response that cancels its generation however the stream ends (done, error,
     or a client that went away), so a disconnected client frees its slot at the next step."""
+
+    media_type = "text/event-stream"  # what /openapi.json says of routes whose response_class this is
 
     def __init__(self, body, generation: Generation):
         super().__init__(body, media_type="text/event-stream",

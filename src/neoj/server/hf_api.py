@@ -1,9 +1,17 @@
-"""Hugging Face's APIs: the Inference API (POST /models/{id}) and text-generation-inference (POST /,
-/generate, /generate_stream, GET /info), as huggingface_hub's InferenceClient and curl call them.
+"""Hugging Face's APIs: the Inference API (POST /models/{id}), text-generation-inference (POST /, /generate,
+/generate_stream, GET /info) and feature extraction (the Inference API's pipeline routes, TEI's POST /embed),
+as huggingface_hub's InferenceClient and curl call them.
 
-The two differ only in defaults. /models/{id} follows the Inference API: sampling on (temperature 1),
+Generation differs only in defaults. /models/{id} follows the Inference API: sampling on (temperature 1),
 50 new tokens, the prompt returned with the text. /, /generate and /generate_stream follow TGI: greedy
 unless do_sample or a sampling parameter is given, 100 new tokens, only the new text returned.
+
+POST / is TGI's compat_generate, as on an Inference Endpoint: InferenceClient(base_url).text_generation
+posts {"inputs", "parameters", "stream"} there. InferenceClient(base_url).feature_extraction posts to the
+same URL, {"inputs", ...options} without "parameters" or "stream", as text-embeddings-inference's POST /
+takes it: such a body gets embeddings, never generated text. Feature extraction answers one mean-pooled
+vector per input, [[float, ...], ...] (TEI's /embed shape, which InferenceClient returns as an (N, hidden)
+array), equal to LanguageModel.embed.
 Errors are {"error": message, "error_type": kind}, which huggingface_hub turns into its own exceptions.
 """
 
@@ -12,15 +20,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..engine import Sequence
 from ..sampling import GenerationParams
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
                      parse, read_json, room_for, sse)
-from .schemas import HFParameters, HFRequest
+from .embeddings import MAX_INPUTS, check_count, check_lengths, embed
+from .openapi import GENERATION_ERRORS, describe
+from .schemas import FeatureExtractionRequest, HFParameters, HFRequest
 
 router = APIRouter()
 TGI_FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length", "time": "length",
@@ -141,12 +152,88 @@ def _outputs(st: ServerState, job: Job, seqs: list[Sequence], nested: bool):
     return per_prompt if nested else per_prompt[0]
 
 
-@router.post("/models/{model_id:path}")
-async def inference_api(model_id: str, request: Request):
-    """The HF Inference API: POST /models/EleutherAI/gpt-j-6B {"inputs": ...} -> [{"generated_text": ...}]."""
+# Top-level fields only a feature-extraction body has (generation's options live under "parameters").
+FEATURE_FIELDS = ("normalize", "prompt_name", "truncate", "truncation_direction", "dimensions", "encoding_format")
+
+
+def wants_features(data: object, bare_is_features: bool) -> bool:
+    """Returns True when a body at a shared route asks for feature extraction rather than generation.
+
+    Generation clients always send "parameters" or "stream" (huggingface_hub's text_generation sends both);
+    InferenceClient.feature_extraction sends neither, only "inputs" and its options at the top level. A bare
+    {"inputs"} is feature extraction at POST / (as TEI's, and what feature_extraction sends with no options),
+    and generation at POST /models/{id} (the Inference API's text-generation form).
+    """
+    if not isinstance(data, dict) or "parameters" in data or "stream" in data:
+        return False
+    return bare_is_features or any(k in data for k in FEATURE_FIELDS)
+
+
+async def _features(st: ServerState, request: Request, data: object):
+    body = parse(FeatureExtractionRequest, data)
+    if body.prompt_name is not None:
+        raise APIError(422, "prompt_name is not supported: a GPT model has no sentence-transformers prompts",
+                       param="prompt_name")
+    hidden = st.lm.config.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise APIError(422, f"dimensions={body.dimensions} is not supported: this model's embeddings have "
+                       f"{hidden} dimensions", param="dimensions")
+    check_count(body.inputs, "inputs")
+    inputs, _ = encode_prompts(st, body.inputs, "inputs")
+    if body.truncate:
+        limit = st.n_positions
+        left = (body.truncation_direction or "right").lower() == "left"
+        inputs = [ids[-limit:] if left else ids[:limit] for ids in inputs]
+    check_lengths(st, inputs, "inputs", hint='; set "truncate": true to embed its first tokens')
+    try:
+        vectors = await embed(st, request, inputs)
+    except ClientGone:
+        return Response(status_code=499)
+    if body.normalize:
+        vectors = torch.nn.functional.normalize(torch.tensor(vectors), dim=-1).tolist()
+    return JSONResponse(vectors)
+
+
+@router.post("/models/{model_id:path}/pipeline/feature-extraction",
+             **describe("/models", body=FeatureExtractionRequest, errors=(*GENERATION_ERRORS, 404)))
+async def inference_api_features(model_id: str, request: Request):
+    """The Inference API's feature extraction: {"inputs": str | [str], "normalize"?, "truncate"?} ->
+    [[float, ...]] one mean-pooled vector per input (huggingface_hub's URL for a model id)."""
     st = _state(request)
     st.check_model(model_id)
-    body = parse(HFRequest, await read_json(request))
+    return await _features(st, request, await read_json(request))
+
+
+@router.post("/pipeline/feature-extraction/{model_id:path}",
+             **describe("/pipeline", body=FeatureExtractionRequest, errors=(*GENERATION_ERRORS, 404)))
+async def pipeline_features(model_id: str, request: Request):
+    """The older Inference API URL of feature extraction; the same as /models/{id}/pipeline/feature-extraction."""
+    st = _state(request)
+    st.check_model(model_id)
+    return await _features(st, request, await read_json(request))
+
+
+@router.post("/embed", **describe("/embed", body=FeatureExtractionRequest, errors=GENERATION_ERRORS))
+async def tei_embed(request: Request):
+    """text-embeddings-inference's /embed: {"inputs", "normalize"?, "truncate"?} -> [[float, ...]] per input."""
+    st = _state(request)
+    return await _features(st, request, await read_json(request))
+
+
+@router.post("/models/{model_id:path}", **describe("/models", body=(HFRequest, FeatureExtractionRequest),
+                                                      errors=(*GENERATION_ERRORS, 404), stream=True))
+async def inference_api(model_id: str, request: Request):
+    """The HF Inference API: POST /models/EleutherAI/gpt-j-6B {"inputs": ...} -> [{"generated_text": ...}].
+
+    Sampling on, 50 new tokens, the prompt returned (return_full_text). A body with feature-extraction options
+    at the top level and no "parameters" (e.g. {"inputs", "normalize"}) gets embeddings instead.
+    """
+    st = _state(request)
+    st.check_model(model_id)
+    data = await read_json(request)
+    if wants_features(data, bare_is_features=False):
+        return await _features(st, request, data)
+    body = parse(HFRequest, data)
     if body.stream:
         return await _stream(st, request, body, "/models/{model_id}")
     job = _job(st, body, INFERENCE_API)
@@ -154,11 +241,23 @@ async def inference_api(model_id: str, request: Request):
     return seqs if isinstance(seqs, Response) else _outputs(st, job, seqs, nested=isinstance(body.inputs, list))
 
 
-@router.post("/")
+@router.post("/", **describe("/", body=(HFRequest, FeatureExtractionRequest), errors=GENERATION_ERRORS, stream=True,
+                             summary="TGI's compat_generate (/generate or /generate_stream by \"stream\"); feature "
+                                     "extraction for a body without \"parameters\" and \"stream\""))
 async def root(request: Request):
-    """TGI's compatibility route (what InferenceClient(base_url).text_generation posts to)."""
+    """TGI's compat_generate, as an Inference Endpoint serves it: generation when the body has "parameters" or
+    "stream" (huggingface_hub's InferenceClient(base_url).text_generation), feature extraction otherwise
+    (InferenceClient(base_url).feature_extraction, TEI's POST /).
+
+    Generation has TGI's defaults (greedy unless a sampling parameter is given, 100 new tokens, the prompt not
+    returned) and shapes: "stream": true answers /generate_stream's events, otherwise a list with one
+    {"generated_text", "details"?} per sequence (a list of those per input for a list of inputs).
+    """
     st = _state(request)
-    body = parse(HFRequest, await read_json(request))
+    data = await read_json(request)
+    if wants_features(data, bare_is_features=True):
+        return await _features(st, request, data)
+    body = parse(HFRequest, data)
     if body.stream:
         return await _stream(st, request, body, "/")
     job = _job(st, body, TGI)
@@ -166,7 +265,7 @@ async def root(request: Request):
     return seqs if isinstance(seqs, Response) else _outputs(st, job, seqs, nested=isinstance(body.inputs, list))
 
 
-@router.post("/generate")
+@router.post("/generate", **describe("/generate", body=HFRequest, errors=GENERATION_ERRORS))
 async def generate(request: Request):
     """TGI: {"inputs": str, "parameters": {...}} -> {"generated_text": ..., "details": ...}."""
     st = _state(request)
@@ -182,7 +281,8 @@ async def generate(request: Request):
     return out
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=EventStream, status_code=200,
+             **describe("/generate_stream", body=HFRequest, errors=GENERATION_ERRORS))
 async def generate_stream(request: Request):
     """TGI: server-sent events, one per token; the last carries generated_text and details."""
     st = _state(request)
@@ -233,7 +333,7 @@ def _stream_details(job: Job, seq: Sequence) -> dict:
             "seed": seq.seed if not seq.params.greedy else None, "input_length": len(seq.prompt_ids)}
 
 
-@router.get("/info")
+@router.get("/info", **describe("/info"))
 async def info(request: Request):
     """TGI's /info: what is served and the server's limits."""
     st = _state(request)
@@ -243,5 +343,5 @@ async def info(request: Request):
             "max_concurrent_requests": eng.max_batch + eng.max_queue, "max_best_of": 1,
             "max_stop_sequences": 16, "max_input_tokens": st.n_positions - 1, "max_input_length": st.n_positions - 1,
             "max_total_tokens": st.n_positions, "max_batch_size": eng.max_batch, "max_queue": eng.max_queue,
-            "validation_workers": 1, "max_client_batch_size": 64, "router": "neoj", "version": __version__,
+            "validation_workers": 1, "max_client_batch_size": MAX_INPUTS, "router": "neoj", "version": __version__,
             "sha": None, "docker_label": None, "started": st.created, "uptime_seconds": int(time.time()) - st.created}

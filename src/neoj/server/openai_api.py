@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import time
 import uuid
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine import QueueFull, Sequence
+from ..engine import Sequence
 from ..sampling import GenerationParams
 from .chat import get_template
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
                      parse, read_json, room_for, sse)
+from .embeddings import check_count, check_lengths, embed
+from .openapi import GENERATION_ERRORS, describe
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
@@ -56,14 +56,14 @@ def _usage(seqs: list[Sequence]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", **describe("/v1/models"))
 async def list_models(request: Request):
     """Returns the served model (OpenAI's model list)."""
     st = _state(request)
     return {"object": "list", "data": [_model_card(st)]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", **describe("/v1/models", errors=(401, 404)))
 async def get_model(model_id: str, request: Request):
     """Returns the served model if model_id names it, else 404."""
     st = _state(request)
@@ -116,7 +116,8 @@ def _echo_text(st: ServerState, seq: Sequence, texts: list[str | None], prompts:
     return st.lm.tokenizer.decode(seq.prompt_ids)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **describe("/v1/completions", body=CompletionRequest,
+                                                errors=(*GENERATION_ERRORS, 404), stream=True))
 async def completions(request: Request):
     """Returns a text completion per prompt and n, or streams them as server-sent events."""
     st = _state(request)
@@ -207,7 +208,8 @@ class _LeadingSpace:
         return text
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **describe("/v1/chat/completions", body=ChatRequest,
+                                                     errors=(*GENERATION_ERRORS, 404), stream=True))
 async def chat_completions(request: Request):
     """Returns the assistant's reply to the messages (rendered by the chat template), or streams it."""
     st = _state(request)
@@ -279,9 +281,12 @@ async def _stream_chat(st, gen: Generation, body: ChatRequest, cid, created):
 
 # ---- /v1/embeddings ----
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", **describe("/v1/embeddings", body=EmbeddingRequest, errors=(*GENERATION_ERRORS, 404)))
 async def embeddings(request: Request):
-    """Returns one mean-pooled final hidden state per input."""
+    """Returns one mean-pooled final hidden state per input (at most MAX_INPUTS inputs, each within the context).
+
+    The inputs are embedded in pieces between decode steps, so running streams keep flowing meanwhile.
+    """
     st = _state(request)
     body = parse(EmbeddingRequest, await read_json(request))
     st.check_model(body.model)
@@ -289,21 +294,13 @@ async def embeddings(request: Request):
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(422, f"dimensions={body.dimensions} is not supported: this model's embeddings have "
                        f"{hidden} dimensions", param="dimensions")
+    check_count(body.input, "input")
     inputs, _ = encode_prompts(st, body.input, "input")
-    for i, ids in enumerate(inputs):
-        if len(ids) > st.n_positions:
-            raise APIError(400, f"input {i} has {len(ids)} tokens, but this model's maximum context length is "
-                           f"{st.n_positions} tokens", param="input")
-    model, device = st.lm.model, st.lm.device
-
-    def embed():  # runs on the model thread, between decode steps
-        return [model(torch.tensor([ids], device=device))[0].float().mean(dim=0).tolist() for ids in inputs]
-
+    check_lengths(st, inputs, "input")
     try:
-        vectors = await asyncio.wrap_future(st.engine.start().call(embed))
-    except QueueFull as exc:
-        st.metrics.rejected.inc()
-        raise APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        vectors = await embed(st, request, inputs)
+    except ClientGone:
+        return Response(status_code=499)
     data = []
     for i, vec in enumerate(vectors):
         emb = vec if body.encoding_format == "float" else \

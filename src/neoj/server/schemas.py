@@ -179,3 +179,43 @@ class HFRequest(Strict):
     parameters: HFParameters = Field(default_factory=HFParameters)
     options: HFOptions = Field(default_factory=HFOptions)
     stream: StrictBool | None = None
+
+
+class FeatureExtractionRequest(Strict):
+    """Feature extraction, as text-embeddings-inference's POST /embed takes it and huggingface_hub's
+    InferenceClient.feature_extraction sends it (options at the top level, no "parameters").
+
+    neoj's vectors are mean-pooled final hidden states, left as they are unless normalize is true (so that
+    they equal LanguageModel.embed and /v1/embeddings); TEI normalizes by default.
+    """
+
+    inputs: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)]]
+    normalize: StrictBool | None = None
+    truncate: StrictBool | None = None  # keep the first tokens (or the last, truncation_direction "left")
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    prompt_name: StrictStr | None = None  # sentence-transformers prompts: a GPT model has none (422)
+    dimensions: Annotated[int, Field(ge=1, strict=True)] | None = None  # must be the hidden size
+    encoding_format: Literal["float"] | None = None
+    options: HFOptions = Field(default_factory=HFOptions)
+
+
+# ---- error bodies, for the OpenAPI schema (the handlers build them as dicts, see app.error_body) ----
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """Errors under /v1, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
+
+
+class HFError(BaseModel):
+    """Errors of the Hugging Face and TGI routes, in their shape (huggingface_hub raises on it)."""
+
+    error: str
+    error_type: str

@@ -26,6 +26,7 @@ from ..tasks.classify import MAX_LABELS, SENTIMENT
 from ..tasks.prompts import Prompts
 from ..tasks.runner import Cancelled, EngineRunner, Runner
 from .common import APIError, ServerState, parse, read_json
+from .openapi import GENERATION_ERRORS, describe
 from .schemas import Seed, Strict, TopK, TopP, RepetitionPenalty
 
 router = APIRouter()
@@ -183,7 +184,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.post("/v1/tasks/summarize")
+@router.post("/v1/tasks/summarize", **describe("/v1/tasks", body=SummarizeRequest, errors=(*GENERATION_ERRORS, 404)))
 async def summarize_route(request: Request):
     """Returns the summary of a document of any length (map-reduce over chunks)."""
     body = parse(SummarizeRequest, await read_json(request))
@@ -196,7 +197,7 @@ async def summarize_route(request: Request):
     return await _run(request, body, work)
 
 
-@router.post("/v1/tasks/ask")
+@router.post("/v1/tasks/ask", **describe("/v1/tasks", body=AskRequest, errors=(*GENERATION_ERRORS, 404)))
 async def ask_route(request: Request):
     """Returns the answer to a question, from the model alone or from the best passages of a document."""
     body = parse(AskRequest, await read_json(request))
@@ -210,7 +211,7 @@ async def ask_route(request: Request):
     return await _run(request, body, work)
 
 
-@router.post("/v1/tasks/translate")
+@router.post("/v1/tasks/translate", **describe("/v1/tasks", body=TranslateRequest, errors=(*GENERATION_ERRORS, 404)))
 async def translate_route(request: Request):
     """Returns the text translated by few-shot prompting, line by line."""
     body = parse(TranslateRequest, await read_json(request))
@@ -222,7 +223,7 @@ async def translate_route(request: Request):
     return await _run(request, body, work)
 
 
-@router.post("/v1/tasks/classify")
+@router.post("/v1/tasks/classify", **describe("/v1/tasks", body=ClassifyRequest, errors=(*GENERATION_ERRORS, 404)))
 async def classify_route(request: Request):
     """Returns the label probabilities of a text (or of each text of a list), by likelihood."""
     body = parse(ClassifyRequest, await read_json(request))
@@ -236,7 +237,7 @@ async def classify_route(request: Request):
     return await _run(request, body, work)
 
 
-@router.post("/v1/tasks/complete-code")
+@router.post("/v1/tasks/complete-code", **describe("/v1/tasks", body=CodeRequest, errors=(*GENERATION_ERRORS, 404)))
 async def complete_code_route(request: Request):
     """Returns the completion of code up to the end of its current function or block."""
     body = parse(CodeRequest, await read_json(request))
@@ -249,7 +250,7 @@ async def complete_code_route(request: Request):
     return await _run(request, body, work)
 
 
-@router.post("/v1/tasks/chat")
+@router.post("/v1/tasks/chat", **describe("/v1/tasks", body=ChatTaskRequest, errors=(*GENERATION_ERRORS, 404)))
 async def chat_route(request: Request):
     """Returns the reply to a conversation, with a persona and the history trimmed to the context."""
     body = parse(ChatTaskRequest, await read_json(request))
