@@ -1,6 +1,8 @@
-"""The model shipped inside neoj: small enough, loadable by transformers unchanged, and the CLI default."""
+"""The model shipped inside neoj: small enough, loadable by transformers unchanged, the CLI default, and
+reachable everywhere a model is named as `builtin`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,3 +47,46 @@ def test_generate_with_no_model_uses_it(capsys):
     out = capsys.readouterr().out
     assert out == neoj.load().generate("The list type", max_new_tokens=12, temperature=0) + "\n"
     assert len(out.strip()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Its name: builtin
+
+
+def test_load_builtin_by_name_is_the_default_model():
+    from neoj.weights import resolve_model_dir
+
+    assert resolve_model_dir("builtin") == BUILTIN
+    named, default = neoj.load("builtin", dtype="float32", device="cpu"), neoj.load(dtype="float32", device="cpu")
+    assert named.name == default.name == "builtin"  # never the install path
+    ids = torch.tensor([[464, 1351, 2099, 318]])
+    with torch.no_grad():
+        assert torch.equal(named.model.logits(named.model(ids)), default.model.logits(default.model(ids)))
+
+
+def test_info_builtin(capsys):
+    assert main(["info", "builtin"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("builtin  (gpt_neo, ")
+    assert main(["info", "builtin", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "builtin" and info["source"] == str(BUILTIN)
+    assert info["hidden_size"] == neoj.load_config(BUILTIN).hidden_size
+
+
+def test_quantize_builtin_by_name(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "builtin", "--out", str(out), "-q", "int8"]) == 0
+    assert "wrote int8 checkpoint" in capsys.readouterr().out
+    lm = neoj.load(out, device="cpu")
+    assert lm.quantization.scheme == "int8" and lm.config == neoj.load_config(BUILTIN)
+
+
+def test_a_directory_named_builtin_in_the_cwd_wins(zoo, tmp_path, monkeypatch):
+    # As for any name: an existing local directory is what the user means; the built-in model stays
+    # reachable as builtin from anywhere else.
+    shutil.copytree(zoo["neo_global2"].path, tmp_path / "builtin")
+    monkeypatch.chdir(tmp_path)
+    lm = neoj.load("builtin", dtype="float32", device="cpu")
+    assert lm.config.n_layers == 2 and lm.config.hidden_size == 32
+    assert lm.config != neoj.load_config(BUILTIN)

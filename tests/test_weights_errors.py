@@ -1,4 +1,5 @@
-"""Checkpoint loading: every on-disk format gives the same model; every broken checkpoint a clear error."""
+"""Checkpoint loading: every on-disk format gives the same model; every broken checkpoint, and every LoRA
+adapter that does not fit its base, a clear error."""
 
 from __future__ import annotations
 
@@ -105,8 +106,10 @@ def test_directory_without_weights(ckpt):
 
 
 def test_path_that_is_neither_directory_nor_hub_id(tmp_path):
-    with pytest.raises(neoj.CheckpointError, match="neither a local directory nor a Hub id"):
-        load(tmp_path / "no" / "such" / "dir")
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(neoj.CheckpointError, match="neither a local directory nor a Hub id") as info:
+        load(missing)
+    assert str(info.value).startswith(f"no such directory: {str(missing)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,3 +233,112 @@ def test_invalid_shard_index(neo_formats, tmp_path):
     (directory / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(neoj.CheckpointError, match="not a valid shard index"):
         load(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters must fit their base, random:PRESET included
+
+
+@pytest.fixture(scope="module")
+def neo_adapter(neo, tmp_path_factory) -> Path:
+    """Returns a rank-2 adapter on q_proj, v_proj and c_fc of the `neo` checkpoint (gpt_neo, hidden 32, 4 layers),
+    with non-zero B so that applying it changes the weights."""
+    from neoj.train.lora import LoraConfig, inject, lora_modules, save_adapter
+    from neoj.weights import load_model
+
+    model = load_model(neo.path)
+    cfg = LoraConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj", "c_fc"])
+    inject(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.3)
+    path = tmp_path_factory.mktemp("adapters") / "neo"
+    save_adapter(model, cfg, path, base_model=str(neo.path))
+    return path
+
+
+def refuse_heavy_work(monkeypatch):
+    """Makes reading or drawing any weight fail the test: a mismatched adapter must be refused before."""
+    def boom(*args, **kwargs):
+        raise AssertionError("weights were read or drawn before the adapter was checked")
+
+    for name in ("load_model", "random_model", "load_state_into"):
+        monkeypatch.setattr(neoj.api, name, boom)
+
+
+def test_adapter_for_another_family_is_refused_first(gptj, neo_adapter, monkeypatch):
+    refuse_heavy_work(monkeypatch)
+    with pytest.raises(neoj.CheckpointError) as info:
+        neoj.load(gptj.path, dtype="float32", device="cpu", adapter=neo_adapter)
+    message = str(info.value)
+    assert f"LoRA adapter {neo_adapter} does not fit {gptj.path}" in message
+    assert "the adapter is for gpt_neo, hidden size 32, 4 layers" in message
+    assert "is gptj, hidden size 32, 2 layers" in message
+
+
+def test_adapter_on_random_preset_is_checked_not_ignored(neo_adapter, monkeypatch, capsys):
+    from neoj.cli import main
+
+    refuse_heavy_work(monkeypatch)
+    with pytest.raises(neoj.CheckpointError) as info:
+        neoj.load("random:gpt-j-6b", device="cpu", adapter=neo_adapter)
+    message = str(info.value)
+    assert "gpt_neo, hidden size 32, 4 layers" in message and "gptj, hidden size 4096, 28 layers" in message
+    assert main(["generate", "-m", "random:gpt-neo-125m", "--adapter", str(neo_adapter), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit random:gpt-neo-125m" in err
+    assert "transformer.h.0.attn.attention.q_proj.lora_A.weight is [2, 32] where random:gpt-neo-125m needs [2, 768]" in err
+
+
+def test_adapter_with_more_layers_than_the_base(zoo, neo_adapter, monkeypatch):
+    base = zoo["neo_global2"]  # gpt_neo, hidden 32, 2 layers
+    refuse_heavy_work(monkeypatch)
+    with pytest.raises(neoj.CheckpointError) as info:
+        neoj.load(base.path, dtype="float32", device="cpu", adapter=neo_adapter)
+    message = str(info.value)
+    assert "4 layers" in message and "2 layers" in message
+    assert "has no layer transformer.h.2.attn.attention.q_proj" in message
+
+
+def test_adapter_for_another_hidden_size(neo, neo_adapter, monkeypatch):
+    from neoj.config import with_changes
+
+    refuse_heavy_work(monkeypatch)
+    wide = with_changes(neo.lm.config, hidden_size=64, intermediate_size=256)
+    with pytest.raises(neoj.CheckpointError) as info:
+        neoj.from_config(wide, dtype="float32", device="cpu", adapter=neo_adapter)
+    message = str(info.value)
+    assert "hidden size 32" in message and "hidden size 64" in message
+    assert "is [2, 32] where random:gpt_neo needs [2, 64]" in message
+
+
+def test_merge_refuses_a_mismatched_adapter(gptj, neo_adapter, tmp_path):
+    from neoj.train.merge import merge_adapter
+
+    with pytest.raises(neoj.CheckpointError, match="does not fit"):
+        merge_adapter(str(gptj.path), str(neo_adapter), str(tmp_path / "merged"))
+
+
+def test_missing_adapter_directory(neo, tmp_path):
+    with pytest.raises(neoj.CheckpointError, match="no such adapter directory"):
+        neoj.load(neo.path, dtype="float32", device="cpu", adapter=tmp_path / "nope")
+
+
+def test_a_fitting_adapter_is_merged_into_random_weights(neo, neo_adapter):
+    from neoj.train.lora import apply_adapter
+    from neoj.weights import random_model
+
+    lm = neoj.from_config(neo.lm.config, dtype="float32", device="cpu", seed=3, adapter=neo_adapter)
+    plain = random_model(neo.lm.config, torch.float32, "cpu", seed=3)
+    expected = apply_adapter(random_model(neo.lm.config, torch.float32, "cpu", seed=3), neo_adapter)
+    changed = {n for n, p in lm.model.state_dict().items() if not torch.equal(p, plain.state_dict()[n])}
+    assert changed == {f"blocks.{i}.{m}.weight" for i in range(4) for m in ("attn.q_proj", "attn.v_proj", "mlp.fc_in")}
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(lm.model.state_dict()[name], tensor), name
+
+
+def test_a_fitting_adapter_still_loads(neo, neo_adapter, tokenizer):
+    lm = neoj.load(neo.path, dtype="float32", device="cpu", adapter=neo_adapter)
+    ids = tokenizer.encode(PROMPTS[0])
+    assert not torch.equal(neoj_logits(lm, ids), neoj_logits(neo.lm, ids))

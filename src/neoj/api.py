@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -18,19 +17,14 @@ from .sampling import GenerationParams
 from .tokenizer import Tokenizer
 from .memory import check_fits, memory_limit, plan
 from .quantize import QuantSpec, StreamingQuantizer, load_quantized, quantize_model
-from .weights import build_meta, load_model, load_state_into, random_model, resolve_model_dir, weight_files
+from .weights import (BUILTIN_NAME, RANDOM_PREFIX, build_meta, load_model, load_state_into, random_model,
+                      resolve_model_dir, weight_files)
+from .weights import builtin_model_dir  # noqa: F401  (re-exported: neoj.api.builtin_model_dir predates neoj.weights')
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-RANDOM_PREFIX = "random:"
-
-
-def builtin_model_dir() -> Path | None:
-    """Returns the directory of the model shipped inside neoj, if this install has one."""
-    path = Path(__file__).parent / "builtin"
-    return path if (path / "config.json").exists() else None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -193,28 +187,26 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
          device: str | torch.device = "auto", revision: str | None = None,
          adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
          context: int | None = None, batch: int = 1, check_memory: bool = True) -> LanguageModel:
-    """Returns a LanguageModel from a local checkpoint directory, a Hub id, or "random:PRESET".
+    """Returns a LanguageModel from a local checkpoint directory, a Hub id, "builtin" or "random:PRESET".
 
-    With no name, loads the model shipped inside neoj. `adapter` is a LoRA adapter directory (PEFT
-    format) merged into the weights as they load. `quantize` ("int8" or "int4", with `group_size`)
-    quantizes every linear layer and the LM head while the checkpoint streams in; a checkpoint written
-    by `neoj quantize` loads quantized by itself. Before reading any weight, the memory needed for
-    `batch` sequences of `context` tokens (default: the whole context) is checked against what the
-    device has free (or NEOJ_MEMORY_LIMIT); a model that cannot fit raises MemoryPlanError naming the
-    options that would.
+    With no name, or "builtin", loads the model shipped inside neoj (a directory called builtin in the
+    current directory wins, as any existing directory does; see neoj.weights for every rule). `adapter`
+    is a LoRA adapter directory (PEFT format) merged into the weights as they load, random:PRESET ones
+    included; an adapter made for another shape is refused before any weight is read. `quantize`
+    ("int8" or "int4", with `group_size`) quantizes every linear layer and the LM head while the
+    checkpoint streams in; a checkpoint written by `neoj quantize` loads quantized by itself. Before
+    reading any weight, the memory needed for `batch` sequences of `context` tokens (default: the whole
+    context) is checked against what the device has free (or NEOJ_MEMORY_LIMIT); a model that cannot fit
+    raises MemoryPlanError naming the options that would.
     """
     dev = resolve_device(device)
     if name_or_path is None:
-        builtin = builtin_model_dir()
-        if builtin is None:
-            raise NeojError("this install has no built-in model; pass a model (a directory, a Hub id such as "
-                            "EleutherAI/gpt-neo-125m, or random:gpt-neo-125m)")
-        name_or_path = builtin
-    name = str(name_or_path)
+        name_or_path = BUILTIN_NAME
+    name = os.fspath(name_or_path)
     spec = QuantSpec.parse(quantize, group_size)
-    if name.startswith(RANDOM_PREFIX):
+    if isinstance(name_or_path, str) and name.startswith(RANDOM_PREFIX):
         return from_config(name[len(RANDOM_PREFIX) :], dtype=dtype, device=dev, quantize=spec, context=context,
-                           batch=batch, check_memory=check_memory)
+                           batch=batch, check_memory=check_memory, adapter=adapter)
     directory = resolve_model_dir(name_or_path, revision=revision)
     from .config import load_config
 
@@ -223,13 +215,18 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     if stored is not None and spec is not None and spec != stored:
         raise NeojError(f"{name} is already quantized ({stored.scheme}); load it without quantize, or quantize "
                         "the full-precision checkpoint")
-    spec = stored or spec
-    if spec is not None and adapter is not None and stored is not None:
-        raise NeojError("a LoRA adapter cannot be merged into an already quantized checkpoint; load the "
+    if adapter is not None and stored is not None:
+        raise NeojError(f"a LoRA adapter cannot be merged into the already quantized checkpoint {name}; load the "
                         "full-precision model with adapter= and quantize=")
+    if adapter is not None:
+        from .train.lora import check_adapter
+
+        check_adapter(adapter, cfg, name)
+    spec = stored or spec
     torch_dtype = resolve_dtype(dtype, dev, cfg, spec)
     if check_memory:
-        _check_memory(cfg, torch_dtype, spec, dev, name, context, batch)
+        # With an adapter the full-precision model exists before it is quantized: plan for that.
+        _check_memory(cfg, torch_dtype, None if adapter is not None else spec, dev, name, context, batch)
     if stored is not None:
         model = load_quantized(directory, stored, torch_dtype, dev, cfg)
     elif spec is not None and adapter is None:
@@ -240,12 +237,16 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     else:
         model = load_model(directory, torch_dtype, dev, cfg)
     if adapter is not None:
-        from .train.lora import apply_adapter
-
-        apply_adapter(model, adapter)
-        if spec is not None:
-            model = quantize_model(model, spec)
+        model = _apply_adapter(model, adapter, spec)
     return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+
+
+def _apply_adapter(model: Transformer, adapter: str | os.PathLike, spec: QuantSpec | None) -> Transformer:
+    """Merges a LoRA adapter into a full-precision model, then quantizes it if asked."""
+    from .train.lora import apply_adapter
+
+    apply_adapter(model, adapter)
+    return quantize_model(model, spec) if spec is not None else model
 
 
 def _check_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: torch.device, name: str,
@@ -259,24 +260,33 @@ def _check_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, 
 
 def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                 seed: int = 0, quantize: str | QuantSpec | None = None, group_size: int | None = None,
-                context: int | None = None, batch: int = 1, check_memory: bool = True) -> LanguageModel:
+                context: int | None = None, batch: int = 1, check_memory: bool = True,
+                adapter: str | os.PathLike | None = None) -> LanguageModel:
     """Returns a randomly initialised model of a preset name (e.g. "gpt-neo-125m") or ModelConfig.
 
     With `quantize`, each weight is quantized as it is drawn: the full-precision model never exists.
+    `adapter` (a LoRA directory) is merged into the random weights, as load() does for checkpoints
+    (useful to time or test an adapter without its base); one made for another shape is refused first.
     """
     dev = resolve_device(device)
     if isinstance(config, str):
-        if config not in PRESETS:
+        if config.lower() not in PRESETS:
             raise ConfigError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")
-        name, config = f"{RANDOM_PREFIX}{config}", preset(config)
+        name, config = f"{RANDOM_PREFIX}{config.lower()}", preset(config)
     else:
         name = f"{RANDOM_PREFIX}{config.model_type}"
     spec = QuantSpec.parse(quantize, group_size)
+    if adapter is not None:
+        from .train.lora import check_adapter
+
+        check_adapter(adapter, config, name)
     torch_dtype = resolve_dtype(dtype, dev, config, spec)
     if check_memory:
-        _check_memory(config, torch_dtype, spec, dev, name, context, batch)
-    if spec is None:
+        _check_memory(config, torch_dtype, None if adapter is not None else spec, dev, name, context, batch)
+    if spec is None or adapter is not None:
         model = random_model(config, torch_dtype, dev, seed)
+        if adapter is not None:
+            model = _apply_adapter(model, adapter, spec)
     else:
         quantizer = StreamingQuantizer(build_meta(config), spec, torch_dtype, dev)
         model = quantizer.finish(random_model(config, torch_dtype, dev, seed, transform=quantizer, model=quantizer.model))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import PRESETS, ModelConfig, load_config, preset
-from .errors import CheckpointError, NeojError
+from .errors import NeojError
+from .weights import RANDOM_PREFIX, download_config, local_model_dir
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The Python runtime, torch's libraries and one tensor being converted while loading.
@@ -23,25 +23,21 @@ class MemoryPlanError(NeojError, MemoryError):
     """The model would not fit in the memory available on its device."""
 
 
-def resolve_config(name: str, revision: str | None = None) -> tuple[ModelConfig, str]:
-    """Returns (config, where it came from) for a preset name, local directory or Hub id (config.json only)."""
-    if name in PRESETS:
-        return preset(name), f"preset {name}"
-    if name.startswith("random:") and name[7:] in PRESETS:
-        return preset(name[7:]), f"preset {name[7:]}"
-    path = Path(name).expanduser()
-    if path.exists():
-        return load_config(path), str(path)
-    if name.count("/") != 1:
-        raise CheckpointError(f"{name!r} is not a preset ({', '.join(PRESETS)}), a directory, or a Hub id")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def resolve_config(name: str | None, revision: str | None = None) -> tuple[ModelConfig, str]:
+    """Returns (config, where it came from) for a preset name, random:PRESET, local directory, builtin or Hub id.
 
-    try:
-        file = hf_hub_download(name, "config.json", revision=revision)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(f"could not get config.json of {name!r} from the Hub or the local cache: {exc}") from exc
-    return load_config(file), name
+    Reads config.json only (for a Hub id: from the cache, or fetched alone). Names resolve as everywhere
+    else in neoj (see neoj.weights.local_model_dir), plus bare preset names such as gpt-j-6b; a directory
+    wins over a preset of the same name only when it is written as a path (./gpt-j-6b).
+    """
+    if name is not None and name.lower() in PRESETS:
+        return preset(name), f"preset {name.lower()}"
+    if name is not None and name.startswith(RANDOM_PREFIX):
+        return preset(name[len(RANDOM_PREFIX):]), f"preset {name[len(RANDOM_PREFIX):].lower()}"
+    local = local_model_dir(name)
+    if local is not None:
+        return load_config(local), str(local)
+    return load_config(download_config(name, revision=revision)), name
 
 
 def linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

@@ -73,21 +73,113 @@ def neoj_to_hf_name(name: str, model_type: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Finding a checkpoint
+#
+# Every place that takes a model by name (neoj.load, every command's --model, neoj info, neoj quantize,
+# neoj merge, neoj finetune) resolves it here, so a name means the same everywhere and a bad one gets
+# the same one-line error. Accepted, in this order:
+#   - an existing directory (a local directory always wins over a name that could mean something else);
+#   - "builtin": the model shipped inside neoj (src/neoj/builtin). A Hub id needs owner/name, so it can
+#     never be "builtin"; a directory called builtin in the current directory still wins, as any local
+#     directory does over a Hub id of the same spelling (write ./builtin to say so explicitly);
+#   - "random:PRESET": random weights of a published shape (handled by neoj.load, no checkpoint);
+#   - a Hub id, owner/name, downloaded into (or found in) the Hugging Face cache.
+# Anything that looks like a path (./x, ../x, /x, ~/x, a/b/c, x/) and does not exist is "no such
+# directory", never sent to the Hub.
+
+BUILTIN_NAME = "builtin"
+RANDOM_PREFIX = "random:"
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """Returns a local directory holding the checkpoint: the path itself, or a Hub download/cache hit."""
-    path = Path(name_or_path).expanduser()
+def _presets() -> str:
+    from .config import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def model_forms() -> str:
+    """Returns the sentence listing what a model argument accepts, for error messages."""
+    return (f"a model is a checkpoint directory, a Hub id (owner/name, e.g. EleutherAI/gpt-neo-125m), "
+            f"{BUILTIN_NAME} (the model shipped with neoj) or {RANDOM_PREFIX}PRESET (random weights; PRESET is one "
+            f"of {_presets()})")
+
+
+def builtin_model_dir() -> Path | None:
+    """Returns the directory of the model shipped inside neoj, if this install has one."""
+    path = Path(__file__).parent / "builtin"
+    return path if (path / "config.json").exists() else None
+
+
+def looks_like_path(name: str) -> bool:
+    """Returns True when `name` can only be a filesystem path, never a Hub id.
+
+    That is: it starts with ".", "~" or a separator (./x, ../x, /x, ~/x), is absolute, ends with a
+    separator, or holds two separators or more (a/b/c). A Hub id is exactly owner/name.
+    """
+    seps = (os.sep,) + ((os.altsep,) if os.altsep else ()) + (("/",) if "/" not in (os.sep, os.altsep) else ())
+    return (name.startswith((".", "~") + seps) or os.path.isabs(name) or name.endswith(seps)
+            or sum(name.count(sep) for sep in seps) >= 2)
+
+
+def hub_id_problem(name: str) -> str | None:
+    """Returns why `name` is not a valid Hub id (owner/name), or None when it is one."""
+    if name.count("/") != 1:
+        return "a Hub id is owner/name"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def local_model_dir(name_or_path: str | os.PathLike | None) -> Path | None:
+    """Returns the local directory a model name means (an existing directory, or builtin), or None for a Hub id.
+
+    Raises CheckpointError, naming the input and what is accepted, for anything else: a path that does
+    not exist, a file, random:PRESET (it has no checkpoint), or a name that is not a valid Hub id.
+    """
+    if name_or_path is None:
+        name_or_path = BUILTIN_NAME
+    name = os.fspath(name_or_path)
+    if not name.strip():
+        raise CheckpointError(f"the model name is empty; {model_forms()}")
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(
-            f"model {name!r} is neither a local directory nor a Hub id like 'EleutherAI/gpt-neo-125m'"
-        )
-    return download(name, revision=revision)
+    if name == BUILTIN_NAME and not isinstance(name_or_path, os.PathLike):
+        builtin = builtin_model_dir()
+        if builtin is None:
+            raise CheckpointError("this install of neoj has no built-in model (src/neoj/builtin is missing); "
+                                  "pass another model: " + model_forms())
+        return builtin
+    if isinstance(name_or_path, os.PathLike) or looks_like_path(name):
+        raise CheckpointError(f"no such directory: {name!r} (it is neither a local directory nor a Hub id); "
+                              + model_forms())
+    if name.startswith(RANDOM_PREFIX):
+        raise CheckpointError(f"{name!r} has random weights and no checkpoint to read; this needs a checkpoint "
+                              f"directory, a Hub id or {BUILTIN_NAME}")
+    problem = hub_id_problem(name)
+    if problem is not None:
+        from .config import PRESETS
+
+        hint = (f" ({name} is a preset: {RANDOM_PREFIX}{name} gives random weights of its shape)"
+                if name.lower() in PRESETS else "")
+        raise CheckpointError(f"unknown model {name!r}: not an existing directory, {BUILTIN_NAME}, "
+                              f"{RANDOM_PREFIX}PRESET or a valid Hub id{hint}; " + model_forms())
+    return None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """Returns a local directory holding the checkpoint: the path itself, the built-in model, or the Hub's copy.
+
+    See the rules above; a Hub id is downloaded into the Hugging Face cache, or found there.
+    """
+    local = local_model_dir(name_or_path)
+    return local if local is not None else download(os.fspath(name_or_path), revision=revision)
 
 
 def _pick_weight_patterns(files: list[str]) -> list[str]:
@@ -97,33 +189,113 @@ def _pick_weight_patterns(files: list[str]) -> list[str]:
     return ["*.bin", "pytorch_model.bin.index.json"]
 
 
-def download(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Returns the exception types huggingface_hub raises when the Hub cannot be reached at all.
+
+    huggingface_hub talks HTTP through httpx (httpx2 in recent releases, requests before 0.26); the
+    builtins cover OfflineModeIsEnabled (a ConnectionError) and socket errors.
+    """
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, attrs in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, attr) for attr in attrs if hasattr(mod, attr)]
+    return tuple(errors)
+
+
+def _reason(exc: BaseException) -> str:
+    """Returns the first line of an exception's message (its class name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _offline_help(repo_id: str) -> str:
+    return (f"to work offline set HF_HUB_OFFLINE=1 (models already in the Hugging Face cache are then used without "
+            f"the network); run `neoj download {repo_id}` where there is a network, or pass a local directory")
+
+
+def download(repo_id: str, revision: str | None = None, progress: bool = True,
+             patterns: list[str] | None = None) -> Path:
     """Downloads (or finds in the HF cache) a checkpoint from the Hub; returns its local directory.
 
-    Honours HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE and HF_TOKEN like every huggingface_hub tool.
-    """
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    Honours HF_HUB_OFFLINE, HF_ENDPOINT, HF_HOME / HF_HUB_CACHE and HF_TOKEN like every huggingface_hub
+    tool. `patterns` restricts the files fetched (default: the side files and one weight format).
 
+    The Hub is asked once, without retries, before anything else (huggingface_hub's listing calls retry
+    connection errors five times with backoff, about 30 s on a machine with no network). When that one
+    request cannot connect, the model is taken from the cache if it is there, and otherwise the error says
+    so at once, pointing at HF_HUB_OFFLINE=1.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    problem = hub_id_problem(repo_id)
+    if problem is not None:
+        raise CheckpointError(f"{repo_id!r} is not a valid Hub id ({problem}); a Hub id is owner/name, such as "
+                              "EleutherAI/gpt-neo-125m")
+    offline = bool(constants.HF_HUB_OFFLINE)
+    unreachable: str | None = None  # why the Hub could not be asked, when it could not
+    files: list[str] | None = None
     try:
-        try:
-            files = HfApi().list_repo_files(repo_id, revision=revision)
-            patterns = SIDE_FILES + _pick_weight_patterns(files)
-        except Exception:  # offline or no listing: take whatever the cache holds
-            patterns = SIDE_FILES + ["*.safetensors", "*.bin", "*.index.json"]
+        if not offline:
+            try:
+                info = HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                files = [s.rfilename for s in info.siblings or []]
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except HfHubHTTPError as exc:  # the Hub answered, with an error (5xx, 401...): try the cache
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                unreachable = f"it answered HTTP {status}" if status else _reason(exc)
+            except _network_errors() as exc:
+                unreachable = _reason(exc)
+        if patterns is None:
+            patterns = SIDE_FILES + (_pick_weight_patterns(files) if files is not None
+                                     else ["*.safetensors", "*.bin", "*.index.json"])
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                  local_files_only=offline or unreachable is not None,
                                   tqdm_class=None if progress else _NoProgress)
+    except GatedRepoError as exc:
+        raise CheckpointError(f"{repo_id!r} is gated on the Hugging Face Hub: accept its terms on "
+                              f"https://huggingface.co/{repo_id} and set HF_TOKEN") from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private: set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"{repo_id!r} has no revision {revision!r} on the Hugging Face Hub") from exc
     except LocalEntryNotFoundError as exc:
+        if type(exc).__name__ == "IncompleteSnapshotError":
+            raise CheckpointError(f"the cached copy of {repo_id!r} is incomplete (an interrupted download?) and the "
+                                  f"Hub cannot be reached; run `neoj download {repo_id}` with a network") from exc
+        if offline:
+            raise CheckpointError(
+                f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; run `neoj download "
+                f"{repo_id}` where there is a network (or unset HF_HUB_OFFLINE), or pass a local directory"
+            ) from exc
         raise CheckpointError(
-            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(HF_HUB_OFFLINE is set or there is no network); run `neoj download` where there is, "
-            "or pass a local directory"
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({unreachable}) and {repo_id!r} is not in the "
+            f"local Hugging Face cache; " + _offline_help(repo_id)
         ) from exc
+    except HFValidationError as exc:
+        raise CheckpointError(f"invalid Hub id or revision for {repo_id!r}: {_reason(exc)}") from exc
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"downloading {repo_id!r} failed: {exc}") from exc
+        raise CheckpointError(f"downloading {repo_id!r} failed: {_reason(exc)}") from exc
+    except _network_errors() as exc:
+        raise CheckpointError(f"downloading {repo_id!r} failed: the connection to {constants.ENDPOINT} broke "
+                              f"({_reason(exc)}); run the command again to resume") from exc
+    if unreachable is not None:
+        log.warning("cannot reach the Hugging Face Hub (%s): using the cached copy of %s; set HF_HUB_OFFLINE=1 "
+                    "to skip the check", unreachable, repo_id)
     return Path(local)
+
+
+def download_config(repo_id: str, revision: str | None = None) -> Path:
+    """Returns the config.json of a Hub model, from the cache or fetched alone (no weights)."""
+    return download(repo_id, revision=revision, progress=False, patterns=["config.json"]) / "config.json"
 
 
 class _NoProgress:  # a tqdm stand-in that shows nothing

@@ -14,14 +14,16 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..weights import neoj_to_hf_name
+from ..weights import build_meta, neoj_to_hf_name, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +91,24 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def inject(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Wraps the model's nn.Linear layers named by cfg.target_modules; returns the wrapped names.
-
-    Every parameter not in an adapter is frozen.
-    """
+def target_layers(model: nn.Module, targets: list[str]) -> list[str]:
+    """Returns the names of the model's nn.Linear layers that LoRA target_modules `targets` select."""
     model_type = model.config.model_type
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, LoraLinear) or ".lora_" in name:
             continue
-        if _matches(name, cfg.target_modules) or _matches(_hf_module_name(name, model_type), cfg.target_modules):
+        if _matches(name, targets) or _matches(_hf_module_name(name, model_type), targets):
             chosen.append(name)
+    return chosen
+
+
+def inject(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Wraps the model's nn.Linear layers named by cfg.target_modules; returns the wrapped names.
+
+    Every parameter not in an adapter is frozen.
+    """
+    chosen = target_layers(model, cfg.target_modules)
     if not chosen:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"LoRA target modules {cfg.target_modules} match no linear layer; "
@@ -198,24 +206,137 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     return LoraConfig(r=r, alpha=alpha, dropout=float(d.get("lora_dropout", 0.0)), target_modules=list(targets))
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> LoraConfig:
-    """Injects the adapter of a PEFT directory into `model` and loads its weights; returns its config."""
+def _normalize_key(key: str) -> str:
+    """Returns a PEFT adapter key without the adapter name PEFT may keep ("...lora_A.default.weight")."""
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def _adapter_file(directory: Path) -> Path:
+    for name in (ADAPTER_WEIGHTS, "adapter_model.bin"):
+        if (directory / name).exists():
+            return directory / name
+    raise CheckpointError(f"{directory} has no {ADAPTER_WEIGHTS}")
+
+
+def _read_adapter_tensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    cfg = read_adapter_config(directory)
-    file = directory / ADAPTER_WEIGHTS
-    if file.exists():
-        tensors = load_file(str(file))
-    elif (directory / "adapter_model.bin").exists():
-        tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    try:
+        tensors = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(
+            file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle and zip each raise their own kinds
+        raise CheckpointError(f"{file} could not be read as LoRA weights: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{file} does not hold a dictionary of tensors")
+    return {_normalize_key(k): v for k, v in tensors.items()}
+
+
+def adapter_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Returns the shape of every tensor of a PEFT adapter directory, by normalized key (reads no weights
+    from a safetensors file: its header says the shapes)."""
+    file = _adapter_file(Path(directory))
+    if file.suffix == ".safetensors":
+        header, _ = read_safetensors_header(file)
+        return {_normalize_key(k): tuple(e["shape"]) for k, e in header.items()}
+    return {k: tuple(v.shape) for k, v in _read_adapter_tensors(file).items()}
+
+
+_PEFT_KEY = re.compile(r"\.h\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+# Layers whose input (lora_A) or output (lora_B) is the hidden size, in either family's names.
+_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "fc_in")
+_HIDDEN_OUT = ("q_proj", "k_proj", "v_proj", "out_proj", "c_proj", "fc_out")
+
+
+def describe_adapter(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Returns what model an adapter was made for, read from its tensor names and shapes:
+    "gpt_neo, hidden size 256, 4 layers" (parts it cannot tell are left out)."""
+    families, hidden, layers = set(), set(), set()
+    for key, shape in shapes.items():
+        m = _PEFT_KEY.search(key)
+        if not m or len(shape) != 2:
+            continue
+        layers.add(int(m.group(1)))
+        module, side = m.group(2), m.group(3)
+        leaf = module.rsplit(".", 1)[-1]
+        if module.startswith(("attn.attention.", "mlp.c_")):
+            families.add("gpt_neo")
+        elif module.startswith(("attn.", "mlp.fc_")):
+            families.add("gptj")
+        if side == "A" and leaf in _HIDDEN_IN:
+            hidden.add(shape[1])
+        elif side == "B" and leaf in _HIDDEN_OUT:
+            hidden.add(shape[0])
+    parts = ["/".join(sorted(families)) or "an unknown model type"]
+    if len(hidden) == 1:
+        parts.append(f"hidden size {hidden.pop()}")
+    if layers:
+        parts.append(f"{max(layers) + 1} layers")
+    return ", ".join(parts)
+
+
+def describe_base(cfg: ModelConfig) -> str:
+    """Returns "gptj, hidden size 4096, 28 layers" for a model config."""
+    return f"{cfg.model_type}, hidden size {cfg.hidden_size}, {cfg.n_layers} layers"
+
+
+def check_adapter(directory: str | Path, cfg: ModelConfig, base: str = "the base model") -> LoraConfig:
+    """Returns the adapter's LoraConfig if the adapter in `directory` fits a model of `cfg`; raises otherwise.
+
+    Reads adapter_config.json and the tensor shapes only, and builds the base on the meta device (no
+    memory), so an adapter for another model (another family, hidden size, layer count or target
+    layers) is refused in milliseconds, before any weight is read, with a message naming both shapes.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"no such adapter directory: {str(directory)!r}; an adapter is a LoRA directory "
+                              f"with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (as neoj finetune --lora or PEFT write)")
+    lora = read_adapter_config(path)
+    shapes = adapter_shapes(path)
+    model = build_meta(cfg)
+    expected: dict[str, tuple[int, ...]] = {}
+    for name in target_layers(model, lora.target_modules):
+        if name == "lm_head":
+            continue
+        linear = model.get_submodule(name)
+        key = PEFT_PREFIX + _hf_module_name(name, cfg.model_type)
+        expected[f"{key}.lora_A.weight"] = (lora.r, linear.in_features)
+        expected[f"{key}.lora_B.weight"] = (linear.out_features, lora.r)
+
+    def module(key: str) -> str:
+        return key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] if key.startswith(PEFT_PREFIX) else key
+
+    # The most telling difference first: a tensor of the wrong shape, then a layer the base lacks, then
+    # a layer the adapter lacks.
+    misshaped = [k for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+    unexpected = sorted(set(shapes) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    if not expected:
+        detail = f"its target_modules {lora.target_modules} match no layer of {base}"
+    elif misshaped:
+        key = misshaped[0]
+        detail = f"{key[len(PEFT_PREFIX):]} is {list(shapes[key])} where {base} needs {list(expected[key])}"
+    elif unexpected:
+        detail = f"{base} has no layer {module(unexpected[0])}"
+    elif missing:
+        detail = f"the adapter has no weights for {module(missing[0])}"
     else:
-        raise CheckpointError(f"{directory} has no {ADAPTER_WEIGHTS}")
+        return lora
+    raise CheckpointError(f"LoRA adapter {path} does not fit {base}: the adapter is for {describe_adapter(shapes)}, "
+                          f"{base} is {describe_base(cfg)} ({detail}); use it with the model it was trained from")
+
+
+def load_adapter(model: nn.Module, directory: str | Path, base: str = "the base model") -> LoraConfig:
+    """Injects the adapter of a PEFT directory into `model` and loads its weights; returns its config.
+
+    The adapter is checked against the model's config first (check_adapter; `base` names the model in
+    its message), so a mismatched one is refused with both shapes named instead of failing halfway.
+    """
+    directory = Path(directory)
+    cfg = check_adapter(directory, model.config, base)
+    file = _adapter_file(directory)
+    tensors = _read_adapter_tensors(file)
     inject(model, cfg)
     expected = adapter_state_dict(model)
-    # PEFT may keep the adapter name in keys ("...lora_A.default.weight"); strip it.
-    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-               for k, v in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -235,7 +356,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraConfig:
     return cfg
 
 
-def apply_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def apply_adapter(model: nn.Module, directory: str | Path, base: str = "the base model") -> nn.Module:
     """Merges the LoRA adapter in `directory` into the model's weights; returns the model."""
-    load_adapter(model, directory)
+    load_adapter(model, directory, base)
     return merge(model)
