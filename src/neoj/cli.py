@@ -6,21 +6,47 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import NeojError
+from .checks import check_utf8_text, decode_escapes, prepare_output_dir, read_stdin
+from .errors import GenerationError, NeojError
+from .threads import set_thread_count
 
 EPILOG = """models: a local checkpoint directory, a Hugging Face Hub id (EleutherAI/gpt-neo-125m,
-EleutherAI/gpt-j-6b, ...), or random:PRESET for random weights of a published shape
-(random:gpt-neo-125m, random:gpt-neo-1.3b, random:gpt-neo-2.7b, random:gpt-j-6b).
-With no --model, the model shipped inside neoj is used."""
+EleutherAI/gpt-j-6b, ...), builtin (the small model shipped inside neoj), or random:PRESET for random
+weights of a published shape (random:gpt-neo-125m, random:gpt-neo-1.3b, random:gpt-neo-2.7b, random:gpt-j-6b).
+With no --model, builtin is used (a directory named builtin in the current directory wins: write ./builtin
+to be explicit). Offline, set HF_HUB_OFFLINE=1: models already in the Hugging Face cache load without asking."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, or random:PRESET "
-                   "(default: the built-in model)")
+# Arguments that name files, directories or models: kept as the bytes the shell gave (a non-UTF-8 file name
+# is a valid file name). Every other string argument is text for the model and must be UTF-8.
+PATH_ARGUMENTS = frozenset({"model", "adapter", "out", "input", "output", "data", "val_data", "context", "file",
+                            "examples", "prompts", "load", "config", "base"})
+# How an error names an argument whose option string is not its destination's name.
+ARGUMENT_NAMES = {"prompt": "the PROMPT argument", "text": "the TEXT argument", "question": "the QUESTION argument",
+                  "source": "--from", "repo_id": "the REPO_ID argument"}
+OVERWRITE_HELP = ("write into --out even if it already holds files: the model, adapter and training files there "
+                  "are deleted before the new ones are written (other files are kept)")
+STOP_HELP = (r"stop when TEXT is generated (not printed); repeatable. Backslash escapes are understood: "
+             r"--stop '\n\n' stops at a blank line (also \t, \r, \\ for a backslash, \xNN, \uNNNN)")
+
+
+def stop_text(value: str) -> str:
+    """argparse type of --stop: the text with its backslash escapes decoded (see checks.decode_escapes)."""
+    try:
+        return decode_escapes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Adds --model, --dtype, --device, --revision, --quantize, --group-size and --no-memory-check."""
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
+                   "(default: builtin)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
                    "recent GPUs, else float32)")
@@ -46,8 +72,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off; default 0.95)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when TEXT is generated (not printed); repeatable")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     g.add_argument("--num-return-sequences", type=int, default=1, help="independent samples per prompt")
     g.add_argument("--truncate", action="store_true",
@@ -62,7 +87,48 @@ def _sampling_options(args) -> dict:
                 stop_at_eos=not args.ignore_eos)
 
 
-def _load(args):
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed",
+                      "num_return_sequences")
+
+
+def check_generation_options(args) -> None:
+    """Raises NeojError naming the command-line option (--top-p, ...) whose value is out of range.
+
+    Called before a model is loaded or an output file opened, so a typo fails at once and blames the
+    option, not the data. Options a command does not have, or leaves to the task (None), are skipped.
+    """
+    from .sampling import GenerationParams
+
+    given = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name, None) is not None}
+    try:
+        GenerationParams.from_kwargs(**given)
+    except GenerationError as exc:
+        message = str(exc)
+        bad = re.match(r"(\w+)=(.*?) (must .*)", message)
+        if bad:
+            message = f"--{bad[1].replace('_', '-')} {bad[3]} (got {bad[2]})"
+        elif message.startswith("stop sequences"):
+            message = "--stop must not be empty"
+        raise NeojError(message) from None
+
+
+def check_text_args(args) -> None:
+    """Raises NeojError when a text argument (a prompt, --stop, --system, ...) holds bytes that are not UTF-8.
+
+    On Linux such bytes reach sys.argv as lone surrogates, which the tokenizer rejects with a TypeError;
+    arguments that name files or models (PATH_ARGUMENTS) may hold any bytes and are not checked.
+    """
+    for name, value in sorted(vars(args).items()):
+        if name in PATH_ARGUMENTS or name == "func":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                where = ARGUMENT_NAMES.get(name, "--" + name.replace("_", "-"))
+                check_utf8_text(item, where if where.startswith("the ") else f"the {where} argument")
+
+
+def load_from_args(args):
+    """Returns the LanguageModel that --model, --dtype, --device, --quantize, ... of `args` name."""
     from .api import load
 
     return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
@@ -71,11 +137,12 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if prompt is None:
+    if args.prompt is None:
         raise NeojError("give a PROMPT, or - to read it from standard input")
+    check_generation_options(args)
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     options = _sampling_options(args)
-    lm = _load(args)
+    lm = load_from_args(args)
     out = sys.stdout
     if args.num_return_sequences == 1:
         if args.echo:
@@ -149,26 +216,28 @@ def cmd_quantize(args) -> int:
     from .weights import resolve_model_dir
 
     spec = QuantSpec(args.quantize, args.group_size)
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)  # before a model is resolved or downloaded
     source = resolve_model_dir(args.model, revision=args.revision)
     import torch
 
-    files = quantize_checkpoint(source, Path(args.out), spec, dtype=getattr(torch, args.dtype))
-    total = sum((Path(args.out) / f).stat().st_size for f in files)
+    files = quantize_checkpoint(source, out, spec, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    total = sum((out / f).stat().st_size for f in files)
     print(f"wrote {args.quantize} checkpoint to {args.out} ({_format_bytes(total)}): {', '.join(files)}")
     return 0
 
 
-
 def cmd_serve(args) -> int:
     from .server import serve
+    from .server.listen import bind_listening_socket
 
     api_key = args.api_key or os.environ.get("NEOJ_API_KEY") or None
-    lm = _load(args)
+    sock = bind_listening_socket(args.host, args.port)  # a bad or busy port fails now, not after loading
+    lm = load_from_args(args)
     # Clients name the model by its Hub id, or by the directory's name (a served path is not disclosed).
     model = args.model
-    model_id = args.model_id or (Path(model).name if model and Path(model).exists() else model) or "neoj-builtin"
+    model_id = args.model_id or (Path(model).name if model and Path(model).exists() else model) or lm.name
     serve(lm, host=args.host, port=args.port, api_key=api_key, model_id=model_id, max_batch=args.max_batch,
-          max_queue=args.max_queue, chat_template=args.chat_template)
+          max_queue=args.max_queue, chat_template=args.chat_template, sock=sock)
     return 0
 
 
@@ -179,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"neoj {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what neoj is doing to stderr")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback (for a bug report) instead of one line")
+    parser.add_argument("--threads", type=int, default=None, dest="cpu_threads", metavar="N",
+                        help="CPU threads for the model (default: one per core, or OMP_NUM_THREADS); on a machine "
+                        "busy with other work, the cores left free")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
@@ -187,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt, or - to read standard input")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
-    _add_model_args(p)
+    add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -197,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and POST /); TGI /generate, /generate_stream, /info; /health, /metrics and a playground "
                        "page at /. Binds 127.0.0.1 unless --host says otherwise.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
@@ -237,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "then load it quantized, with no --quantize.")
     p.add_argument("model", help="checkpoint directory or Hub id (full precision)")
     p.add_argument("--out", "-o", required=True, help="new directory for the quantized checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_quantize_args(p, required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the tensors left unquantized: embeddings, layer norms, biases (default bfloat16)")
@@ -253,22 +328,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the process exit code."""
+    """Runs the CLI; returns the process exit code.
+
+    Every error is one line on stderr, "neoj: error: ...", with exit status 1 (130 after Ctrl-C); with
+    --debug the exception propagates instead, so Python prints its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="neoj: %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it prints its own warnings: not each one twice
     if not args.command:
         parser.print_help()
         return 2
     try:
+        check_text_args(args)
+        set_thread_count(args.cpu_threads)
         return args.func(args)
-    except NeojError as exc:
-        print(f"neoj: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # Output piped into `head` and closed: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (KeyboardInterrupt, Exception) as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print("\nneoj: interrupted", file=sys.stderr)
+            return 130
+        print(f"neoj: error: {_describe(exc)}", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: Exception) -> str:
+    """Returns the one-line text main prints for an exception: the message of neoj's own errors, else
+    the system's reason for an I/O failure, else the exception type and a pointer to --debug."""
+    if isinstance(exc, NeojError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    first_line = next(iter(str(exc).strip().splitlines()), "")
+    return (f"unexpected {type(exc).__name__}: {first_line}; this is a bug in neoj: run the command again as "
+            "neoj --debug ... to see where, and report it")

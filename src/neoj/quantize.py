@@ -553,27 +553,30 @@ class ShardWriter:
 
 
 def quantize_checkpoint(source: Path, out: Path, spec: QuantSpec, dtype: torch.dtype = torch.bfloat16,
-                        max_shard_bytes: int = 2 << 30) -> list[str]:
+                        max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> list[str]:
     """Writes a quantized copy of the checkpoint in `source` to `out`, streaming; returns the files written.
 
     Non-linear tensors (embeddings, layer norms, biases) are stored in `dtype`. The source is read one
-    tensor at a time, so memory stays near one shard of output plus the largest tensor.
+    tensor at a time, so memory stays near one shard of output plus the largest tensor. `out` must be
+    new or empty unless `overwrite`, which deletes the model files already there (never `source`).
     """
     import shutil
 
+    from .checks import clear_model_files, prepare_output_dir, same_directory
     from .config import load_config
     from .weights import SIDE_FILES, build_meta, load_state_into, neoj_to_hf_name, weight_files
 
     source, out = Path(source), Path(out)
     if QuantSpec.read(source) is not None:
         raise NeojError(f"{source} is already quantized; quantize the full-precision checkpoint instead")
-    if out.exists() and out.resolve() == source.resolve():
+    if same_directory(out, source):
         raise NeojError("--out must be a new directory, not the checkpoint being quantized")
-    if out.exists() and any(out.iterdir()):
-        raise NeojError(f"{out} exists and is not empty; pick a new directory (nothing was written)")
+    prepare_output_dir(out, overwrite=overwrite)
     cfg = load_config(source)
     files = weight_files(source)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_model_files(out)
     writer = ShardWriter(out, max_shard_bytes)
     model = build_meta(cfg)
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 import time
 
@@ -83,11 +84,12 @@ def _is_loopback(host: str) -> bool:
 def serve(model: LanguageModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_id: str | None = None, aliases: list[str] | None = None, max_batch: int = 32, max_queue: int = 64,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | ChatTemplate = "plain",
-          log_level: str = "info") -> None:
+          log_level: str = "info", sock: socket.socket | None = None) -> None:
     """Serves `model` over HTTP until interrupted (Ctrl+C); returns after a graceful shutdown.
 
-    Binds 127.0.0.1 unless told otherwise; on any other address without an api_key, logs a warning.
-    See create_app for the other arguments.
+    Binds 127.0.0.1 unless told otherwise; on any other address without an api_key, logs a warning. `sock`, a
+    socket already listening (listen.bind_listening_socket: `neoj serve` binds before loading the model), is
+    served instead of binding host:port. See create_app for the other arguments.
     """
     import uvicorn
 
@@ -96,7 +98,8 @@ def serve(model: LanguageModel, host: str = "127.0.0.1", port: int = 8000, api_k
                     "(pass api_key / --api-key or NEOJ_API_KEY)", host)
     app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, chat_template=chat_template)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 
 
 class BackgroundServer:

@@ -11,6 +11,7 @@ Records are generated batch_size at a time, each with its own options and seed (
 Each record is one write() of one whole line to a file opened for appending, and every batch is
 fsync'd. A run killed at any point (SIGKILL included) leaves complete lines plus at most one partial
 line at the end; the next run cuts that partial line off, skips every key already written, and goes on.
+Ctrl-C stops a run between records and returns what it did (BatchResult.interrupted).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import not_utf8_error
 from .runner import EngineRunner, Runner, TaskError, as_runner, task_params
 
 log = logging.getLogger(__name__)
@@ -31,12 +33,13 @@ OUTPUT_FIELDS = ("text", "texts", "finish_reason", "completion_tokens", "error")
 
 @dataclass
 class BatchResult:
-    """What a run did: records in the input, already done before it, and written by it."""
+    """What a run did: records in the input, already done before it, written by it, and whether Ctrl-C stopped it."""
 
     total: int
     skipped: int
     written: int
     output: Path
+    interrupted: bool = False
 
 
 def _key(value) -> str:
@@ -48,11 +51,13 @@ def read_inputs(path: str | Path) -> tuple[str, list[tuple[object, dict]]]:
     """Returns (key field, [(key, record)]) of a JSONL prompts file; raises TaskError naming a bad line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        raw = path.read_bytes()
     except OSError as exc:
         raise TaskError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    try:
+        lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError as exc:
-        raise TaskError(f"input {path} is not UTF-8 text: {exc}") from None
+        raise TaskError(str(not_utf8_error(f"input {path}", raw[exc.start], exc.start))) from None
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -137,9 +142,17 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     record i (0-based, in the input) samples with seed + i unless it names its own: a resumed run
     reproduces what an uninterrupted one would have written. A LanguageModel runs on an engine of its
     own here, so records with different options and lengths still share every decode step.
+    Bad defaults, input or output raise TaskError before the output file is created; Ctrl-C (KeyboardInterrupt)
+    stops between records and returns with interrupted=True, every record written so far kept.
     """
     if batch_size < 1:
         raise TaskError(f"batch_size={batch_size} must be at least 1")
+    defaults = dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
+    try:
+        check = dict(defaults)
+        task_params(check.pop("max_new_tokens"), check.pop("stop", None) or (), **check)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"bad generation options: {exc}") from None
     key_field, records = read_inputs(input_path)
     output_path = Path(output_path)
     if output_path.resolve() == Path(input_path).resolve():
@@ -147,29 +160,26 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     done = read_done(output_path, key_field)
     pending = [(i, k, r) for i, (k, r) in enumerate(records) if _key(k) not in done]
     skipped = len(records) - len(pending)
-    defaults = dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
-    engine = None
-    if isinstance(lm, Runner):
-        runner = lm
-    else:
-        from ..engine import Engine
-
-        runner = as_runner(lm)
-        engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
-        runner = EngineRunner(runner.lm, engine)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(records), initial=skipped, unit="record", desc="batch", dynamic_ncols=True)
-    written = 0
-    try:
+    try:  # before the engine and the progress bar: an error here is printed on a line of its own
         fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
-        if engine is not None:
-            engine.shutdown()
         raise TaskError(f"cannot write output {output_path}: {exc.strerror or exc}") from None
+    engine = bar = None
+    written = 0
+    interrupted = False
     try:
+        if isinstance(lm, Runner):
+            runner = lm
+        else:
+            from ..engine import Engine
+
+            runner = as_runner(lm)
+            engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
+            runner = EngineRunner(runner.lm, engine)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(records), initial=skipped, unit="record", desc="batch", dynamic_ncols=True)
         for b in range(0, len(pending), batch_size):
             batch = pending[b : b + batch_size]
             results: dict[int, list | str] = {}
@@ -197,13 +207,15 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
             os.fsync(fd)
             if bar is not None:
                 bar.update(len(batch))
+    except KeyboardInterrupt:  # the records of the batch being generated are not written; the rest are
+        interrupted = True
     finally:
         os.close(fd)
         if engine is not None:
             engine.shutdown()
         if bar is not None:
             bar.close()
-    return BatchResult(len(records), skipped, written, output_path)
+    return BatchResult(len(records), skipped, written, output_path, interrupted)
 
 
 def _output(key_field: str, key, rec: dict, comps: list | str) -> dict:

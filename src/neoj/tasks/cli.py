@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..checks import check_utf8_text, not_utf8_error, prepare_output_file, read_stdin, read_stdin_line
 from ..errors import NeojError
 
 TASK_EPILOG = """models: --model takes a checkpoint directory, a Hub id (EleutherAI/gpt-neo-1.3B, EleutherAI/gpt-j-6b)
@@ -21,17 +22,19 @@ checkpoint for real work. Prompts: every template is in neoj/tasks/prompts.py; -
 
 
 def _read(source: str, what: str) -> str:
-    """Returns the text of a file, or of standard input for "-"."""
+    """Returns the UTF-8 text of a file, or of standard input for "-"; raises NeojError naming what is wrong."""
     if source == "-":
-        return sys.stdin.read()
+        return read_stdin()
     try:
-        return Path(source).read_text(encoding="utf-8")
+        raw = Path(source).read_bytes()
+        try:
+            return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError as exc:
+            raise not_utf8_error(f"{what} {source!r}", raw[exc.start], exc.start) from None
     except FileNotFoundError:
         raise NeojError(f"{what} {source!r} does not exist") from None
     except IsADirectoryError:
         raise NeojError(f"{what} {source!r} is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise NeojError(f"{what} {source!r} is not UTF-8 text") from None
     except OSError as exc:
         raise NeojError(f"cannot read {what} {source!r}: {exc.strerror or exc}") from None
 
@@ -40,9 +43,9 @@ def _add_common(p: argparse.ArgumentParser, max_new_tokens: int | str | None, te
                 progress: bool = True, generation: bool = True) -> None:
     """Adds the model, prompts, progress and generation options; max_new_tokens: an int default, or the help
     text saying how the task picks it."""
-    from ..cli import _add_model_args
+    from ..cli import add_model_args
 
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
     if progress:
@@ -74,9 +77,11 @@ def _prompts(args):
 
 
 def _load(args):
-    from ..cli import _load as load
+    """Returns the model of `args`, after checking its generation options (so a typo fails before loading)."""
+    from ..cli import check_generation_options, load_from_args
 
-    return load(args)
+    check_generation_options(args)
+    return load_from_args(args)
 
 
 def _progress(args) -> bool:
@@ -120,7 +125,7 @@ def cmd_ask(args) -> int:
 def cmd_translate(args) -> int:
     from .translate import translate
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_stdin() if args.text == "-" else args.text
     print(translate(_load(args), text, to=args.to, source=args.source, shots=args.shots,
                     max_new_tokens=args.max_new_tokens, prompts=_prompts(args), progress=_progress(args),
                     **_options(args)))
@@ -161,7 +166,7 @@ def cmd_classify(args) -> int:
 
     if (args.text is None) == (args.file is None):
         raise NeojError("give a TEXT to classify, or --file FILE (one text per line, or .jsonl with \"text\")")
-    texts = _read_texts(args.file) if args.file else [sys.stdin.read() if args.text == "-" else args.text]
+    texts = _read_texts(args.file) if args.file else [read_stdin() if args.text == "-" else args.text]
     if not texts:
         raise NeojError(f"{args.file} holds no text to classify")
     examples = _read_examples(args.examples) if args.examples else None
@@ -215,11 +220,16 @@ def cmd_chat(args) -> int:
     while True:
         if interactive:
             try:
-                line = input("you> ")
+                line = check_utf8_text(input("you> "), "your message")
             except EOFError:
                 break
+            except (NeojError, UnicodeDecodeError) as exc:  # a terminal not set to UTF-8: say so, keep chatting
+                if isinstance(exc, UnicodeDecodeError):
+                    exc = not_utf8_error("your message", exc.object[exc.start], exc.start)
+                print(f"neoj: error: {exc}", file=sys.stderr)
+                continue
         else:
-            line = sys.stdin.readline()
+            line = read_stdin_line()
             if not line:
                 break
         line = line.strip()
@@ -262,14 +272,25 @@ def cmd_chat(args) -> int:
 
 
 def cmd_batch(args) -> int:
+    from ..cli import check_generation_options
     from .batch import run_batch
 
+    # Options and the output first: a typo fails at once, blames the option, and creates no file.
+    check_generation_options(args)
+    if args.batch_size < 1:
+        raise NeojError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    prepare_output_file(args.output)
     options = _options(args)
     if args.stop:
         options["stop"] = args.stop
     result = run_batch(_load(args), args.input, args.output, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_return_sequences,
                        progress=_progress(args), **options)
+    done = result.skipped + result.written
+    if result.interrupted:
+        print(f"neoj: interrupted after {done} of {result.total} records ({result.written} written by this run) "
+              f"in {result.output}. Run the same command again to do the rest.", file=sys.stderr)
+        return 130
     print(f"{result.written} records written to {result.output} ({result.skipped} already there, "
           f"{result.total} in the input)", file=sys.stderr)
     return 0
@@ -277,6 +298,8 @@ def cmd_batch(args) -> int:
 
 def add_task_commands(sub) -> None:
     """Registers summarize, ask, translate, classify, complete-code, chat and batch on the subcommand parser."""
+    from ..cli import STOP_HELP, stop_text
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over chunks)",
                        description="Summarize FILE (or standard input with -). A document longer than the context "
@@ -370,6 +393,6 @@ def add_task_commands(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="JSONL output file (appended to; resumed if it exists)")
     p.add_argument("--batch-size", "-b", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
     _add_common(p, 128, temperature=0.8)
     p.set_defaults(func=cmd_batch)

@@ -9,19 +9,64 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+from ..checks import clear_model_files, prepare_output_dir, same_directory
+from ..errors import NeojError
+from .checkpoint import CHECKPOINT
 
 TRAIN_EPILOG = """data: .txt files (each one document), or .jsonl with a "text" field per line, or .jsonl with
 "prompt" and "completion" fields (the loss is on the completion only). Every record is checked before
 training starts. Checkpoints go to OUT/checkpoint.pt every --save-every steps; after a crash or Ctrl-C
-run the same command with --resume to continue exactly where it stopped.
+run the same command with --resume to continue exactly where it stopped. OUT must be new or empty: a
+directory with files in it is refused, unless --resume continues the run there or --overwrite is given.
 
 multi-process: torchrun --nproc-per-node N -m neoj finetune ...   (DDP; add --fsdp to shard the model)
 multi-node:    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 \\
                         --nproc-per-node N -m neoj finetune ..."""
 
 
+OVERWRITE_HELP = ("write into --out even if it already holds files: the model, adapter and training files there "
+                  "(an earlier run's checkpoint included) are deleted when the command starts; other files are kept")
+# What a run killed before its first checkpoint leaves in OUT: --resume may start over there.
+RUN_FILES = ("train_log.jsonl",)
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run_dir(args, source: str | None = None) -> None:
+    """Refuses an --out that holds a user's files, before any data or model is read.
+
+    OUT may be missing or empty; with --resume, it may be the directory of the run to continue (it holds
+    checkpoint.pt, or only the log of a run killed before its first checkpoint); with --overwrite, the
+    model and training files in it are deleted first. `source`, the model fine-tuned, is never OUT.
+    """
+    out = Path(args.out).expanduser()
+    if args.resume and args.overwrite:
+        raise NeojError("give --resume (continue the run in --out) or --overwrite (start a new one there), not both")
+    if source is not None and same_directory(source, out):
+        raise NeojError(f"--out {out} is the model being trained; write to a new directory")
+    has_checkpoint = (out / CHECKPOINT).is_file()
+    # One process probes a missing OUT by creating and removing it again; the processes of a torchrun job
+    # check it at the same time, so there it is created and kept (the run makes it anyway).
+    keep = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.resume:
+        if out.is_dir() and not has_checkpoint:
+            others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and ".tmp." not in p.name)
+            if others:
+                raise NeojError(f"--out {out} holds no {CHECKPOINT} to resume from, but other files "
+                                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); give the directory "
+                                "of the run to continue, or drop --resume and choose a new directory")
+        prepare_output_dir(out, overwrite=True, create=keep)  # only that it can be written
+        return
+    if has_checkpoint and not args.overwrite:
+        raise NeojError(f"--out {out} holds an earlier training run ({CHECKPOINT}); pass --resume to continue it, "
+                        "or --overwrite to start a new run there (nothing was written)")
+    prepare_output_dir(out, overwrite=args.overwrite, create=keep)
+    if args.overwrite:  # every process: each must find no checkpoint.pt when its Trainer starts
+        clear_model_files(out)
 
 
 def _add_run_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, beta2: float) -> None:
@@ -50,6 +95,7 @@ def _add_run_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, be
                    "the final check uses all)")
     p.add_argument("--log-every", type=int, default=10, help="write OUT/train_log.jsonl every N steps (10)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
@@ -130,8 +176,10 @@ def _run(args, model=None, config=None) -> int:
     else:
         val = (f", validation loss {result.val_loss:.4f} (perplexity {result.val_perplexity:.3f})"
                if result.val_loss is not None else "")
+        # A resumed run that was already finished takes no step, so has no training loss of its own.
+        loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no step left to take"
         print(f"trained {result.step} steps ({result.tokens:,} tokens) in {result.wall_seconds:.0f} s: "
-              f"train loss {result.train_loss:.4f}{val}. Model written to {result.out}")
+              f"{loss}{val}. Model written to {result.out}")
     return 0
 
 
@@ -139,23 +187,24 @@ def cmd_finetune(args) -> int:
     model = args.model
     if model is None:
         from ..api import builtin_model_dir
-        from ..errors import NeojError
 
         builtin = builtin_model_dir()
         if builtin is None:
             raise NeojError("give --model: this install has no built-in model to fine-tune")
         model = str(builtin)
+    prepare_run_dir(args, source=model)
     return _run(args, model=model)
 
 
 def cmd_train(args) -> int:
+    prepare_run_dir(args)
     return _run(args, config=args.config)
 
 
 def cmd_merge(args) -> int:
     from .merge import merge_adapter
 
-    merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
+    merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {args.base}: written to {args.out}")
     return 0
 
@@ -200,7 +249,10 @@ def add_train_commands(sub) -> None:
                        description="Write BASE with the LoRA ADAPTER merged in, as a plain checkpoint.")
     p.add_argument("base", help="base model: checkpoint directory or Hub id")
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--out", "-o", required=True, help="new directory for the merged model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it already holds files: the model, adapter and training files "
+                   "there are deleted before the merged model is written (other files are kept)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the written weights (default: the base checkpoint's)")
     p.set_defaults(func=cmd_merge)
