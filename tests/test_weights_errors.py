@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -342,3 +343,16 @@ def test_a_fitting_adapter_still_loads(neo, neo_adapter, tokenizer):
     lm = neoj.load(neo.path, dtype="float32", device="cpu", adapter=neo_adapter)
     ids = tokenizer.encode(PROMPTS[0])
     assert not torch.equal(neoj_logits(lm, ids), neoj_logits(neo.lm, ids))
+
+
+def test_written_safetensors_follow_the_umask_and_leave_no_temporary(tmp_path):
+    from neoj.weights import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_safetensors({"w": torch.ones(2, 3)}, tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors alone makes it 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], torch.ones(2, 3))

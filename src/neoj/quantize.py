@@ -36,7 +36,7 @@ from torch import nn
 from .errors import CheckpointError, NeojError
 from . import rowmatmul
 from .kernels import _state
-from .weights import RowSink
+from .weights import RowSink, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -528,14 +528,10 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         name = f"model-{len(self.shards) + 1:05d}.safetensors"
-        tmp = self.directory / (name + ".tmp")
-        save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        tmp.replace(self.directory / name)
+        write_safetensors(self.pending, self.directory / name)
         self.shards.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

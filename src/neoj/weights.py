@@ -666,16 +666,26 @@ def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Writes config.json and model.safetensors that transformers' from_pretrained loads unchanged."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Writes `tensors` to the safetensors file `path` atomically (a crash never leaves a half-written file),
+    readable as any other file the user writes: safetensors creates its files 0600, whatever the umask."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Writes config.json and model.safetensors that transformers' from_pretrained loads unchanged."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_for_hf(model)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
+    write_safetensors(tensors, directory / "model.safetensors")
     model.config.save(directory)

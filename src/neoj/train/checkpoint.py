@@ -18,7 +18,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import NeojError
 from ..tokenizer import bundled_gpt2_dir
-from ..weights import neoj_to_hf_name
+from ..weights import neoj_to_hf_name, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ def set_rng_state(state: dict) -> None:
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path,
               dtype: torch.dtype | None = None) -> None:
     """Writes config.json and model.safetensors from a neoj state dict, as save_pretrained would."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -105,9 +103,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, directory: str |
             continue
         t = t.detach().cpu()
         tensors[neoj_to_hf_name(name, cfg.model_type)] = (t.to(dtype) if dtype is not None else t).contiguous()
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
+    write_safetensors(tensors, directory / "model.safetensors")
     cfg.save(directory)
 
 

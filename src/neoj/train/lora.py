@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..weights import build_meta, neoj_to_hf_name, read_safetensors_header
+from ..weights import build_meta, neoj_to_hf_name, read_safetensors_header, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +165,10 @@ def peft_config_dict(model: nn.Module, cfg: LoraConfig, base_model: str | None) 
 def save_adapter(model: nn.Module, cfg: LoraConfig, directory: str | Path, base_model: str | None = None,
                  state: dict[str, torch.Tensor] | None = None) -> None:
     """Writes adapter_config.json and adapter_model.safetensors (PEFT's format) into `directory`."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state if state is not None else adapter_state_dict(model)
-    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / ADAPTER_WEIGHTS)
+    write_safetensors(tensors, directory / ADAPTER_WEIGHTS)
     config = peft_config_dict(model, cfg, base_model)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
