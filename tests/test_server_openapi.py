@@ -131,7 +131,7 @@ def test_error_responses_and_content_types(server, spec):
 def test_documented_error_bodies_are_what_the_server_answers(http):
     for path, body, model in [("/v1/completions", {"prompt": "x", "temperature": 5}, schemas.OpenAIError),
                               ("/generate", {"inputs": "x", "parameters": {"top_k": -1}}, schemas.HFError),
-                              ("/embed", {"inputs": ["x"] * 100}, schemas.HFError)]:
+                              ("/embed", {"inputs": 5}, schemas.HFError)]:
         r = http.post(path, json=body)
         assert r.status_code == 422
         model.model_validate(r.json())
