@@ -344,3 +344,8 @@ def test_threads_option_applies_to_every_command(capsys):
     assert code == 1 and "--threads must be at least 1, not 0" in err
     code, out, _ = run(capsys, "--threads", "1", "info", "builtin")
     assert code == 0 and out.startswith("builtin")
+
+
+def test_serve_applies_adapter_and_names_a_missing_one(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--port", "0", "--adapter", str(tmp_path / "no-adapter"))
+    assert code == 1 and "no such adapter directory" in err

@@ -67,3 +67,12 @@ def test_two_gloo_processes_equal_one(setup, tmp_path, mode):
     assert proc.stdout.count("trained 4 steps") == 1  # only rank 0 reports
     assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["world_size"] == 2
     assert_same_run(out, ref)
+
+
+def test_validation_with_fewer_blocks_than_processes_times_batch(setup, tmp_path):
+    # Validation rounds hand each process `batch` blocks; with fewer blocks than that in all, the second
+    # process's share is empty (it once asked for a range starting past the end and crashed).
+    root, data, _ = setup
+    out = tmp_path / "few-val"
+    torchrun(root, data, out, "--batch-size", "8")
+    assert any("val_loss" in record for record in log(out))

@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "page at /. Binds 127.0.0.1 unless --host says otherwise.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter directory (PEFT format) applied to the model for every request")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,

@@ -510,7 +510,8 @@ class Trainer:
         nll, count = 0.0, 0.0
         B, W, r = self.args.batch_size, self.dist.world, self.dist.rank
         for start in range(0, n, B * W):
-            sel = torch.arange(start + r * B, min(start + (r + 1) * B, n))
+            # The last round may leave this process nothing: an empty range, not one past the end.
+            sel = torch.arange(min(start + r * B, n), min(start + (r + 1) * B, n))
             empty = len(sel) == 0
             if empty and not self.args.fsdp:
                 continue
