@@ -189,6 +189,14 @@ def cmd_info(args) -> int:
         "block": "parallel attention + MLP" if cfg.parallel_block else "sequential pre-LN",
         "memory": rows,
     }
+    if args.train:
+        from .memory import training_table
+
+        seq_len = args.context  # the training blocks' length: --context, at most the model's context
+        targets = tuple(args.lora_targets)
+        info["training"] = {"batch": args.batch, "seq_len": seq_len, "lora_r": args.lora_r,
+                            "lora_targets": list(targets),
+                            "modes": training_table(cfg, args.batch, seq_len, args.lora_r, targets)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -208,6 +216,16 @@ def cmd_info(args) -> int:
     free = memory_limit(available_memory(resolve_device("auto")))
     print(f"\n  available now: {_format_bytes(free)}; int8/int4 compute in bfloat16 (--group-size "
           f"{args.group_size}); loading also needs about 0.6 GiB for the runtime")
+    if args.train:
+        t = info["training"]
+        print(f"\n  training memory for a micro-batch of {t['batch']} x {t['seq_len']} tokens (fp32 weights, "
+              f"AdamW; LoRA rank {t['lora_r']} on {' '.join(t['lora_targets'])}):")
+        print(f"  {'mode':<27}{'weights':>10}{'grads+adam':>12}{'activations':>13}{'total':>11}")
+        for row in t["modes"]:
+            print(f"  {row['mode']:<27}{_format_bytes(row['weights_bytes']):>10}"
+                  f"{_format_bytes(row['gradients_bytes'] + row['optimizer_bytes']):>12}"
+                  f"{_format_bytes(row['activations_bytes']):>13}{_format_bytes(row['total_bytes']):>11}")
+        print("  totals include the loss's logits chunk and 0.6 GiB runtime; a GPU adds its CUDA context")
     return 0
 
 
@@ -302,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences at once to plan for (default 1)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size to plan for (default 128)")
+    p.add_argument("--train", action="store_true",
+                   help="also plan training memory per mode (full fp32, full bf16, with checkpointing, LoRA) "
+                   "for --batch blocks of --context tokens")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank to plan for with --train (default 8)")
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
+                   help="LoRA target modules to plan for with --train (default q_proj v_proj)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
