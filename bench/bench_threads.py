@@ -49,9 +49,9 @@ def cpu_flags() -> str:
 
 def worker(model: str, tokens: int) -> None:
     """Runs in a fresh process: loads MODEL in float32 and prints decode tokens/s and the threads used."""
-    import torch
+    import neoj  # first, as `neoj` itself does: it sets its OpenMP policy before torch starts
 
-    import neoj
+    import torch
 
     lm = neoj.load(model, dtype="float32")
     lm.generate("The list type", max_new_tokens=8, temperature=0, stop_at_eos=False)  # warm-up
