@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8_kernel import write_section  # noqa: E402
 
 SECTION_BEGIN = "<!-- bench_threads:begin -->"
 SECTION_END = "<!-- bench_threads:end -->"
@@ -140,6 +138,10 @@ def main(argv=None) -> None:
     if args.out == "-":
         sys.stdout.write(text)
     else:
+        # Imported here, not at the top: it imports torch, and the worker must import neoj first.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_int8_kernel import write_section
+
         write_section(args.out, text, SECTION_BEGIN, SECTION_END)
 
 
