@@ -43,6 +43,14 @@ def check_count(value, param: str) -> None:
                        "several requests", param=param)
 
 
+def check_dimensions(state: ServerState, dimensions: int | None) -> None:
+    """Raises a 422 unless `dimensions` is unset or the model's hidden size (vectors are never truncated)."""
+    hidden = state.lm.config.hidden_size
+    if dimensions is not None and dimensions != hidden:
+        raise APIError(422, f"dimensions={dimensions} is not supported: this model's embeddings have "
+                       f"{hidden} dimensions", param="dimensions")
+
+
 def check_lengths(state: ServerState, inputs: list[list[int]], param: str, hint: str = "") -> None:
     """Raises a 400 naming the token count and the limit when an input is longer than the context, or all of
     them together hold more than MAX_TOTAL_TOKENS."""

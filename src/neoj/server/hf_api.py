@@ -29,7 +29,7 @@ from ..engine import Sequence
 from ..sampling import GenerationParams
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
                      parse, read_json, room_for, sse)
-from .embeddings import MAX_INPUTS, check_count, check_lengths, embed
+from .embeddings import MAX_INPUTS, check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import FeatureExtractionRequest, HFParameters, HFRequest
 
@@ -174,10 +174,7 @@ async def _features(st: ServerState, request: Request, data: object):
     if body.prompt_name is not None:
         raise APIError(422, "prompt_name is not supported: a GPT model has no sentence-transformers prompts",
                        param="prompt_name")
-    hidden = st.lm.config.hidden_size
-    if body.dimensions is not None and body.dimensions != hidden:
-        raise APIError(422, f"dimensions={body.dimensions} is not supported: this model's embeddings have "
-                       f"{hidden} dimensions", param="dimensions")
+    check_dimensions(st, body.dimensions)
     check_count(body.inputs, "inputs")
     inputs, _ = encode_prompts(st, body.inputs, "inputs")
     if body.truncate:

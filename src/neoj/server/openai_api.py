@@ -15,7 +15,7 @@ from ..sampling import GenerationParams
 from .chat import get_template
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
                      parse, read_json, room_for, sse)
-from .embeddings import check_count, check_lengths, embed
+from .embeddings import check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
@@ -290,10 +290,7 @@ async def embeddings(request: Request):
     st = _state(request)
     body = parse(EmbeddingRequest, await read_json(request))
     st.check_model(body.model)
-    hidden = st.lm.config.hidden_size
-    if body.dimensions is not None and body.dimensions != hidden:
-        raise APIError(422, f"dimensions={body.dimensions} is not supported: this model's embeddings have "
-                       f"{hidden} dimensions", param="dimensions")
+    check_dimensions(st, body.dimensions)
     check_count(body.input, "input")
     inputs, _ = encode_prompts(st, body.input, "input")
     check_lengths(st, inputs, "input")
