@@ -1,36 +1,35 @@
-"""fp32 few-row products: neoj's AVX-512 row kernel against oneDNN's linear and F.linear, weight by weight.
+"""fp32 few-row products: neoj's row kernel (one ISA variant) against oneDNN's linear and F.linear, weight by weight.
 
 For the linear layers of GPT-Neo-125M, GPT-Neo-1.3B and GPT-J-6B (random fp32 weights) and 1 to 32
 activation rows (a decode step of that many sequences): the time of one product with the weights out of
 cache (copies of each weight rotated past the last-level cache, as in a decode step that reads every
 layer once), as GB/s of weight bytes, beside a plain sum over the same copies (the bandwidth available).
 `F.linear` is what transformers runs; before its own kernel, neoj ran a blocked matrix-vector product
-(kernels.blocked_matvec) for one row and oneDNN's linear (torch.ops.mkldnn._linear_pointwise) for 2-64.
+(linear.blocked_matvec) for one row and oneDNN's linear (torch.ops.mkldnn._linear_pointwise) for 2-64.
 Rounds are interleaved; medians reported.
 
-    python bench/bench_f32_kernel.py                # writes its section of BENCHMARKS.md
+    python bench/bench_f32_kernel.py                # this CPU's best variant: writes its section of BENCHMARKS.md
+    python bench/bench_f32_kernel.py --isa avx2     # another variant this CPU runs: a section of its own
 """
 
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import subprocess
 
 import torch
 import torch.nn.functional as F
 
-from bench_int8_kernel import median_time, run_kernel_bench
-from neoj import rowmatmul
-from neoj.kernels import blocked_matvec
+from bench_int8_kernel import command_options, machine_line, markers, median_time, run_kernel_bench
+from neoj.linear import blocked_matvec
 
 SECTION_BEGIN = "<!-- bench_f32_kernel:begin -->"
 SECTION_END = "<!-- bench_f32_kernel:end -->"
 ROWS = (1, 2, 4, 8, 16, 32)
 
 
-def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
+def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
     copies = max(2, -(-cold_bytes // (4 * out * inn)))
     weights = [torch.randn(out, inn) for _ in range(copies)]
     items = list(range(copies))
@@ -45,23 +44,24 @@ def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
                 times["linear"].append(median_time(lambda i: F.linear(x, weights[i]), items, repeats))
                 times["onednn"].append(median_time(
                     lambda i: torch.ops.mkldnn._linear_pointwise(x, weights[i], None, "none", [], ""), items, repeats))
-                times["neoj"].append(median_time(lambda i: rowmatmul.f32_rowmatmul(x, weights[i]), items, repeats))
+                times["neoj"].append(median_time(lambda i: kernels.f32(x, weights[i]), items, repeats))
                 times["sum"].append(median_time(lambda i: weights[i].sum(), items, repeats))
                 if m == 1:
                     times["blocked"].append(median_time(lambda i: blocked_matvec(x[0], weights[i], None), items, repeats))
             exact = x.double() @ weights[0].double().t()
-            err = (rowmatmul.f32_rowmatmul(x, weights[0]).double() - exact).norm() / exact.norm()
+            err = (kernels.f32(x, weights[0]).double() - exact).norm() / exact.norm()
         result[m] = {k: gb / statistics.median(v) for k, v in times.items()} | {"err": err.item()}
         result[m]["before"] = result[m].get("blocked", result[m]["onednn"])
     return result
 
 
-def section(results: list, args, load: str) -> str:
+def section(results: list, args, load: str, kernels) -> str:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [SECTION_BEGIN, "## fp32 few-row kernel: neoj (AVX-512) vs oneDNN's linear and F.linear (CPU)", "",
-             f"- Machine: {platform.machine()}, {torch.get_num_threads()} threads; load average at start {load}",
+    begin, end = markers(SECTION_BEGIN, SECTION_END, args.isa)
+    lines = [begin, f"## fp32 few-row kernel: neoj ({kernels.name}) vs oneDNN's linear and F.linear (CPU)", "",
+             f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
              f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
-             f"- Command: `python bench/bench_f32_kernel.py{' --rounds ' + str(args.rounds) if args.rounds != 3 else ''}`",
+             f"- Command: `python bench/bench_f32_kernel.py{command_options(args)}`",
              f"- GB/s of fp32 weights per product, weights out of cache (copies rotated past {args.cold_mb} MB), "
              f"median of {args.rounds} interleaved rounds. `sum` is a plain read of the same bytes. Speed-up: neoj "
              "over what neoj ran before (the blocked matrix-vector product at one row, oneDNN at more). Error: "
@@ -75,15 +75,14 @@ def section(results: list, args, load: str) -> str:
             blocked = f"{x['blocked']:.1f}" if "blocked" in x else "-"
             lines.append(f"| {model} | {layer} | {out}x{inn} | {m} | {x['linear']:.1f} | {blocked} | {x['onednn']:.1f} | "
                          f"{x['neoj']:.1f} | {x['neoj'] / x['before']:.2f}x | {x['sum']:.1f} | {x['err']:.1e} |")
-    lines += ["", "neoj's fp32 decode layers (kernels.py) use this kernel for 2-16 rows and for one row of layers at "
-              "least 3072 wide (narrower single rows keep the blocked product); oneDNN's linear for 17-64.", SECTION_END]
+    lines += ["", "Which product neoj's fp32 decode layers run for each row count and ISA: `neoj.linear.RULES` "
+              "(rowmatmul_f32, blocked_matvec and onednn_linear rules).", end]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    run_kernel_bench(argv, __doc__, rowmatmul.f32_available(),
-                     "neoj's fp32 row kernel is not available here (needs AVX-512 and a C compiler)",
-                     measure, lambda r: r["neoj"] / r["before"], section, SECTION_BEGIN, SECTION_END)
+    run_kernel_bench(argv, __doc__, "fp32", measure, lambda r: r["neoj"] / r["before"], section, SECTION_BEGIN,
+                     SECTION_END)
 
 
 if __name__ == "__main__":

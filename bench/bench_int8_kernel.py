@@ -1,13 +1,14 @@
-"""int8 few-row products: neoj's VNNI kernel against aten._weight_int8pack_mm, weight by weight.
+"""int8 few-row products: neoj's row kernel (one ISA variant) against aten._weight_int8pack_mm, weight by weight.
 
 For the linear layers of GPT-Neo-125M, GPT-Neo-1.3B and GPT-J-6B (random int8 weights, per-row fp32
-scales) and 1, 2, 4 and 8 activation rows: the time of one product with the weights out of cache (enough
+scales) and 1 to 16 activation rows: the time of one product with the weights out of cache (enough
 copies of each weight are rotated to exceed the last-level cache, as in a decode step where every
 layer's weights are read once), as GB/s of weight bytes; next to it the read bandwidth of a plain sum
 over the same copies. PyTorch's op gets bf16 activations (its fast form); neoj's gets fp32. Accuracy:
 the relative error of each against the exact (fp64) product. Rounds are interleaved; medians reported.
 
-    python bench/bench_int8_kernel.py                # writes its section of BENCHMARKS.md
+    python bench/bench_int8_kernel.py                # this CPU's best variant: writes its section of BENCHMARKS.md
+    python bench/bench_int8_kernel.py --isa avx2     # another variant this CPU runs: a section of its own
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SHAPES = [  # (model, layer, out, in)
     ("1.3B", "fc_out", 2048, 8192), ("6B", "q/k/v/out_proj", 4096, 4096), ("6B", "fc_in", 16384, 4096),
     ("6B", "fc_out", 4096, 16384), ("6B", "lm_head", 50400, 4096),
 ]
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16)
 
 
 def median_time(fn, items, repeats: int) -> float:
@@ -48,7 +49,7 @@ def median_time(fn, items, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
+def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
     copies = max(2, -(-cold_bytes // (out * inn)))
     weights = [(torch.randint(-127, 128, (out, inn), dtype=torch.int8), torch.rand(out) / 64) for _ in range(copies)]
     bf16_scales = [s.bfloat16() for _, s in weights]
@@ -62,7 +63,7 @@ def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
         for _ in range(rounds):
             theirs.append(median_time(lambda i: torch.ops.aten._weight_int8pack_mm(xb, weights[i][0], bf16_scales[i]),
                                       items, repeats))
-            ours.append(median_time(lambda i: rowmatmul.int8_rowmatmul(x, *weights[i]), items, repeats))
+            ours.append(median_time(lambda i: kernels.int8(x, *weights[i]), items, repeats))
             reads.append(median_time(lambda i: weights[i][0].view(torch.int64).sum(), items, repeats))
         q, s = weights[0]
         exact = x.double() @ (q.double() * s.double()[:, None]).t()
@@ -72,17 +73,18 @@ def measure(out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
             "int8pack_gbs": gb / statistics.median(theirs), "neoj_gbs": gb / statistics.median(ours),
             "sum_gbs": gb / statistics.median(reads),
             "int8pack_err": err(torch.ops.aten._weight_int8pack_mm(xb, q, bf16_scales[0]).float()),
-            "neoj_err": err(rowmatmul.int8_rowmatmul(x, q, s)),
+            "neoj_err": err(kernels.int8(x, q, s)),
         }
     return result
 
 
-def section(results: list, args, load: str) -> str:
+def section(results: list, args, load: str, kernels) -> str:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [SECTION_BEGIN, "## int8 decode kernel: neoj (AVX512-VNNI) vs aten._weight_int8pack_mm (CPU)", "",
-             f"- Machine: {platform.machine()}, {torch.get_num_threads()} threads; load average at start {load}",
+    begin, _ = markers(SECTION_BEGIN, SECTION_END, args.isa)
+    lines = [begin, f"## int8 decode kernel: neoj ({kernels.name}) vs aten._weight_int8pack_mm (CPU)", "",
+             f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
              f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
-             f"- Command: `python bench/bench_int8_kernel.py{' --rounds ' + str(args.rounds) if args.rounds != 3 else ''}`",
+             f"- Command: `python bench/bench_int8_kernel.py{command_options(args)}`",
              "- GB/s of int8 weights per product, weights out of cache (copies rotated past "
              f"{args.cold_mb} MB), median of {args.rounds} interleaved rounds. `sum` is a plain read of the same "
              "bytes: the bandwidth available. Error: relative to the exact fp64 product (bf16 activations for "
@@ -96,9 +98,34 @@ def section(results: list, args, load: str) -> str:
             lines.append(f"| {model} | {layer} | {out}x{inn} | {m} | {x['int8pack_gbs']:.1f} | {x['neoj_gbs']:.1f} | "
                          f"{x['neoj_gbs'] / x['int8pack_gbs']:.2f}x | {x['sum_gbs']:.1f} | {x['int8pack_err']:.1e} | "
                          f"{x['neoj_err']:.1e} |")
-    lines += ["", "neoj uses its kernel where rows x in_features <= 8192 and in_features is a multiple of 256 "
-              "(`VNNI_MAX_ELEMENTS` in quantize.py); other products keep `_weight_int8pack_mm`.", SECTION_END]
+    lines += ["", "Which product neoj runs for each row count and ISA: `neoj.linear.RULES` (rowmatmul_int8 rules).",
+              markers(SECTION_BEGIN, SECTION_END, args.isa)[1]]
     return "\n".join(lines) + "\n"
+
+
+def markers(begin: str, end: str, isa: str | None) -> tuple[str, str]:
+    """Returns the section markers: the plain ones for this CPU's best variant, one pair per forced ISA."""
+    if not isa:
+        return begin, end
+    return begin.replace(":begin", f"[{isa}]:begin"), end.replace(":end", f"[{isa}]:end")
+
+
+def machine_line() -> str:
+    """Returns the CPU model and its SIMD features, for a section's Machine line."""
+    model = platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "asimd", "asimddp")
+    return f"{model} ({', '.join(f for f in wanted if f in rowmatmul.cpu_features())})"
+
+
+def command_options(args) -> str:
+    """Returns the options a section's Command line repeats (those that differ from the defaults)."""
+    opts = f" --isa {args.isa}" if args.isa else ""
+    opts += f" --rounds {args.rounds}" if args.rounds != 3 else ""
+    return opts + (f" --threads {args.threads}" if args.threads != 2 else "")
 
 
 def write_section(out: str, text: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
@@ -113,33 +140,39 @@ def write_section(out: str, text: str, begin: str = SECTION_BEGIN, end: str = SE
     path.write_text(doc)
 
 
-def run_kernel_bench(argv, doc: str, available: bool, unavailable: str, measure, speedup, section,
-                     begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
-    """The command line shared by the kernel benchmarks: measure every shape, print speed-ups per row count
-    (speedup(result of one row count)), write section(results, args, load) between begin and end."""
+def run_kernel_bench(argv, doc: str, kind: str, measure, speedup, section, begin: str = SECTION_BEGIN,
+                     end: str = SECTION_END) -> None:
+    """The command line shared by the kernel benchmarks: measure every shape with one kernel variant (--isa,
+    else this CPU's best), print speed-ups per row count (speedup(result of one row count)), write
+    section(results, args, load, kernels) between begin and end (markers of its own for a forced ISA)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", choices=[v.name for v in rowmatmul.VARIANTS],
+                   help="measure this kernel variant (NEOJ_ISA's names) instead of this CPU's best")
     p.add_argument("--cold-mb", type=int, default=160, help="bytes of weight copies rotated per shape")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
     args = p.parse_args(argv)
-    if not available:
-        sys.exit(unavailable)
+    try:
+        kernels = rowmatmul.load(args.isa) if args.isa else rowmatmul.kernels()
+    except rowmatmul.BuildError as exc:
+        sys.exit(f"neoj's {kind} kernel {args.isa} is not available here: {exc}")
+    if kernels is None:
+        sys.exit(f"neoj's {kind} kernel is not available here (no variant for this CPU, or no C compiler)")
     torch.set_num_threads(args.threads)
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     results = []
     for shape in SHAPES:
-        r = measure(shape[2], shape[3], args.rounds, args.cold_mb << 20)
+        r = measure(kernels, shape[2], shape[3], args.rounds, args.cold_mb << 20)
         print(shape, {m: round(speedup(v), 2) for m, v in r.items() if isinstance(m, int)}, flush=True)
         results.append((shape, r))
-    write_section(args.out, section(results, args, load), begin, end)
+    begin, end = markers(begin, end, args.isa)
+    write_section(args.out, section(results, args, load, kernels), begin, end)
     print(f"wrote {args.out}")
 
 
 def main(argv=None) -> None:
-    run_kernel_bench(argv, __doc__, rowmatmul.available(),
-                     "neoj's int8 kernel is not available here (needs AVX512-VNNI and a C compiler)",
-                     measure, lambda r: r["neoj_gbs"] / r["int8pack_gbs"], section)
+    run_kernel_bench(argv, __doc__, "int8", measure, lambda r: r["neoj_gbs"] / r["int8pack_gbs"], section)
 
 
 if __name__ == "__main__":

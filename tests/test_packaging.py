@@ -17,6 +17,10 @@ import neoj
 SOURCE = Path(neoj.__file__).resolve().parent
 # Imported only for a task's optional extra or never at run time; checked separately below.
 TEST_ONLY = {"transformers", "peft", "openai", "httpx", "ctranslate2", "pytest"}
+# Installed by PyTorch's CUDA builds (their own requirement) and needed only on a GPU: imported inside
+# the function that first runs a GPU kernel, never at import time. Declaring it would put 190 MB of
+# compiler on every CPU-only install.
+WITH_TORCH_CUDA = {"triton": "gpu_kernels.py"}
 
 
 def _imported_top_level_modules() -> dict[str, set[str]]:
@@ -53,7 +57,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     declared = _declared_runtime_requirements()
     undeclared = {}
     for module, files in _imported_top_level_modules().items():
-        if module in sys.stdlib_module_names or module == "neoj" or module in TEST_ONLY:
+        if module in sys.stdlib_module_names or module == "neoj" or module in TEST_ONLY or module in WITH_TORCH_CUDA:
             continue
         owners = {_normalized(d) for d in distributions.get(module, [module])}
         if not owners & declared:
@@ -70,3 +74,12 @@ def test_numpy_is_declared_because_checkpoint_reading_uses_tensor_numpy():
 def test_test_only_packages_are_never_imported_at_run_time():
     leaked = {m: sorted(f) for m, f in _imported_top_level_modules().items() if m in TEST_ONLY}
     assert not leaked, f"test/bench-only packages imported by neoj: {leaked}"
+
+
+def test_gpu_only_packages_are_imported_lazily_in_one_module():
+    found = _imported_top_level_modules()
+    for module, only_file in WITH_TORCH_CUDA.items():
+        assert found.get(module, set()) <= {only_file}, found[module]
+        tree = ast.parse((SOURCE / only_file).read_text(encoding="utf-8"))
+        top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not any(module in ast.dump(n) for n in top_level), f"{only_file} imports {module} at import time"

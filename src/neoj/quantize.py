@@ -1,12 +1,12 @@
 """Weight-only quantization: per-channel int8 and group-wise int4 linear layers, on CPU and CUDA.
 
 Every linear layer and the LM head can be stored as integers with floating-point scales; activations,
-layer norms, attention and the token embedding keep the compute dtype. The products run on PyTorch's
-own kernels, chosen by measurement on a 2-core AMD EPYC with torch 2.13 (see BENCHMARKS.md):
-- int8, a few rows, on CPUs with AVX512-VNNI: neoj's own kernel (rowmatmul.py, csrc/rowmatmul.c),
-  which multiplies the weight bytes directly instead of converting each to float: 1.3-2.5x the speed
-  of aten._weight_int8pack_mm out of cache for inputs up to 4096 wide, on par for GPT-J's 16384-wide
-  fc_out, with activations kept to 15 bits instead of bf16's 8.
+layer norms, attention and the token embedding keep the compute dtype. QuantLinear.forward hands each
+call to neoj.linear, whose RULES table picks the kernel by measurement (see BENCHMARKS.md):
+- int8, a few rows on CPU: neoj's own kernels (rowmatmul.py, csrc/rowmatmul_*.c, built per ISA: AVX2,
+  AVX-512, AVX512-VNNI, NEON, NEON dot product), which multiply the weight bytes as integers instead of
+  converting each to float, with activations kept to 15 bits instead of bf16's 8: with VNNI 1.3-2.5x the
+  speed of aten._weight_int8pack_mm out of cache for inputs up to 4096 wide.
 - int8 otherwise: aten._weight_int8pack_mm with bf16 activations (9-23 GB/s); the same op with fp32
   activations manages 1-2 GB/s, so activations are cast to bf16 for it. From 64 rows up (prefill)
   dequantizing to bf16 and one matmul is faster.
@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, NeojError
-from . import rowmatmul
-from .kernels import _state
+from . import linear
 from .weights import RowSink, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -43,19 +42,6 @@ log = logging.getLogger(__name__)
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 QUANTIZATION_FILE = "quantization.json"
-# From this many rows on, an int8 product is faster as "dequantize to bf16, then one matmul".
-DEQUANT_MIN_ROWS = 64
-# int8 weights at least this large (out of cache) and at most this wide decode one row faster through a
-# compiled reduction: measured 22 GB/s against _weight_int8pack_mm's 9-16 GB/s on GPT-Neo's 50257x768
-# and 50257x2048 heads and 8192x2048 MLP. Smaller weights (in cache) and GPT-J's 4096-wide or wider
-# inputs are 1.3-3x faster in _weight_int8pack_mm.
-COMPILED_INT8_MIN_BYTES = 16 << 20
-COMPILED_INT8_MAX_IN = 2048
-# Few-row int8 products go through neoj's VNNI kernel (rowmatmul.py) where the CPU has it, while the
-# activations (rows x in_features) stay within this many values (16 KB of 15-bit activations: L1):
-# measured 15-29 GB/s against _weight_int8pack_mm's 9-17 GB/s on GPT-Neo and GPT-J shapes at one row,
-# and better up to 8 rows of 768 (BENCHMARKS.md).
-VNNI_MAX_ELEMENTS = 8192
 # Rows quantized at a time: bounds the temporaries to a few MB whatever the matrix size.
 _CHUNK_ROWS = 1024
 # The layers that are quantized: every linear layer of the blocks, and the LM head.
@@ -118,8 +104,8 @@ class QuantSpec:
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Returns {"qweight": int8 (out, in), "scales": fp32 (out,)}: symmetric, one scale per output row."""
     out = w.shape[0]
-    qweight = torch.empty(w.shape, dtype=torch.int8)
-    scales = torch.empty(out, dtype=torch.float32)
+    qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # on the weight's device: a GPU quantizes
+    scales = torch.empty(out, dtype=torch.float32, device=w.device)   # a 6B model in seconds
     for start in range(0, out, _CHUNK_ROWS):
         rows = w[start : start + _CHUNK_ROWS].float()
         scale = rows.abs().amax(dim=1).clamp(min=1e-10) / 127.0
@@ -140,9 +126,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
         raise NeojError(f"int4 needs the input size ({inn}) to be a multiple of the group size ({group_size}); "
                         f"pass a group size that divides it (one of {GROUP_SIZES})")
     groups = inn // group_size
-    qweight = torch.empty(out, inn // 2, dtype=torch.uint8)
-    scales = torch.empty(out, groups, dtype=torch.float32)
-    mins = torch.empty(out, groups, dtype=torch.float32)
+    qweight = torch.empty(out, inn // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out, groups, dtype=torch.float32, device=w.device)
+    mins = torch.empty(out, groups, dtype=torch.float32, device=w.device)
     for start in range(0, out, _CHUNK_ROWS):
         rows = w[start : start + _CHUNK_ROWS].float().view(-1, groups, group_size)
         lo, hi = rows.amin(dim=-1), rows.amax(dim=-1)
@@ -204,28 +190,12 @@ def check_parts(name: str, parts: dict[str, torch.Tensor], shape: tuple[int, int
 # The layer
 
 
-_compiled: dict = {}
-
-
-def _int8_matvec():
-    """Returns the compiled one-row int8 product: x (1, in), q (out, in), scales (out,) fp32 -> (out,) fp32."""
-    if "int8" not in _compiled:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-
-        def matvec(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-            return (q.float() * x.float()).sum(-1) * scales
-
-        _compiled["int8"] = torch.compile(matvec, dynamic=False)
-    return _compiled["int8"]
-
-
 class QuantLinear(nn.Module):
     """A linear layer whose weight is int8 or int4, stored in the fast layout of its device."""
 
-    # One-row int8 products of weights over COMPILED_INT8_MIN_BYTES go through a kernel compiled on
-    # first use: a few seconds once per shape and process (NEOJ_COMPILE=0 turns it off).
+    # neoj.linear may send one-row int8 products of large weights (its "compiled_int8_matvec" rule) to a
+    # TorchInductor kernel compiled on first use: a few seconds once per shape and process
+    # (NEOJ_COMPILE=0 turns it off).
     allow_compile = True
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None,
@@ -243,7 +213,7 @@ class QuantLinear(nn.Module):
                 qweight = qweight.clone()
             self.register_buffer("qweight", qweight)
             self.register_buffer("scales", parts["scales"].to(device, torch.bfloat16))
-            self.scales_fp32 = parts["scales"].to(device, torch.float32)  # for the compiled kernel
+            self.scales_fp32 = parts["scales"].to(device, torch.float32)  # for the C and compiled kernels
             self.kernel = "int8pack"
         else:
             self._init_int4(parts, device)
@@ -275,54 +245,17 @@ class QuantLinear(nn.Module):
             for key in ("qweight", "scales", "mins"):
                 self.register_buffer(key, parts[key].to(device))
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """Returns the fp32 weight of a layer kept in the portable int4 form (kernel "dequantize")."""
+        return dequantize_int4({"qweight": self.qweight, "scales": self.scales, "mins": self.mins})
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.scheme}"
                 f"{f' group {self.spec.group_size}' if self.spec.scheme == 'int4' else ''}, kernel={self.kernel}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self._use_rowmatmul(flat):
-            # The kernel reads x and the bias and writes y in the model's dtype: no conversions around it.
-            b = None if self.bias is None else self.bias.to(x.dtype)
-            return rowmatmul.int8_rowmatmul(flat, self.qweight, self.scales_fp32, b).view(*x.shape[:-1], -1)
-        y = self._matmul(flat)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def _use_rowmatmul(self, x: torch.Tensor) -> bool:
-        return (self.kernel == "int8pack" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and x.shape[0] * self.in_features <= VNNI_MAX_ELEMENTS and self.in_features % rowmatmul.BLOCK == 0
-                and rowmatmul.available())
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int8pack":
-            if x.shape[0] == 1 and self.allow_compile and x.device.type == "cpu" and _state["compile"] and \
-                    self.qweight.numel() >= COMPILED_INT8_MIN_BYTES and self.in_features <= COMPILED_INT8_MAX_IN:
-                try:
-                    return _int8_matvec()(x, self.qweight, self.scales_fp32).view(1, -1)
-                except Exception as exc:  # no C++ compiler, ...: the packed kernel for good
-                    log.warning("compiled int8 kernel unavailable (%s); using _weight_int8pack_mm", exc)
-                    _state["compile"] = False
-            xb = x.to(torch.bfloat16)
-            if x.shape[0] >= DEQUANT_MIN_ROWS or x.device.type != "cpu":
-                if x.device.type == "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-                    return F.linear(xb, self.qweight.to(torch.bfloat16)) * self.scales
-                try:
-                    return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales)
-                except RuntimeError:
-                    return F.linear(xb, self.qweight.to(torch.bfloat16)) * self.scales
-            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales)
-        if self.kernel == "int4pack_cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16), self.qweight, self.spec.group_size, self.scales_zeros)
-            return y[:, : self.out_features]
-        if self.kernel == "int4pack_cuda":
-            y = torch.ops.aten._weight_int4pack_mm(
-                x.to(torch.bfloat16), self.qweight, self.spec.group_size, self.scales_zeros)
-            return y[:, : self.out_features]
-        parts = {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
-        return F.linear(x, dequantize_int4(parts).to(x.dtype))
+        # neoj.linear picks the kernel for this call (its RULES table) and adds the bias.
+        return linear.run(self, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:

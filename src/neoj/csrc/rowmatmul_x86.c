@@ -1,0 +1,388 @@
+/* Few-row matrix products for CPU decoding on x86-64: y (M, N) = x (M, K) @ w (N, K)^T (+ bias), with
+ * int8 weights (times per-row scales) or fp32 weights.
+ *
+ * Decoding multiplies every weight matrix by one row per running sequence, so its time should be the
+ * time to stream the weights from memory. PyTorch's int8 kernel for that shape
+ * (aten._weight_int8pack_mm) converts each weight byte to float and cannot keep up with memory on one
+ * core; these kernels multiply integers instead. fp32 weights at 2-16 rows (a server's decode batch)
+ * are nearly compute-bound, so that kernel must both keep the FMA units busy and have the weights arrive
+ * in time (software prefetches into L2 ahead of each weight stream).
+ *
+ * One source, three builds (flags in neoj/rowmatmul.py, chosen at run time by the CPU's features):
+ *   avx2         -mavx2 -mfma: 8-lane fp32 FMAs; int8 weights widened to 16 bits and multiplied with
+ *                the 15-bit activations by vpmaddwd.
+ *   avx512       + AVX-512F/BW/VL/DQ: the same at 16 lanes (32 weights per multiply-add).
+ *   avx512_vnni  + AVX512-VNNI: int8 weights multiplied as bytes by vpdpbusd (see the VNNI section).
+ * Their OpenMP loops run on the libgomp PyTorch has already loaded, so they share PyTorch's threads.
+ */
+#include <immintrin.h>
+
+#include "rowmatmul_common.c" /* shared code, included: not a library of its own */
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "rowmatmul_x86.c needs at least -mavx2 -mfma"
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VARIANT "avx512_vnni"
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+#define VARIANT "avx512"
+#else
+#define VARIANT "avx2"
+#endif
+
+const char *neoj_rowmatmul_variant(void) { return VARIANT; }
+int neoj_rowmatmul_abi(void) { return NEOJ_ROWMATMUL_ABI; }
+
+/* ---- vectors: fp32 lanes of the widest registers this build has ---- */
+
+#if defined(__AVX512F__)
+#define VF 16
+typedef __m512 vf;
+#define vf_zero() _mm512_setzero_ps()
+#define vf_load(p) _mm512_loadu_ps(p)
+#define vf_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vf_set1(s) _mm512_set1_ps(s)
+static inline float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
+#else
+#define VF 8
+typedef __m256 vf;
+#define vf_zero() _mm256_setzero_ps()
+#define vf_load(p) _mm256_loadu_ps(p)
+#define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vf_set1(s) _mm256_set1_ps(s)
+/* Always the same order of additions, so a row's sum does not depend on anything but its inputs. */
+static inline float vf_sum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* =============================== fp32 ===============================
+ * F32_NR weight rows x up to F32_MR activation rows of accumulators (AVX-512: 3 x 8 = 24 of its 32
+ * registers; AVX2: 3 x 4 = 12 of 16), so each weight vector loaded feeds F32_MR FMAs and each activation
+ * vector F32_NR; the sums are reduced once per tile. The hardware prefetcher alone lets the FMAs and the
+ * memory reads take turns; software prefetches into L2, 16 KB ahead of each weight stream, overlap them
+ * (BENCHMARKS.md, bench_f32_kernel). */
+#define F32_NR 3
+#if VF == 16
+#define F32_MR 8
+#else
+#define F32_MR 4
+#endif
+#define F32_AHEAD 4096 /* floats: 16 KB */
+
+static inline __attribute__((always_inline)) void f32_tile(const float *x, int mc, int nr, long K,
+                                                           const float *w, float *s) {
+    vf acc[F32_NR][F32_MR];
+    for (int r = 0; r < F32_NR; r++)
+        for (int m = 0; m < F32_MR; m++)
+            if (r < nr && m < mc) acc[r][m] = vf_zero();
+    for (long k = 0; k < K; k += VF) {
+        vf u[F32_NR];
+        for (int r = 0; r < F32_NR; r++)
+            if (r < nr) {
+                if (VF == 16 || (k & 15) == 0) _mm_prefetch((const char *)(w + r * K + k + F32_AHEAD), _MM_HINT_T1);
+                u[r] = vf_load(w + r * K + k);
+            }
+        for (int m = 0; m < F32_MR; m++)
+            if (m < mc) {
+                vf xv = vf_load(x + m * K + k);
+                for (int r = 0; r < F32_NR; r++)
+                    if (r < nr) acc[r][m] = vf_fma(u[r], xv, acc[r][m]);
+            }
+    }
+    for (int r = 0; r < F32_NR; r++)
+        for (int m = 0; m < F32_MR; m++)
+            if (r < nr && m < mc) s[r * F32_MR + m] = vf_sum(acc[r][m]);
+}
+
+/* Dispatches to a tile specialised for its row counts, so the accumulators stay in registers. */
+static void f32_tile_any(const float *x, int mc, int nr, long K, const float *w, float *s) {
+#define F32_CASE(M) \
+    case M: \
+        if (nr == 3) f32_tile(x, M, 3, K, w, s); \
+        else if (nr == 2) f32_tile(x, M, 2, K, w, s); \
+        else f32_tile(x, M, 1, K, w, s); \
+        break;
+    switch (mc) {
+        F32_CASE(1) F32_CASE(2) F32_CASE(3)
+#if F32_MR == 8
+        F32_CASE(4) F32_CASE(5) F32_CASE(6) F32_CASE(7)
+        default: F32_CASE(8)
+#else
+        default: F32_CASE(4)
+#endif
+    }
+#undef F32_CASE
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + bias, all fp32 and contiguous; K a multiple of 16. Each row of y
+ * is summed in the same order whatever M is, so a sequence gets the same values alone or in a batch. */
+int neoj_rowmatmul_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y) {
+    if (K % 16 || M < 1) return -1;
+    long tiles = (N + F32_NR - 1) / F32_NR;
+    #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
+    for (long t = 0; t < tiles; t++) {
+        long n0 = t * F32_NR;
+        int nr = N - n0 < F32_NR ? (int)(N - n0) : F32_NR;
+        for (long m0 = 0; m0 < M; m0 += F32_MR) {
+            float s[F32_NR * F32_MR];
+            int mc = M - m0 < F32_MR ? (int)(M - m0) : F32_MR;
+            f32_tile_any(x + m0 * K, mc, nr, K, w + n0 * K, s);
+            for (int m = 0; m < mc; m++)
+                for (int r = 0; r < nr; r++)
+                    y[(m0 + m) * N + n0 + r] = s[r * F32_MR + m] + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+    return 0;
+}
+
+/* =============================== int8 ===============================
+ * neoj_rowmatmul_i8: y (M, N) = x (M, K) @ (w (N, K) int8 * scale (N,))^T + bias; x, bias and y all
+ * fp32 or all bf16; K a multiple of QBLOCK. Returns 0, or -1 where it cannot take the product. */
+
+/* Weight bytes prefetched into L2 ahead of one- and two-row products: with the hardware prefetcher alone,
+ * 8192-wide rows read 20 GB/s, with this 23-29 (at 3+ rows the kernel is compute-bound and it only hurts). */
+#define I8_AHEAD 16384
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* int8 weights with AVX512-VNNI: the 15-bit activations are split as v = xh * 128 + xl (xh signed, xl in
+ * 0..127) and multiplied with the weight bytes by vpdpbusd, which needs one unsigned operand: the
+ * weights are read as q ^ 0x80 = q + 128, and the 128 * sum(v) that adds is taken off at the end. 2-3x
+ * fewer instructions per weight byte than converting every weight to float, which is what bounds a
+ * core below the memory bandwidth. */
+#define MAX_ROWS 4 /* activation rows per pass over a weight row */
+
+/* Sums over activation blocks [b0, b1) of `mc` rows against one weight row; out[m] gets the sums. */
+static inline __attribute__((always_inline)) void vnni_rows(
+    const int8_t *w, long K, long b0, long b1, int mc, const int8_t *xh, const int8_t *xl, const float *xs,
+    float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[MAX_ROWS];
+    for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    for (long b = b0; b < b1; b++) {
+        __m512i hi[MAX_ROWS], lo[MAX_ROWS];
+        for (int m = 0; m < mc; m++) hi[m] = lo[m] = _mm512_setzero_si512();
+        for (int c = 0; c < QBLOCK; c += 64) {
+            long k = b * QBLOCK + c;
+            if (mc <= 2) _mm_prefetch((const char *)(w + k + I8_AHEAD), _MM_HINT_T1);
+            __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k)), flip);
+            for (int m = 0; m < mc; m++) {
+                hi[m] = _mm512_dpbusd_epi32(hi[m], u, _mm512_loadu_si512((const void *)(xh + m * K + k)));
+                lo[m] = _mm512_dpbusd_epi32(lo[m], u, _mm512_loadu_si512((const void *)(xl + m * K + k)));
+            }
+        }
+        for (int m = 0; m < mc; m++) {
+            __m512i t = _mm512_add_epi32(_mm512_slli_epi32(hi[m], 7), lo[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xs[m * (K / QBLOCK) + b]), acc[m]);
+        }
+    }
+    for (int m = 0; m < mc; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+/* One activation row against two weight rows at once: each activation load serves both rows, which
+ * matters once the activations (2 bytes per value) no longer fit in L1 beside the streaming weights. */
+static void vnni_pair(const int8_t *w0, const int8_t *w1, long K, const int8_t *xh, const int8_t *xl,
+                      const float *xs, float *out0, float *out1) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (long b = 0; b < K / QBLOCK; b++) {
+        __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
+        for (int c = 0; c < QBLOCK; c += 64) {
+            long k = b * QBLOCK + c;
+            _mm_prefetch((const char *)(w0 + k + I8_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(w1 + k + I8_AHEAD), _MM_HINT_T1);
+            __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + k)), flip);
+            __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w1 + k)), flip);
+            __m512i h = _mm512_loadu_si512((const void *)(xh + k)), l = _mm512_loadu_si512((const void *)(xl + k));
+            hi0 = _mm512_dpbusd_epi32(hi0, u0, h);
+            lo0 = _mm512_dpbusd_epi32(lo0, u0, l);
+            hi1 = _mm512_dpbusd_epi32(hi1, u1, h);
+            lo1 = _mm512_dpbusd_epi32(lo1, u1, l);
+        }
+        __m512 sc = _mm512_set1_ps(xs[b]);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi0, 7), lo0)), sc, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi1, 7), lo1)), sc, acc1);
+    }
+    *out0 = _mm512_reduce_add_ps(acc0);
+    *out1 = _mm512_reduce_add_ps(acc1);
+}
+
+int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
+                      const void *bias, void *y, int bf16) {
+    if (K % QBLOCK || M < 1) return -1;
+    long nb = K / QBLOCK;
+    qacts a;
+    if (qacts_make(&a, x, M, K, bf16)) return -1;
+    int8_t *xh = malloc(2 * M * K);
+    double *corr = malloc(sizeof(double) * M);
+    if (!xh || !corr) { free(xh); free(corr); qacts_free(&a); return -1; }
+    int8_t *xl = xh + M * K;
+    const float *xs = a.xs;
+    for (long m = 0; m < M; m++) {
+        double c = 0;
+        for (long j = 0; j < K; j++) {
+            int v = a.v[m * K + j];
+            xh[m * K + j] = (int8_t)(v >> 7); /* arithmetic shift: floor(v / 128) */
+            xl[m * K + j] = (int8_t)(v & 127);
+        }
+        for (long b = 0; b < nb; b++) c += 128.0 * (double)a.vsum[m * nb + b] * xs[m * nb + b];
+        corr[m] = c;
+    }
+    if (M == 1 && K > 4096) { /* wide rows: see vnni_pair */
+        #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
+        for (long p = 0; p < (N + 1) / 2; p++) {
+            long n0 = 2 * p, n1 = n0 + 1 < N ? n0 + 1 : n0; /* an odd last row is done twice */
+            float s0, s1;
+            vnni_pair(w + n0 * K, w + n1 * K, K, xh, xl, xs, &s0, &s1);
+            put(y, n0, (float)((s0 - corr[0]) * scale[n0]) + (bias ? get(bias, n0, bf16) : 0.0f), bf16);
+            put(y, n1, (float)((s1 - corr[0]) * scale[n1]) + (bias ? get(bias, n1, bf16) : 0.0f), bf16);
+        }
+        free(xh); free(corr); qacts_free(&a);
+        return 0;
+    }
+    #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
+    for (long n = 0; n < N; n++) {
+        for (long m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            float s[MAX_ROWS];
+            const int8_t *h = xh + m0 * K, *l = xl + m0 * K;
+            const float *sc = xs + m0 * nb;
+            long mc = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            switch (mc) {
+            case 1: vnni_rows(w + n * K, K, 0, nb, 1, h, l, sc, s); break;
+            case 2: vnni_rows(w + n * K, K, 0, nb, 2, h, l, sc, s); break;
+            case 3: vnni_rows(w + n * K, K, 0, nb, 3, h, l, sc, s); break;
+            default: vnni_rows(w + n * K, K, 0, nb, 4, h, l, sc, s); break;
+            }
+            for (long m = 0; m < mc; m++)
+                put(y, (m0 + m) * N + n,
+                    (float)((s[m] - corr[m0 + m]) * scale[n]) + (bias ? get(bias, n, bf16) : 0.0f), bf16);
+        }
+    }
+    free(xh); free(corr); qacts_free(&a);
+    return 0;
+}
+
+#else
+/* int8 weights without VNNI: each weight byte is sign-extended to 16 bits in the register and multiplied
+ * with the 15-bit activations by vpmaddwd (16-bit products summed in pairs to 32 bits, no saturation),
+ * so a block's integer sum is exact, the same as the VNNI kernel's. One widening serves every activation
+ * row of the tile, so rows beyond the first cost one multiply-add and one add per vector each.
+ * I8_NR weight rows share each activation load (which matters once the activations, 2 bytes per value,
+ * no longer fit in L1 beside the streaming weights); I8_MR activation rows share each weight widening. */
+#if defined(__AVX512BW__)
+#define IV 32 /* weights per multiply-add */
+typedef __m512i vi;
+#define vi_zero() _mm512_setzero_si512()
+#define vi_widen(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define vi_load16(p) _mm512_loadu_si512((const void *)(p))
+#define vi_madd(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#define vf_from_vi(a) _mm512_cvtepi32_ps(a)
+#else
+#define IV 16
+typedef __m256i vi;
+#define vi_zero() _mm256_setzero_si256()
+#define vi_widen(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define vi_load16(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_madd(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define vf_from_vi(a) _mm256_cvtepi32_ps(a)
+#endif
+/* Four weight rows per tile keep four weight streams in flight (one row alone leaves the memory system
+ * idle between prefetches) and share each activation load; AVX-512's 32 registers hold four activation
+ * rows of sums, AVX2's 16 two. */
+#define I8_NR 4
+#if IV == 32
+#define I8_MR 4
+#else
+#define I8_MR 2
+#endif
+
+/* Sums of `nr` weight rows (row stride K) against `mc` rows of quantized activations; s[r * I8_MR + m]. */
+static inline __attribute__((always_inline)) void i8_tile(const int8_t *w, long K, int nr, int mc,
+                                                          const int16_t *v, const float *xs, float *s) {
+    long nb = K / QBLOCK;
+    vf acc[I8_NR][I8_MR];
+    for (int r = 0; r < I8_NR; r++)
+        for (int m = 0; m < I8_MR; m++)
+            if (r < nr && m < mc) acc[r][m] = vf_zero();
+    for (long b = 0; b < nb; b++) {
+        vi t[I8_NR][I8_MR];
+        for (int r = 0; r < I8_NR; r++)
+            for (int m = 0; m < I8_MR; m++)
+                if (r < nr && m < mc) t[r][m] = vi_zero();
+        for (int c = 0; c < QBLOCK; c += IV) {
+            long k = b * QBLOCK + c;
+            vi u[I8_NR];
+            for (int r = 0; r < I8_NR; r++)
+                if (r < nr) {
+                    if (mc <= 2 && (c & 63) == 0) _mm_prefetch((const char *)(w + r * K + k + I8_AHEAD), _MM_HINT_T1);
+                    u[r] = vi_widen(w + r * K + k);
+                }
+            for (int m = 0; m < I8_MR; m++)
+                if (m < mc) {
+                    vi xv = vi_load16(v + m * K + k);
+                    for (int r = 0; r < I8_NR; r++)
+                        if (r < nr) t[r][m] = vi_madd(t[r][m], u[r], xv);
+                }
+        }
+        for (int m = 0; m < I8_MR; m++)
+            if (m < mc) {
+                vf sc = vf_set1(xs[m * nb + b]);
+                for (int r = 0; r < I8_NR; r++)
+                    if (r < nr) acc[r][m] = vf_fma(vf_from_vi(t[r][m]), sc, acc[r][m]);
+            }
+    }
+    for (int r = 0; r < I8_NR; r++)
+        for (int m = 0; m < I8_MR; m++)
+            if (r < nr && m < mc) s[r * I8_MR + m] = vf_sum(acc[r][m]);
+}
+
+/* Dispatches to a tile specialised for its row counts, so the sums stay in registers. */
+static void i8_tile_any(const int8_t *w, long K, int nr, int mc, const int16_t *v, const float *xs, float *s) {
+#define I8_NR_CASE(M) \
+    case M: \
+        if (nr == 4) i8_tile(w, K, 4, M, v, xs, s); \
+        else if (nr == 3) i8_tile(w, K, 3, M, v, xs, s); \
+        else if (nr == 2) i8_tile(w, K, 2, M, v, xs, s); \
+        else i8_tile(w, K, 1, M, v, xs, s); \
+        break;
+    switch (mc) {
+        I8_NR_CASE(1)
+#if I8_MR == 4
+        I8_NR_CASE(2) I8_NR_CASE(3)
+        default: I8_NR_CASE(4)
+#else
+        default: I8_NR_CASE(2)
+#endif
+    }
+#undef I8_NR_CASE
+}
+
+int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
+                      const void *bias, void *y, int bf16) {
+    if (K % QBLOCK || M < 1) return -1;
+    long nb = K / QBLOCK;
+    qacts a;
+    if (qacts_make(&a, x, M, K, bf16)) return -1;
+    long tiles = (N + I8_NR - 1) / I8_NR;
+    #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
+    for (long t = 0; t < tiles; t++) {
+        long n0 = t * I8_NR;
+        int nr = N - n0 < I8_NR ? (int)(N - n0) : I8_NR;
+        for (long m0 = 0; m0 < M; m0 += I8_MR) {
+            float s[I8_NR * I8_MR];
+            int mc = M - m0 < I8_MR ? (int)(M - m0) : I8_MR;
+            i8_tile_any(w + n0 * K, K, nr, mc, a.v + m0 * K, a.xs + m0 * nb, s);
+            for (int m = 0; m < mc; m++)
+                for (int r = 0; r < nr; r++)
+                    put(y, (m0 + m) * N + n0 + r,
+                        s[r * I8_MR + m] * scale[n0 + r] + (bias ? get(bias, n0 + r, bf16) : 0.0f), bf16);
+        }
+    }
+    qacts_free(&a);
+    return 0;
+}
+#endif

@@ -1,0 +1,366 @@
+"""The one place that decides which kernel computes a linear layer: DecodeLinear (kernels.py, fp32 and
+half-precision weights) and QuantLinear (quantize.py, int8 and int4 weights) both call `run`.
+
+`RULES` is the table: for each kind of weight, the paths in the order they are tried, each with the
+rows, widths, devices and kernel ISA variants (neoj.rowmatmul's, chosen by CPU features) it applies to
+and a one-line reason pointing at the BENCHMARKS.md section that measured it. A call takes the first
+path whose rule matches. The last rule of each kind is `final`: it always applies and is never turned
+off (PyTorch's reference where there is one; the packed int4 kernels, whose weights exist in no other
+form). A path that raises is turned off for the rest of the process (with a warning) and the call goes
+on to the next path: one failure disables only the path that failed. Decisions are cached per call
+shape, so a decode step pays one dict lookup per layer.
+
+A layer given to `run` has `in_features`, `out_features`, `bias`, `allow_compile`, and its weights:
+`weight` (DecodeLinear); `qweight`, `scales` (bf16), `scales_fp32` (int8) or `scales_zeros` and
+`spec.group_size` (int4 packed), or `dequantized_weight()` (int4 in the portable form), as QuantLinear holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gpu_kernels, rowmatmul
+
+log = logging.getLogger(__name__)
+
+_BLOCKS = 4  # row blocks for the fp32 matrix-vector product: enough for up to 4 cores to share
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When one path applies: every condition must hold. `isa` lists the rowmatmul variants it is for."""
+
+    path: str
+    kind: str  # "f32", "half" (DecodeLinear) or QuantLinear.kernel: "int8pack", "int4pack_cpu", ...
+    reason: str
+    device: str = "cpu"
+    min_rows: int = 1
+    max_rows: int | None = None
+    min_in: int = 0
+    max_in: int | None = None
+    max_elements: int | None = None  # rows * in_features: the activations the kernel keeps close
+    min_weight_bytes: int = 0
+    in_multiple: int = 1
+    x_dtypes: tuple = ()  # activation dtypes it takes; () = any
+    isa: tuple = ()  # rowmatmul variants; () = not a rowmatmul path
+    compiled: bool = False  # a TorchInductor kernel: needs layer.allow_compile and NEOJ_COMPILE != 0
+    final: bool = False  # the kind's last resort: matches any call and is never turned off
+
+    def matches(self, call: "Call") -> bool:
+        """Returns True when this rule's conditions all hold for `call`."""
+        if self.final:
+            return True
+        return (call.device == self.device
+                and self.min_rows <= call.rows and (self.max_rows is None or call.rows <= self.max_rows)
+                and self.min_in <= call.in_features and (self.max_in is None or call.in_features <= self.max_in)
+                and (self.max_elements is None or call.rows * call.in_features <= self.max_elements)
+                and call.weight_bytes >= self.min_weight_bytes and call.in_features % self.in_multiple == 0
+                and (not self.x_dtypes or call.x_dtype in self.x_dtypes)
+                and (not self.isa or call.isa in self.isa)
+                and (not self.compiled or (call.allow_compile and compile_allowed())))
+
+
+class Call(NamedTuple):
+    """What the choice depends on: one layer call's shape, dtypes, device and this process's kernels.
+    (A named tuple: made and hashed on every layer call, so it must be cheap.)"""
+
+    kind: str
+    device: str
+    rows: int
+    in_features: int
+    weight_bytes: int
+    x_dtype: torch.dtype
+    allow_compile: bool
+    isa: str
+
+
+_FP32 = (torch.float32,)
+_FP32_BF16 = (torch.float32, torch.bfloat16)
+_AVX512 = ("avx512", "avx512_vnni")
+_NO_VNNI = ("avx2", "avx512", "neon", "neon_dotprod")
+_EIGHT_LANES = ("avx2", "neon", "neon_dotprod")  # 256-bit (or two 128-bit) fp32 vectors
+# Section names in BENCHMARKS.md that the reasons point to.
+_F32_BENCH = "BENCHMARKS.md, fp32 few-row kernel (bench/bench_f32_kernel.py)"
+_I8_BENCH = "BENCHMARKS.md, int8 decode kernel (bench/bench_int8_kernel.py)"
+_PORTABLE_BENCH = "BENCHMARKS.md, portable decode (bench/bench_portable.py)"
+_QUANT_BENCH = "BENCHMARKS.md, quantization (bench/bench_quant.py)"
+_GPU_BENCH = "BENCHMARKS.md, GPU decode (bench/bench_gpu.py)"
+
+RULES: tuple[Rule, ...] = (
+    # ---- fp32 weights (DecodeLinear) ----
+    Rule("rowmatmul_f32", "f32", min_rows=2, max_rows=16, in_multiple=16, isa=_AVX512,
+         reason="2-16 rows, 16 lanes: the kernel keeps the FMAs busy and prefetches weights; oneDNN reads 7-12 "
+                f"GB/s there, and past 16 rows it is at parity ({_F32_BENCH})"),
+    Rule("rowmatmul_f32", "f32", max_rows=1, min_in=3072, in_multiple=16, isa=("avx512_vnni",),
+         reason=f"one row of a layer >= 3072 wide (AVX-512 EPYC): 26-29 GB/s against the blocked product's 19-23; "
+                f"narrower rows are as fast or faster blocked there ({_F32_BENCH})"),
+    Rule("rowmatmul_f32", "f32", max_rows=1, in_multiple=16, isa=("avx512",),
+         reason="one row, AVX-512 without VNNI (Skylake-SP): the blocked product halves GPT-J-arch fp32 decode "
+                f"at 1-2 threads, the kernel streams at memory speed at every width ({_PORTABLE_BENCH})"),
+    Rule("rowmatmul_f32", "f32", max_rows=8, in_multiple=16, isa=_EIGHT_LANES,
+         reason="1-8 rows, 8 lanes: at or above oneDNN and the blocked product at GPT-Neo/GPT-J widths; at 16 "
+                f"rows oneDNN's blocking wins (rowmatmul per ISA, {_PORTABLE_BENCH})"),
+    Rule("blocked_matvec", "f32", max_rows=1,
+         reason="one row: MKL's GEMV streams on one core (9-13 GB/s); 4 row blocks as a batched matmul use all "
+                f"cores (25-31) ({_F32_BENCH})"),
+    Rule("onednn_linear", "f32", max_rows=64,
+         reason=f"2-64 rows: MKL packs the weight on every call, oneDNN reads it as it is: 1.3-2x ({_F32_BENCH})"),
+    Rule("linear", "f32", final=True, reason="reference: F.linear (prefill, training, other devices)"),
+    # ---- bf16 / fp16 weights (DecodeLinear) ----
+    Rule("compiled_matvec", "half", max_rows=1, compiled=True,
+         reason="one row: oneDNN reaches ~10 GB/s, an Inductor reduction with fp32 sums 20+; compiling costs "
+                f"seconds per process, so only where the model allows it (large weights) ({_QUANT_BENCH})"),
+    Rule("linear", "half", final=True, reason="reference: F.linear"),
+    # ---- int8 weights (QuantLinear "int8pack") ----
+    Rule("rowmatmul_int8", "int8pack", max_elements=8192, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
+         isa=("avx512_vnni",),
+         reason="activations within L1 (rows x in <= 8192, 16 KB at 15 bits): VNNI 15-29 GB/s against "
+                f"_weight_int8pack_mm's 9-17; wider, int8pack wins at 4+ rows ({_I8_BENCH})"),
+    Rule("rowmatmul_int8", "int8pack", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16, isa=_NO_VNNI,
+         reason="1-16 rows without VNNI: 16-bit multiply-adds, 1.05-1.5x _weight_int8pack_mm at 1-2 rows, at par "
+                f"at 4-16 (it converts every weight byte to float) and 15-bit activations ({_PORTABLE_BENCH})"),
+    Rule("compiled_int8_matvec", "int8pack", max_rows=1, min_weight_bytes=16 << 20, max_in=2048, compiled=True,
+         reason="one row, weights >= 16 MB (out of cache) and <= 2048 wide: 22 GB/s against int8pack's 9-16; "
+                f"smaller weights (in cache) and wider inputs are faster in int8pack ({_QUANT_BENCH})"),
+    Rule("int8pack", "int8pack", max_rows=63,
+         reason="below 64 rows: _weight_int8pack_mm with bf16 activations (fp32 ones run at 1-2 GB/s) "
+                f"({_QUANT_BENCH})"),
+    Rule("triton_int8", "int8pack", device="cuda", max_rows=gpu_kernels.MAX_ROWS,
+         reason="CUDA, 1-16 rows: neoj's Triton kernel reads each int8 weight once; dequantizing first moves 5 "
+                f"bytes per weight ({_GPU_BENCH})"),
+    Rule("int8pack_cuda", "int8pack", device="cuda", max_rows=gpu_kernels.MAX_ROWS,
+         reason=f"CUDA without Triton: _weight_int8pack_mm where this torch has it ({_GPU_BENCH})"),
+    Rule("int8_dequant", "int8pack", final=True,
+         reason=f"reference, and from 64 rows (prefill): dequantize to bf16 and one matmul is faster ({_QUANT_BENCH})"),
+    # ---- int4 weights: packed for tinygemm at load, so its kernel is the only path ----
+    Rule("int4pack_cpu", "int4pack_cpu", final=True,
+         reason=f"tinygemm's CPU port, 15 GB/s of packed weights at batch 1 ({_QUANT_BENCH})"),
+    Rule("int4pack_cuda", "int4pack_cuda", final=True, reason="tinygemm on CUDA"),
+    Rule("int4_dequant", "dequantize", final=True,
+         reason="dequantize on the fly (a torch build or shape without the int4 kernel)"),
+    # ---- autograd, or activations in another dtype than the weights: PyTorch only ----
+    Rule("int8_dequant", "int8_grad", final=True,
+         reason="the kernels have no backward: the dequantized weight has"),
+    Rule("linear", "reference", final=True, reason="F.linear"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: (layer, x (rows, in)) -> (rows, out) with the bias added, in the layer's output dtype
+
+
+def blocked_matvec(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Returns w @ x + bias for one fp32 row x (in,), as a batched matmul over row blocks of w."""
+    out, inn = w.shape
+    main = out - out % _BLOCKS
+    # A column with leading dimension `inn` (not 1), so the BLAS batched GEMM accepts it as is;
+    # with ld=1 torch takes a slow non-BLAS fallback.
+    col = x.reshape(1, 1, inn).transpose(1, 2).expand(_BLOCKS, inn, 1)
+    y = torch.bmm(w[:main].view(_BLOCKS, main // _BLOCKS, inn), col).view(main)  # (blocks, out/blocks, 1)
+    if main < out:  # e.g. GPT-Neo's 50257-row head: the last rows on their own
+        y = torch.cat((y, w[main:] @ x.reshape(inn)))
+    return y if bias is None else y + bias
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled(name: str) -> Callable:
+    """Returns the TorchInductor reduction `name` ("matvec", "matvec_bias", "int8_matvec"), compiled once
+    per process (and once per weight shape and dtype on first call)."""
+    if not _compiled:
+        import torch._dynamo
+
+        # A few kernels per model, more with several models in one process. Past the limit dynamo would
+        # silently run the uncompiled reduction, which is far slower.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+
+        # x (1, in), w (out, in) -> (out,); products and sums in fp32 whatever the storage dtype.
+        def matvec(x, w):
+            return (w.float() * x.float()).sum(-1).to(w.dtype)
+
+        def matvec_bias(x, w, b):
+            return ((w.float() * x.float()).sum(-1) + b.float()).to(w.dtype)
+
+        def int8_matvec(x, q, scales):
+            return (q.float() * x.float()).sum(-1) * scales
+
+        for fn in (matvec, matvec_bias, int8_matvec):
+            _compiled[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _compiled[name]
+
+
+def _with_bias(y: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Adds the layer's bias to y and returns it in `dtype`, as QuantLinear always did."""
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.to(dtype)
+
+
+def _rowmatmul_f32(layer, x):
+    return rowmatmul.f32_rowmatmul(x, layer.weight, layer.bias)
+
+
+def _blocked_matvec(layer, x):
+    return blocked_matvec(x, layer.weight, layer.bias).view(1, -1)
+
+
+def _onednn_linear(layer, x):
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+
+
+def _linear(layer, x):
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _compiled_matvec(layer, x):
+    if layer.bias is None:
+        return compiled("matvec")(x, layer.weight).view(1, -1)
+    return compiled("matvec_bias")(x, layer.weight, layer.bias).view(1, -1)
+
+
+def _rowmatmul_int8(layer, x):
+    # The kernel reads x and the bias and writes y in the model's dtype: no conversions around it.
+    b = None if layer.bias is None else layer.bias.to(x.dtype)
+    return rowmatmul.int8_rowmatmul(x, layer.qweight, layer.scales_fp32, b)
+
+
+def _compiled_int8_matvec(layer, x):
+    return _with_bias(compiled("int8_matvec")(x, layer.qweight, layer.scales_fp32).view(1, -1), layer, x.dtype)
+
+
+def _triton_int8(layer, x):
+    b = None if layer.bias is None else layer.bias.to(x.dtype)
+    return gpu_kernels.int8_matmul(x, layer.qweight, layer.scales_fp32, b)
+
+
+def _int8pack(layer, x):
+    y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), layer.qweight, layer.scales)
+    return _with_bias(y, layer, x.dtype)
+
+
+def _int8_dequant(layer, x):
+    y = F.linear(x.to(torch.bfloat16), layer.qweight.to(torch.bfloat16)) * layer.scales
+    return _with_bias(y, layer, x.dtype)
+
+
+def _int4pack_cpu(layer, x):
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), layer.qweight, layer.spec.group_size,
+                                                   layer.scales_zeros)
+    return _with_bias(y[:, : layer.out_features], layer, x.dtype)
+
+
+def _int4pack_cuda(layer, x):
+    y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), layer.qweight, layer.spec.group_size,
+                                           layer.scales_zeros)
+    return _with_bias(y[:, : layer.out_features], layer, x.dtype)
+
+
+def _int4_dequant(layer, x):
+    return _with_bias(F.linear(x, layer.dequantized_weight().to(x.dtype)), layer, x.dtype)
+
+
+IMPLS: dict[str, Callable] = {
+    "rowmatmul_f32": _rowmatmul_f32, "blocked_matvec": _blocked_matvec, "onednn_linear": _onednn_linear,
+    "linear": _linear, "compiled_matvec": _compiled_matvec, "rowmatmul_int8": _rowmatmul_int8,
+    "compiled_int8_matvec": _compiled_int8_matvec, "int8pack": _int8pack, "int8pack_cuda": _int8pack, "triton_int8": _triton_int8,
+    "int8_dequant": _int8_dequant, "int4pack_cpu": _int4pack_cpu, "int4pack_cuda": _int4pack_cuda,
+    "int4_dequant": _int4_dequant,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing, running, disabling
+
+
+_disabled: set[str] = set()
+_plans: dict[Call, tuple[str, ...]] = {}
+
+
+def compile_allowed() -> bool:
+    """False when NEOJ_COMPILE=0: no TorchInductor kernels (nor C kernels: see neoj.rowmatmul)."""
+    return os.environ.get("NEOJ_COMPILE", "1") != "0"
+
+
+def plan(call: Call) -> tuple[str, ...]:
+    """Returns the paths to try for `call`, in order: every enabled matching rule, the reference last."""
+    if call not in _plans:
+        names: list[str] = []
+        for rule in RULES:
+            if rule.kind == call.kind and rule.matches(call) and rule.path not in names and (
+                    rule.path not in _disabled or rule.final):
+                names.append(rule.path)
+                if rule.final:  # nothing after it is reached
+                    break
+        _plans[call] = tuple(names)
+    return _plans[call]
+
+
+def disable(path: str, exc: BaseException | None = None) -> None:
+    """Turns `path` off for the rest of the process (not the reference paths, which always run)."""
+    log.warning("linear kernel %s failed (%s); using the next one for the rest of this process", path, exc)
+    _disabled.add(path)
+    _plans.clear()
+
+
+def reset() -> None:
+    """Re-enables every path and forgets the cached choices (tests, or after changing NEOJ_COMPILE)."""
+    _disabled.clear()
+    _plans.clear()
+
+
+def disabled() -> frozenset:
+    """Returns the paths turned off in this process."""
+    return frozenset(_disabled)
+
+
+def kind_of(layer: nn.Module, x: torch.Tensor) -> str:
+    """Returns the rule kind for a layer call: its QuantLinear kernel, or "f32"/"half" for plain weights;
+    "reference" when only F.linear is right (autograd, dtype mismatch)."""
+    kernel = getattr(layer, "kernel", None)
+    if kernel is not None:
+        return "int8_grad" if kernel == "int8pack" and x.requires_grad and torch.is_grad_enabled() else kernel
+    w = layer.weight
+    if x.dtype != w.dtype or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+        return "reference"
+    return "f32" if w.dtype == torch.float32 else "half"
+
+
+def describe(layer: nn.Module, x: torch.Tensor) -> Call:
+    """Returns the Call for layer applied to x (rows, in)."""
+    kind = kind_of(layer, x)
+    weight = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    isa = rowmatmul.variant_name() if x.device.type == "cpu" and kind in ("f32", "int8pack") else "none"
+    return Call(kind, x.device.type, x.shape[0], layer.in_features, weight.numel() * weight.element_size(),
+                x.dtype, bool(getattr(layer, "allow_compile", False)), isa)
+
+
+def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Returns layer(x) for x (rows, in_features) through the first path of the plan that does not fail."""
+    x = x.contiguous()  # e.g. the last position of each row after a prefill: tinygemm refuses strided rows
+    paths = plan(describe(layer, x))
+    for path in paths[:-1]:
+        try:
+            return IMPLS[path](layer, x)
+        except Exception as exc:  # no C++ compiler for Inductor, a torch build without the op, ...
+            disable(path, exc)
+    return IMPLS[paths[-1]](layer, x)
+
+
+def prepare(model: nn.Module) -> None:
+    """Builds what the model's CPU linear layers will use (the C kernels) now, at load time, so the
+    compiler never runs inside a request."""
+    for m in model.modules():
+        int8 = getattr(m, "kernel", None) == "int8pack"  # a QuantLinear with int8 weights
+        f32 = isinstance(m, nn.Linear) and hasattr(m, "allow_compile") and m.weight.dtype == torch.float32
+        w = m.qweight if int8 else m.weight if f32 else None  # f32: a DecodeLinear
+        if w is not None and w.device.type == "cpu":
+            rowmatmul.prepare()
+            return

@@ -1,0 +1,258 @@
+"""neoj.linear, the one dispatch table for linear layers: its rules, every CPU path against fp64 products,
+batch independence, autograd, and that a failing path turns off only itself."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neoj import linear, rowmatmul
+from neoj.config import from_hf_dict
+from neoj.kernels import DecodeLinear, use_decode_kernels
+from neoj.linear import RULES, Call
+from neoj.quantize import QuantLinear, QuantSpec, dequantize, quantize_weight
+from neoj.weights import random_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch():
+    """Each test starts and ends with every path enabled and no cached choice."""
+    linear.reset()
+    yield
+    linear.reset()
+
+
+def call(kind="f32", rows=1, inn=768, isa="avx2", device="cpu", weight_bytes=1 << 20, dtype=torch.float32,
+         allow_compile=False) -> Call:
+    return Call(kind, device, rows, inn, weight_bytes, dtype, allow_compile, isa)
+
+
+# ---- the table ----
+
+def test_each_kind_ends_in_one_final_rule_and_every_path_exists():
+    kinds = {r.kind for r in RULES}
+    for kind in kinds:
+        rules = [r for r in RULES if r.kind == kind]
+        assert [r.final for r in rules].count(True) == 1 and rules[-1].final, kind
+    assert {r.path for r in RULES} <= set(linear.IMPLS)
+
+
+def test_every_threshold_gives_its_reason_and_where_it_was_measured():
+    for rule in RULES:
+        assert rule.reason, rule
+        has_threshold = (rule.max_rows, rule.max_in, rule.max_elements) != (None, None, None) or rule.min_in or \
+            rule.min_weight_bytes or rule.min_rows > 1
+        if has_threshold:
+            assert "BENCHMARKS.md" in rule.reason, rule
+
+
+@pytest.mark.parametrize("c,want", [
+    (call(rows=8), ("rowmatmul_f32", "onednn_linear", "linear")),
+    (call(rows=9), ("onednn_linear", "linear")),  # 8 lanes: oneDNN's blocking wins from 16 rows
+    (call(rows=16, isa="avx512"), ("rowmatmul_f32", "onednn_linear", "linear")),
+    (call(rows=17), ("onednn_linear", "linear")),
+    (call(rows=65), ("linear",)),
+    (call(rows=1, isa="avx2"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),  # 8 lanes: any width
+    (call(rows=1, isa="avx512"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),
+    (call(rows=1, isa="avx512_vnni"), ("blocked_matvec", "onednn_linear", "linear")),  # EPYC: only wide layers
+    (call(rows=1, inn=4096, isa="avx512_vnni"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),
+    (call(rows=4, inn=776), ("onednn_linear", "linear")),  # not a multiple of 16
+    (call(rows=4, isa="none"), ("onednn_linear", "linear")),  # no kernels built
+    (call(rows=4, device="cuda"), ("linear",)),
+    (call("half", dtype=torch.bfloat16), ("linear",)),
+    (call("half", dtype=torch.bfloat16, allow_compile=True), ("compiled_matvec", "linear")),
+    (call("int8pack", rows=1, isa="avx512_vnni"), ("rowmatmul_int8", "int8pack", "int8_dequant")),
+    (call("int8pack", rows=16, isa="avx512_vnni"), ("int8pack", "int8_dequant")),  # past L1 at VNNI's speed
+    (call("int8pack", rows=8, inn=2048, isa="avx2"), ("rowmatmul_int8", "int8pack", "int8_dequant")),
+    (call("int8pack", rows=8, inn=2048, isa="avx512"), ("rowmatmul_int8", "int8pack", "int8_dequant")),
+    (call("int8pack", rows=17, isa="avx2"), ("int8pack", "int8_dequant")),
+    (call("int8pack", rows=1, inn=320, isa="avx2"), ("int8pack", "int8_dequant")),  # not a multiple of 256
+    (call("int8pack", rows=1, dtype=torch.float16, isa="avx2"), ("int8pack", "int8_dequant")),
+    (call("int8pack", rows=64), ("int8_dequant",)),  # prefill
+    (call("int8pack", rows=1, inn=2048, isa="none", weight_bytes=16 << 20, allow_compile=True),
+     ("compiled_int8_matvec", "int8pack", "int8_dequant")),
+    (call("int8pack", rows=1, inn=4096, isa="none", weight_bytes=16 << 20, allow_compile=True),
+     ("int8pack", "int8_dequant")),
+    (call("int8pack", rows=4, device="cuda"), ("triton_int8", "int8pack_cuda", "int8_dequant")),
+    (call("int8pack", rows=17, device="cuda"), ("int8_dequant",)),  # prefill: one tensor-core matmul
+    (call("int4pack_cpu", rows=1), ("int4pack_cpu",)),
+    (call("int8_grad", rows=1), ("int8_dequant",)),
+])
+def test_the_plan_for_a_call(c, want):
+    assert linear.plan(c) == want
+
+
+# ---- every path against fp64 ----
+
+def f32_layer(out=77, inn=768, bias=True, dtype=torch.float32):
+    torch.manual_seed(out + inn)
+    layer = DecodeLinear(inn, out, bias=bias).to(dtype)
+    return layer
+
+
+def quant_layer(scheme="int8", out=77, inn=768):
+    torch.manual_seed(out + inn)
+    spec = QuantSpec(scheme, 128)
+    w, b = torch.randn(out, inn) * 0.05, torch.randn(out)
+    parts = quantize_weight(w, spec)
+    return QuantLinear(parts, spec, torch.nn.Parameter(b, requires_grad=False)), dequantize(parts, spec).double(), b
+
+
+def relative_error(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def needs_path(path):
+    if path.startswith("rowmatmul") and not rowmatmul.available():
+        pytest.skip("no kernel variant for this CPU, or no C compiler")
+    if path.startswith("compiled") and not linear.compile_allowed():
+        pytest.skip("NEOJ_COMPILE=0")
+
+
+@pytest.mark.parametrize("path,rows", [("rowmatmul_f32", 1), ("rowmatmul_f32", 9), ("blocked_matvec", 1),
+                                       ("onednn_linear", 5), ("linear", 5)])
+def test_fp32_paths_equal_the_exact_product(path, rows):
+    needs_path(path)
+    layer = f32_layer()
+    x = torch.randn(rows, 768)
+    want = x.double() @ layer.weight.double().t() + layer.bias.double()
+    with torch.inference_mode():
+        got = linear.IMPLS[path](layer, x)
+    assert got.shape == (rows, 77) and got.dtype == torch.float32
+    assert relative_error(got, want) < 1e-6
+
+
+def test_the_compiled_half_precision_row_equals_the_exact_product():
+    needs_path("compiled_matvec")
+    layer = f32_layer(dtype=torch.bfloat16)
+    x = torch.randn(1, 768).bfloat16()
+    want = x.double() @ layer.weight.double().t() + layer.bias.double()
+    with torch.inference_mode():
+        got = linear.IMPLS["compiled_matvec"](layer, x)
+    assert got.dtype == torch.bfloat16 and relative_error(got, want) < 4e-3  # fp32 sums, rounded to bf16 once
+
+
+@pytest.mark.parametrize("path,rows,dtype,tolerance", [
+    ("rowmatmul_int8", 1, torch.float32, 3e-4), ("rowmatmul_int8", 6, torch.float32, 3e-4),
+    ("rowmatmul_int8", 3, torch.bfloat16, 5e-3), ("compiled_int8_matvec", 1, torch.float32, 1e-5),
+    ("int8pack", 3, torch.float32, 5e-3), ("int8_dequant", 70, torch.float32, 5e-3),
+])
+def test_int8_paths_equal_the_exact_product(path, rows, dtype, tolerance):
+    needs_path(path)
+    layer, w, b = quant_layer("int8")
+    x = torch.randn(rows, 768).to(dtype)
+    want = x.double() @ w.t() + b.double()
+    with torch.inference_mode():
+        got = linear.IMPLS[path](layer, x)
+    assert got.shape == (rows, 77) and got.dtype == dtype
+    assert relative_error(got, want) < tolerance
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_path_equals_the_exact_product(rows):
+    layer, w, b = quant_layer("int4")
+    assert layer.kernel == "int4pack_cpu"
+    x = torch.randn(rows, 768)
+    with torch.inference_mode():
+        got = layer(x)
+    assert relative_error(got, x.double() @ w.t() + b.double()) < 1e-2  # bf16 activations and scales
+
+
+# ---- rows alone or in a batch ----
+
+def test_decode_layers_give_a_row_the_same_values_alone_or_in_a_batch():
+    if not rowmatmul.available():
+        pytest.skip("no kernel variant for this CPU, or no C compiler")
+    # Within the kernels' range in RULES: fp32 rows of a layer >= 3072 wide (one row of a narrower layer
+    # goes to the blocked product with VNNI), 1-16 with AVX-512, 1-8 at 8 lanes; int8 rows of 1024, 1-16
+    # (1-8 with VNNI: rows x in <= 8192).
+    f32, (int8, _, _) = f32_layer(inn=3072), quant_layer("int8", inn=1024)
+    isa = rowmatmul.variant_name()
+    max_f32_rows, max_int8_rows = (16, 8) if isa == "avx512_vnni" else (16, 16) if isa == "avx512" else (8, 16)
+    x = torch.randn(16, 3072)
+    with torch.inference_mode():
+        for layer, rows in ((f32, max_f32_rows), (int8, max_int8_rows)):
+            x = x[:, : layer.in_features]
+            batch = layer(x[:rows])
+            for i in range(rows):
+                assert torch.equal(layer(x[i : i + 1])[0], batch[i])
+
+
+# ---- autograd ----
+
+def test_quantized_layers_pass_gradients_to_their_inputs():
+    layer, w, _ = quant_layer("int8")
+    x = torch.randn(2, 768, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, w.float().sum(0).expand(2, -1), rtol=1e-2, atol=1e-2)  # bf16 weight
+
+
+def test_trainable_decode_layers_use_autograd():
+    layer = f32_layer()
+    x = torch.randn(4, 768)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(77, -1))
+
+
+# ---- failures ----
+
+def test_a_failing_path_turns_off_only_itself(monkeypatch):
+    if not rowmatmul.available():
+        pytest.skip("no kernel variant for this CPU, or no C compiler")
+
+    def broken(layer, x):
+        raise RuntimeError("simulated failure")
+
+    used = []
+    real_int8 = linear.IMPLS["rowmatmul_int8"]
+    monkeypatch.setitem(linear.IMPLS, "rowmatmul_f32", broken)
+    monkeypatch.setitem(linear.IMPLS, "rowmatmul_int8", lambda layer, x: used.append(1) or real_int8(layer, x))
+    f32 = f32_layer(out=40, inn=64)
+    int8, w, b = quant_layer("int8", out=40, inn=256)
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(f32(x), x @ f32.weight.t() + f32.bias)  # through oneDNN instead
+        f32(x)
+        assert linear.disabled() == {"rowmatmul_f32"}
+        xq = torch.randn(2, 256)
+        assert relative_error(int8(xq), xq.double() @ w.t() + b.double()) < 3e-4
+    assert used == [1]  # the int8 kernel still runs
+
+
+def test_a_reference_path_is_never_turned_off(monkeypatch):
+    def broken(layer, x):
+        raise ValueError("bad input")
+
+    monkeypatch.setitem(linear.IMPLS, "linear", broken)
+    with pytest.raises(ValueError, match="bad input"):
+        with torch.inference_mode():
+            f32_layer()(torch.randn(100, 768))  # 100 rows: F.linear is the only path
+    assert linear.disabled() == frozenset()
+
+
+# ---- building at load ----
+
+def test_kernels_are_built_when_the_model_is_prepared_not_at_the_first_call(tmp_path):
+    code = ("from neoj.config import from_hf_dict; from neoj.weights import random_model\n"
+            "from neoj.kernels import use_decode_kernels; from pathlib import Path; import os\n"
+            "cfg = from_hf_dict({'model_type': 'gptj', 'vocab_size': 512, 'n_positions': 32, 'n_embd': 64,\n"
+            "                    'n_layer': 1, 'n_head': 4, 'rotary_dim': 8})\n"
+            "use_decode_kernels(random_model(cfg, seed=0))\n"
+            "print(len(list(Path(os.environ['XDG_CACHE_HOME']).rglob('*.so'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("1" if rowmatmul.candidate_variants() else "0")
+
+
+def test_prepared_tiny_model_keeps_its_greedy_tokens():
+    cfg = from_hf_dict({"model_type": "gptj", "vocab_size": 512, "n_positions": 32, "n_embd": 256, "n_layer": 2,
+                        "n_head": 4, "rotary_dim": 8})
+    plain = random_model(cfg, seed=3)
+    fast = use_decode_kernels(copy.deepcopy(plain))
+    x = torch.randint(0, 512, (3, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
