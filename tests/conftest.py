@@ -209,6 +209,17 @@ def neo_formats(neo, tmp_path_factory) -> dict[str, Path]:
 
 
 @torch.no_grad()
+def left_pad(rows: list[list[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (ids, valid) (B, P) with the rows right-aligned, padded with EOS on the left."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), EOS)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        valid[i, width - len(r):] = True
+    return ids.to(device), valid.to(device)
+
+
 def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """Returns transformers' fp32 logits (T, V) for one unpadded sequence."""
     return hf(torch.tensor([ids])).logits[0].float()

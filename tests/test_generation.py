@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, PROMPTS, SHORT_PROMPT, WINDOW, hf_logits, neoj_logits
+from conftest import PROMPTS, SHORT_PROMPT, WINDOW, hf_logits, left_pad, neoj_logits
 from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
@@ -20,17 +20,6 @@ ATOL = 1e-4
 def greedy(n: int, **kw) -> GenerationParams:
     """Returns greedy params for n tokens that do not stop at EOS."""
     return GenerationParams(max_new_tokens=n, temperature=0, stop_at_eos=False, **kw)
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (ids, valid) (B, P) with the rows right-aligned, padded with EOS on the left."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), EOS)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        valid[i, width - len(r):] = True
-    return ids, valid
 
 
 @torch.inference_mode()

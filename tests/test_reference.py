@@ -164,3 +164,37 @@ def test_gptj_never_generates_padded_vocab_rows(zoo, tokenizer):
     expected = full[len(ids) - 1 : -1, :50257].argmax(-1).tolist()
     assert completion.token_ids == expected
     assert EOS < 50257
+
+
+def test_attention_kernel_choice_by_device_and_shape():
+    """cuDNN's attention builds a plan per new shape: CUDA calls with varying shapes leave it out; the CPU
+    and fixed-shape (graphed) calls keep PyTorch's own choice. bf16 on CUDA attends in bf16 (SDPA's
+    kernels multiply and softmax in fp32 themselves); everything else in fp32, as the reference."""
+    import contextlib
+
+    import torch
+
+    from neoj.model import attention_backends, attention_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(attention_backends(cpu, False), contextlib.nullcontext)
+    assert isinstance(attention_backends(cuda, True), contextlib.nullcontext)
+    with attention_backends(cuda, False):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert attention_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert attention_dtype(torch.bfloat16, cpu) == torch.float32
+    assert attention_dtype(torch.float16, cuda) == torch.float32
+    assert attention_dtype(torch.float32, cuda) == torch.float32
+
+
+def test_the_rotary_table_stays_fp32_when_the_model_changes_dtype(gptj):
+    import torch
+
+    from neoj.model import rotary_table
+    from neoj.weights import random_model
+
+    model = random_model(gptj.model.config).to(torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert model.rope.dtype == torch.float32
+    assert torch.equal(model.rope, rotary_table(model.config.n_positions, model.config.rotary_dim))

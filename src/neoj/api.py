@@ -10,6 +10,7 @@ import torch
 
 from .config import PRESETS, ModelConfig, preset
 from .errors import ConfigError, NeojError
+from . import linear
 from .kernels import use_decode_kernels
 from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
@@ -106,6 +107,8 @@ def prepare_for_inference(model: Transformer) -> Transformer:
     if model.num_parameters() >= DECODE_KERNEL_MIN_PARAMS:
         weight_bytes = model.num_parameters() * model.wte.weight.element_size()
         use_decode_kernels(model, allow_compile=weight_bytes >= COMPILE_MIN_WEIGHT_BYTES)
+    else:
+        linear.prepare(model)  # a small quantized model: its int8 C kernels are built now, not in a request
     return model
 
 

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .cuda_graph import DecodeStep
 from .errors import ContextLengthError
 from .kv_cache import KVCache
 from .model import Transformer, positions_from_valid
@@ -147,6 +148,8 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
     hidden = model(ids, positions, cache, valid if not bool(valid.all()) else None)
     logits = model.logits(hidden[:, -1])
     next_pos = positions[:, -1:] + 1
+    decode_step = DecodeStep.for_cache(model, cache)  # a CUDA graph on GPUs; after the prefill, which it cannot run
+    run_ahead = device.type == "cuda"  # kernels run asynchronously there: overlap each step with the host's work
 
     for step in range(params.max_new_tokens):
         logits = selector.mask_vocab(logits)
@@ -160,9 +163,15 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
             if params.logprobs:
                 top = torch.topk(logp, params.logprobs, dim=-1)
                 top = (top.indices.tolist(), top.values.tolist())
-        token_list = tokens.tolist()
-        events = []
         last_step = step == params.max_new_tokens - 1
+        if run_ahead and not last_step:
+            # Queue the next step before this one's host work (detokenizing, stop strings, the caller's
+            # code at the yield): the GPU computes while the CPU catches up. If every row then stops,
+            # that step is simply dropped.
+            token_list, next_logits = _tokens_then_next_step(tokens, lambda: decode_step(tokens, next_pos))
+        else:
+            token_list = tokens.tolist()
+        events = []
         for i, tok in enumerate(token_list):
             if done[i]:
                 continue
@@ -188,10 +197,20 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
         yield events
         if all(done) or last_step:
             break
-        hidden = model(tokens[:, None], next_pos, cache)
-        logits = model.logits(hidden[:, -1])
+        logits = next_logits if run_ahead else decode_step(tokens, next_pos)
         next_pos = next_pos + 1
     return results
+
+
+def _tokens_then_next_step(tokens: torch.Tensor, next_step) -> tuple[list[int], torch.Tensor]:
+    """Returns (tokens as a list, next_step()): the tokens' copy to the host is queued first and waited
+    for alone, so the next step's kernels are already queued when the host gets the tokens."""
+    host = tokens.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tokens.device))
+    logits = next_step()
+    copied.synchronize()
+    return host.tolist(), logits
 
 
 def generate_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],

@@ -8,6 +8,11 @@ import torch
 class KVCache:
     """Keys and values of every layer: (layers, B, H, max_len, D), plus which slots hold real tokens."""
 
+    # Set by a graphed decode step (neoj.cuda_graph): the slot written next, as a (1,) device tensor.
+    # Then every shape is fixed, as a CUDA graph needs: writes go to `slot`, attention reads all
+    # max_len slots and masks the ones past it.
+    slot: torch.Tensor | None = None
+
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (n_layers, batch, n_heads, max_len, head_dim)
@@ -38,10 +43,21 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v (B, H, T, D) at `start`; returns all keys and values so far (B, H, start+T, D)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def static_masks(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the (B, 1, 1, max_len) global and local masks of a one-token step writing at `slot`:
+        real tokens up to the slot, and for local layers only the last `window` of them."""
+        distance = self.slot - torch.arange(self.max_len, device=self.k.device)  # slot - key index
+        seen = self.key_valid & (distance >= 0)
+        return seen[:, None, None], (seen & (distance < window))[:, None, None]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps only the batch rows in `index` (used when finished rows leave a batch)."""

@@ -5,11 +5,13 @@ Shapes: B batch, T new tokens, L keys visible (cache length), H heads, D head_di
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -30,13 +32,45 @@ def rotary_table(n_positions: int, rotary_dim: int) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotates pairs (0,1), (2,3), ... of the first rotary_dim dims of x (B, T, H, D); the rest pass through."""
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    pairs = rot.unflatten(-1, (-1, 2))  # (B, T, H, rotary_dim/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos_sin[..., 0].to(x.dtype), cos_sin[..., 1].to(x.dtype)  # (B, T, 1, rotary_dim/2)
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+    """Rotates pairs (0,1), (2,3), ... of the first rotary_dim dims of x (B, T, H, D); the rest pass through.
+
+    Each pair is a complex number e + i*o multiplied by cos + i*sin, in fp32 (as the reference computes
+    it, whatever the model's dtype), then rounded to x's dtype: four kernels instead of a dozen, which
+    matters when a decode step is hundreds of small kernels.
+    """
+    pairs = torch.view_as_complex(x[..., :rotary_dim].float().unflatten(-1, (-1, 2)))  # (B, T, H, rd/2)
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(cos_sin.float())).flatten(-2).to(x.dtype)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1) if x.shape[-1] > rotary_dim else rotated
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Returns the dtype attention's inputs are given in: fp32, as the reference computes scores and
+    softmax, except bf16 on CUDA. There SDPA's kernels already multiply and softmax in fp32 (exact on bf16
+    inputs, and bf16 has fp32's range), so fp32 copies of q and the cache would only cost three kernels a
+    layer and twice the reads. fp16 always goes to fp32: GPT-Neo's unscaled scores overflow it."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cuda"):
+        return dtype
+    return torch.float32
+
+
+# Attention kernels for CUDA calls whose shapes change every call (eager decode, prefill): cuDNN's builds a
+# plan per new key length (tens of milliseconds each; BENCHMARKS.md, GPU decode, "no CUDA graph" rows), the
+# others do not. A graphed step has one shape and may use any.
+_VARYING_SHAPE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends(device: torch.device, fixed_shape: bool):
+    """Returns the context choosing SDPA's kernels: everything PyTorch would pick, except cuDNN's for
+    CUDA calls whose shapes vary."""
+    if device.type != "cuda" or fixed_shape:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_VARYING_SHAPE_BACKENDS)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Returns 0 where `allowed`, -inf elsewhere: the form SDPA would convert a boolean mask to on every
+    layer, made once per step instead."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -71,11 +105,12 @@ class Attention(nn.Module):
             # Decoding past the window: a local layer only needs its last window_size keys.
             k, v = k[:, :, -ctx.window :], v[:, :, -ctx.window :]
         dtype = q.dtype
-        if dtype != torch.float32:
-            # Scores and softmax in fp32, as the reference does: GPT-Neo overflows fp16 otherwise.
-            q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
-        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)
+        compute = attention_dtype(dtype, q.device)
+        if compute != dtype:
+            q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        with attention_backends(q.device, ctx.fixed_shape):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        y = y.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(B, T, C)  # one copy
         return self.out_proj(y)
 
 
@@ -114,7 +149,7 @@ class Block(nn.Module):
 class ForwardContext:
     """Per-call state shared by all layers: positions, masks and the cache slot being written."""
 
-    __slots__ = ("cache", "start", "cos_sin", "global_mask", "local_mask", "is_local_slice", "window")
+    __slots__ = ("cache", "start", "cos_sin", "global_mask", "local_mask", "is_local_slice", "window", "fixed_shape")
 
     def __init__(self, cfg: ModelConfig, T: int, positions: torch.Tensor, cache: KVCache | None,
                  key_valid: torch.Tensor | None, rope: torch.Tensor | None):
@@ -122,13 +157,20 @@ class ForwardContext:
         self.start = cache.length if cache is not None else 0
         self.window = cfg.window_size
         self.cos_sin = rope[positions].unsqueeze(2) if rope is not None else None  # (B, T, 1, rd/2, 2)
+        self.is_local_slice = False
+        self.fixed_shape = cache is not None and cache.slot is not None
+        if self.fixed_shape:  # a graphed decode step: masks from the slot tensor
+            global_mask, local_mask = cache.static_masks(self.window)
+            dtype = attention_dtype(cache.k.dtype, cache.k.device)
+            self.global_mask = (additive_mask(global_mask, dtype), False)
+            self.local_mask = (additive_mask(local_mask, dtype), False)
+            return
         L = self.start + T
         if cache is not None:
             key_valid = cache.mark_valid(self.start, key_valid, T)
             padded = cache.padded
         else:
             padded = key_valid is not None and not bool(key_valid.all())
-        self.is_local_slice = False
         if not padded and T == 1:
             # Decoding one token with no padding: every key so far is visible to a global layer.
             self.global_mask = (None, False)
@@ -184,6 +226,14 @@ class Transformer(nn.Module):
         if self.config.rotary_dim:
             device = device or self.wte.weight.device
             self.rope = rotary_table(self.config.n_positions, self.config.rotary_dim).to(device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the rotary table with the weights; rotary runs in fp32 (as
+        # the reference), so the table is made again in fp32 instead.
+        super()._apply(fn, recurse)
+        if self.rope is not None and self.rope.dtype != torch.float32:
+            self.init_buffers(self.rope.device)
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -641,15 +641,18 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: s
     `transform` works as in load_state_into: tensors are made one at a time, so a quantizing transform
     never holds the full-precision model. `model` is the meta-device model to fill (default: a new one).
     """
-    gen = torch.Generator().manual_seed(seed)
+    # On a GPU (and no transform) the tensors are drawn there: a 6B model in seconds, not minutes. The
+    # values then differ from the CPU's for the same seed.
+    at = torch.device(device) if transform is None and torch.device(device).type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=at).manual_seed(seed)
     model = model if model is not None else build_meta(cfg)
     for name, p in _expected_tensors(model).items():
         if name.endswith("bias"):
-            t = torch.zeros(p.shape)
+            t = torch.zeros(p.shape, device=at)
         elif ".ln_" in name or name.startswith("ln_f"):
-            t = torch.ones(p.shape)
+            t = torch.ones(p.shape, device=at)
         else:
-            t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen)
+            t = torch.empty(p.shape, device=at).normal_(0.0, 0.02, generator=gen)
         t = transform(name, t) if transform is not None else t.to(device=device, dtype=dtype)
         if t is not None:
             _assign(model, name, t)

@@ -1,0 +1,100 @@
+"""One decode step (a token per row -> next-token logits) recorded once as a CUDA graph and replayed.
+
+A decode step of a 6B model is ~30 small kernels per layer; launched one by one from Python, the
+launches, not the GPU, set the pace at batch 1. Replaying a recorded graph launches them all at once
+(the gpt-fast way, here without torch.compile, so there is no compile wait). A graph fixes every
+shape and address, so the step runs on a KVCache in its static mode (`KVCache.slot`): keys and values
+are written at a slot held in a device tensor, and attention reads all `max_len` slots with a mask.
+
+`DecodeStep.for_cache` returns the graphed step on CUDA and the plain one elsewhere (or with
+NEOJ_CUDA_GRAPHS=0); both are called the same way and give the same logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .kv_cache import KVCache
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    """True when decode steps on `device` should be replayed from CUDA graphs (NEOJ_CUDA_GRAPHS=0: never)."""
+    return device.type == "cuda" and os.environ.get("NEOJ_CUDA_GRAPHS", "1") != "0"
+
+
+class DecodeStep:
+    """Runs the model on one new token per row and returns the fp32 logits (B, vocab), eagerly."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+
+    @staticmethod
+    def for_cache(model, cache: KVCache) -> "DecodeStep":
+        """Returns the graphed step where graphs are enabled for the cache's device, else the eager one."""
+        return GraphedDecodeStep(model, cache) if graphs_enabled(cache.k.device) else DecodeStep(model, cache)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(tokens.view(-1, 1), positions.view(-1, 1), self.cache)
+        return self.model.logits(hidden[:, -1])
+
+
+class GraphedDecodeStep(DecodeStep):
+    """The same step on the static cache, recorded as a CUDA graph on its first call and replayed after.
+
+    Inputs are copied into fixed buffers; the logits returned are the graph's own output buffer, valid
+    until the next call. `capture=False` runs the static step without recording (CPU tests of the
+    static path).
+    """
+
+    WARMUP_RUNS = 2  # before recording: cuBLAS handles, autotuned Triton kernels and lazy inits happen here
+
+    def __init__(self, model, cache: KVCache, capture: bool = True):
+        super().__init__(model, cache)
+        device = cache.k.device
+        B = cache.k.shape[1]
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
+        cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _static_step(self) -> torch.Tensor:
+        """One forward on the fixed buffers; leaves cache.length for __call__ to advance."""
+        length = self.cache.length
+        hidden = self.model(self.tokens, self.positions, self.cache)
+        self.cache.length = length
+        return self.model.logits(hidden[:, -1])
+
+    def _record(self) -> None:
+        with torch.cuda.device(self.cache.k.device):  # streams and the graph on the model's GPU (cuda:N too)
+            self._record_here()
+
+    def _record_here(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_RUNS):  # writes this step's own keys and values: the replay rewrites them
+                self._static_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._static_step()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; cannot decode past it")
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.positions.copy_(positions.view(-1, 1))
+        self.cache.slot.fill_(self.cache.length)
+        if not self.capture:
+            logits = self._static_step()
+        else:
+            if self.graph is None:
+                self._record()
+            self.graph.replay()
+            logits = self.logits
+        self.cache.length += 1
+        return logits
