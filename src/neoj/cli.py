@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 from . import __version__
-from .checks import check_utf8_text, decode_escapes, prepare_output_dir, read_stdin
-from .errors import GenerationError, NeojError
+from .checks import check_utf8_text, prepare_output_dir, read_stdin
+from .cli_options import (add_model_args, add_quantize_args, add_sampling_args, check_generation_options,
+                          load_from_args, sampling_options)
+from .errors import NeojError
 from .threads import set_thread_count
 
 EPILOG = """models: a local checkpoint directory, a Hugging Face Hub id (EleutherAI/gpt-neo-125m,
@@ -31,87 +32,6 @@ ARGUMENT_NAMES = {"prompt": "the PROMPT argument", "text": "the TEXT argument", 
                   "source": "--from", "repo_id": "the REPO_ID argument"}
 OVERWRITE_HELP = ("write into --out even if it already holds files: the model, adapter and training files there "
                   "are deleted before the new ones are written (other files are kept)")
-STOP_HELP = (r"stop when TEXT is generated (not printed); repeatable. Backslash escapes are understood: "
-             r"--stop '\n\n' stops at a blank line (also \t, \r, \\ for a backslash, \xNN, \uNNNN)")
-
-
-def stop_text(value: str) -> str:
-    """argparse type of --stop: the text with its backslash escapes decoded (see checks.decode_escapes)."""
-    try:
-        return decode_escapes(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Adds --model, --dtype, --device, --revision, --quantize, --group-size and --no-memory-check."""
-    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
-                   "(default: builtin)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
-                   "recent GPUs, else float32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    _add_quantize_args(p)
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="load even if the memory plan says the model will not fit")
-
-
-def _add_quantize_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"], required=required,
-                   help="weight-only quantization of every linear layer and the LM head, done while loading: "
-                   "int8 (per output channel, about 1/4 of fp32) or int4 (per group, about 1/7)")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                   help="int4: weights sharing one scale and zero (default 128; smaller = more accurate, larger)")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate (default 128)")
-    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off; default 0.95)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    g.add_argument("--num-return-sequences", type=int, default=1, help="independent samples per prompt")
-    g.add_argument("--truncate", action="store_true",
-                   help="keep the last tokens of a prompt too long for the context instead of failing")
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-
-
-def _sampling_options(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-                num_return_sequences=args.num_return_sequences, truncate=args.truncate,
-                stop_at_eos=not args.ignore_eos)
-
-
-GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed",
-                      "num_return_sequences")
-
-
-def check_generation_options(args) -> None:
-    """Raises NeojError naming the command-line option (--top-p, ...) whose value is out of range.
-
-    Called before a model is loaded or an output file opened, so a typo fails at once and blames the
-    option, not the data. Options a command does not have, or leaves to the task (None), are skipped.
-    """
-    from .sampling import GenerationParams
-
-    given = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name, None) is not None}
-    try:
-        GenerationParams.from_kwargs(**given)
-    except GenerationError as exc:
-        message = str(exc)
-        bad = re.match(r"(\w+)=(.*?) (must .*)", message)
-        if bad:
-            message = f"--{bad[1].replace('_', '-')} {bad[3]} (got {bad[2]})"
-        elif message.startswith("stop sequences"):
-            message = "--stop must not be empty"
-        raise NeojError(message) from None
-
-
 def check_text_args(args) -> None:
     """Raises NeojError when a text argument (a prompt, --stop, --system, ...) holds bytes that are not UTF-8.
 
@@ -127,21 +47,12 @@ def check_text_args(args) -> None:
                 check_utf8_text(item, where if where.startswith("the ") else f"the {where} argument")
 
 
-def load_from_args(args):
-    """Returns the LanguageModel that --model, --dtype, --device, --quantize, ... of `args` name."""
-    from .api import load
-
-    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
-                check_memory=not args.no_memory_check)
-
-
 def cmd_generate(args) -> int:
     if args.prompt is None:
         raise NeojError("give a PROMPT, or - to read it from standard input")
     check_generation_options(args)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
-    options = _sampling_options(args)
+    options = sampling_options(args)
     lm = load_from_args(args)
     out = sys.stdout
     if args.num_return_sequences == 1:
@@ -280,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     add_model_args(p)
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI, HF Inference API and TGI routes)",
@@ -338,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory or Hub id (full precision)")
     p.add_argument("--out", "-o", required=True, help="new directory for the quantized checkpoint")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    _add_quantize_args(p, required=True)
+    add_quantize_args(p, required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the tensors left unquantized: embeddings, layer norms, biases (default bfloat16)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..checks import check_utf8_text, not_utf8_error, prepare_output_file, read_stdin, read_stdin_line
+from ..cli_options import STOP_HELP, add_model_args, check_generation_options, load_from_args, stop_text
 from ..errors import NeojError
 
 TASK_EPILOG = """models: --model takes a checkpoint directory, a Hub id (EleutherAI/gpt-neo-1.3B, EleutherAI/gpt-j-6b)
@@ -43,7 +44,6 @@ def _add_common(p: argparse.ArgumentParser, max_new_tokens: int | str | None, te
                 progress: bool = True, generation: bool = True) -> None:
     """Adds the model, prompts, progress and generation options; max_new_tokens: an int default, or the help
     text saying how the task picks it."""
-    from ..cli import add_model_args
 
     add_model_args(p)
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -78,7 +78,6 @@ def _prompts(args):
 
 def _load(args):
     """Returns the model of `args`, after checking its generation options (so a typo fails before loading)."""
-    from ..cli import check_generation_options, load_from_args
 
     check_generation_options(args)
     return load_from_args(args)
@@ -272,7 +271,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from ..cli import check_generation_options
     from .batch import run_batch
 
     # Options and the output first: a typo fails at once, blames the option, and creates no file.
@@ -298,7 +296,6 @@ def cmd_batch(args) -> int:
 
 def add_task_commands(sub) -> None:
     """Registers summarize, ask, translate, classify, complete-code, chat and batch on the subcommand parser."""
-    from ..cli import STOP_HELP, stop_text
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over chunks)",

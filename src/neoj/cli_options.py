@@ -1,0 +1,103 @@
+"""Command-line options shared by the neoj command and its task and training subcommands: the model,
+quantization and sampling options, their checks, and loading the model they name. Both cli.py and
+tasks/cli.py build on this module, so neither imports the other's internals."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from .checks import decode_escapes
+from .errors import GenerationError, NeojError
+
+STOP_HELP = (r"stop when TEXT is generated (not printed); repeatable. Backslash escapes are understood: "
+             r"--stop '\n\n' stops at a blank line (also \t, \r, \\ for a backslash, \xNN, \uNNNN)")
+
+
+def stop_text(value: str) -> str:
+    """argparse type of --stop: the text with its backslash escapes decoded (see checks.decode_escapes)."""
+    try:
+        return decode_escapes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Adds --model, --dtype, --device, --revision, --quantize, --group-size and --no-memory-check."""
+    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
+                   "(default: builtin)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
+                   "recent GPUs, else float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    add_quantize_args(p)
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even if the memory plan says the model will not fit")
+
+
+def add_quantize_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """Adds --quantize (int8, int4) and --group-size."""
+    p.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"], required=required,
+                   help="weight-only quantization of every linear layer and the LM head, done while loading: "
+                   "int8 (per output channel, about 1/4 of fp32) or int4 (per group, about 1/7)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4: weights sharing one scale and zero (default 128; smaller = more accurate, larger)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Adds the generation group: --max-new-tokens, --temperature, --top-k, --top-p, --stop, --seed, ..."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off; default 0.95)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="independent samples per prompt")
+    g.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt too long for the context instead of failing")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+
+
+def sampling_options(args) -> dict:
+    """Returns the GenerationParams keyword arguments that the sampling options of `args` give."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+                num_return_sequences=args.num_return_sequences, truncate=args.truncate,
+                stop_at_eos=not args.ignore_eos)
+
+
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed",
+                      "num_return_sequences")
+
+
+def check_generation_options(args) -> None:
+    """Raises NeojError naming the command-line option (--top-p, ...) whose value is out of range.
+
+    Called before a model is loaded or an output file opened, so a typo fails at once and blames the
+    option, not the data. Options a command does not have, or leaves to the task (None), are skipped.
+    """
+    from .sampling import GenerationParams
+
+    given = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name, None) is not None}
+    try:
+        GenerationParams.from_kwargs(**given)
+    except GenerationError as exc:
+        message = str(exc)
+        bad = re.match(r"(\w+)=(.*?) (must .*)", message)
+        if bad:
+            message = f"--{bad[1].replace('_', '-')} {bad[3]} (got {bad[2]})"
+        elif message.startswith("stop sequences"):
+            message = "--stop must not be empty"
+        raise NeojError(message) from None
+
+
+def load_from_args(args):
+    """Returns the LanguageModel that --model, --dtype, --device, --quantize, ... of `args` name."""
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
+                check_memory=not args.no_memory_check)
