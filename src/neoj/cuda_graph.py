@@ -62,11 +62,8 @@ class GraphedDecodeStep(DecodeStep):
         self.logits: torch.Tensor | None = None
 
     def _static_step(self) -> torch.Tensor:
-        """One forward on the fixed buffers; leaves cache.length for __call__ to advance."""
-        length = self.cache.length
-        hidden = self.model(self.tokens, self.positions, self.cache)
-        self.cache.length = length
-        return self.model.logits(hidden[:, -1])
+        """One forward on the fixed buffers (the model leaves a static cache's length to __call__)."""
+        return self.model.logits(self.model(self.tokens, self.positions, self.cache)[:, -1])
 
     def _record(self) -> None:
         with torch.cuda.device(self.cache.k.device):  # streams and the graph on the model's GPU (cuda:N too)

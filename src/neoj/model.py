@@ -252,7 +252,7 @@ class Transformer(nn.Module):
             x = x + self.wpe(positions)
         for block in self.blocks:
             x = block(x, ctx)
-        if cache is not None:
+        if cache is not None and cache.slot is None:  # a graphed step advances its own cache (replays skip this)
             cache.length += T
         return self.ln_f(x)
 
