@@ -404,10 +404,11 @@ FALLBACK_IDS = ["disabled", "isa-none", "no-compiler", "failing-compiler"]
 def test_without_the_kernel_int8_layers_fall_back_to_pytorch(env, tmp_path):
     # A fresh cache directory, so a library built earlier cannot hide a failing compiler.
     code = ("import torch; from neoj import rowmatmul; from neoj.quantize import *\n"
-            "spec = QuantSpec('int8'); w = torch.randn(8, 256)\n"
+            "torch.manual_seed(0); spec = QuantSpec('int8'); w = torch.randn(8, 256)\n"
             "layer = QuantLinear(quantize_weight(w, spec), spec, None)\n"
-            "x = torch.randn(1, 256); want = x @ dequantize(quantize_weight(w, spec), spec).t()\n"
-            "torch.testing.assert_close(layer(x), want, atol=0.05, rtol=0.02)\n"
+            "x = torch.randn(1, 256); want = x.double() @ dequantize(quantize_weight(w, spec), spec).double().t()\n"
+            "error = (layer(x).double() - want).norm() / want.norm()\n"
+            "assert error < 5e-3, error  # bf16 activations on PyTorch's path\n"
             "print(rowmatmul.available(), rowmatmul.variant_name())")
     assert run_python(code, env, tmp_path) == "False none"
     assert not list(tmp_path.rglob("*.so"))  # and no half-built library left behind
