@@ -12,6 +12,7 @@ from .cuda_graph import DecodeStep
 from .errors import ContextLengthError
 from .kv_cache import KVCache
 from .model import Transformer, positions_from_valid
+from .model_utils import fit_prompt, left_pad
 from .sampling import GenerationParams, TokenSelector, check_logits
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -78,34 +79,6 @@ def _drain(decoder: StreamDecoder, scanner: _StopScanner) -> str:
     return text if hit else text + scanner.flush()
 
 
-def fit_prompt(ids: list[int], max_new_tokens: int, n_positions: int, truncate: bool) -> list[int]:
-    """Returns the prompt ids that fit the context with room for max_new_tokens, or raises."""
-    if max_new_tokens >= n_positions:
-        raise ContextLengthError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {n_positions}-token context",
-            len(ids), n_positions)
-    if len(ids) + max_new_tokens <= n_positions:
-        return ids
-    if truncate:
-        return ids[len(ids) + max_new_tokens - n_positions :]
-    raise ContextLengthError(
-        f"prompt has {len(ids)} tokens and {max_new_tokens} new tokens were asked for, "
-        f"but the model's context is {n_positions} tokens; shorten the prompt, lower max_new_tokens, "
-        "or ask for truncation (truncate=True / --truncate) to keep the last tokens",
-        len(ids), n_positions)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (ids, valid) of shape (B, P), prompts right-aligned."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        valid[i, width - len(r) :] = True
-    return ids.to(device), valid.to(device)
-
-
 @torch.inference_mode()
 def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
                  params: GenerationParams) -> Iterator[list[StepEvent]]:
@@ -142,7 +115,7 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
     scanners = [_StopScanner(params.stop) for _ in range(B)]
     done = [False] * B
 
-    ids, valid = _left_pad(rows, tokenizer.eos_token_id, device)
+    ids, valid = left_pad(rows, tokenizer.eos_token_id, device)
     positions = positions_from_valid(valid)
     cache = KVCache.for_model(model, B, ids.shape[1] + params.max_new_tokens)
     hidden = model(ids, positions, cache, valid if not bool(valid.all()) else None)

@@ -16,9 +16,10 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import GenerationError, NeojError
-from ..generate import Completion, _drain, _left_pad, _StopScanner, fit_prompt
+from ..generate import Completion, _drain, _StopScanner
 from ..kv_cache import KVCache
 from ..model import Transformer, positions_from_valid
+from ..model_utils import fit_prompt, left_pad
 from ..sampling import GenerationParams
 from ..tokenizer import StreamDecoder, Tokenizer
 from .batch_cache import BatchCache
@@ -365,7 +366,7 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefills the prompts of seqs in one left-padded forward; leaves each in its request's prefills."""
         rows = [seq.prompt_ids for seq in seqs]
-        ids, valid = _left_pad(rows, self.tokenizer.eos_token_id, self.device)
+        ids, valid = left_pad(rows, self.tokenizer.eos_token_id, self.device)
         width = ids.shape[1]
         cache = KVCache.for_model(self.model, len(rows), width)
         padded = any(len(r) != width for r in rows)
