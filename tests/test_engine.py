@@ -9,7 +9,7 @@ import torch
 
 import neoj
 from neoj.config import from_hf_dict
-from neoj.engine import BatchCache, Engine, QueueFull
+from neoj.engine import BatchCache, Engine, QueueFull, scheduler
 from neoj.errors import ContextLengthError, GenerationError
 from neoj.kv_cache import KVCache
 from neoj.sampling import GenerationParams
@@ -81,7 +81,7 @@ def test_concurrent_greedy_equals_alone(lm, engine):
     assert engine.stats.steps > 0 and engine.stats.finished["length"] == 2 * len(jobs)
 
 
-def test_requests_admitted_together_are_prefilled_together(lm):
+def test_requests_admitted_together_are_prefilled_together(lm, monkeypatch):
     # Queued before the model thread starts, so one admission round takes them all: the new prompts
     # (of different lengths, so left-padded) share one prefill forward, and each row still gets what it
     # gets alone, prompt log-probabilities and copies of a prompt included.
@@ -98,8 +98,9 @@ def test_requests_admitted_together_are_prefilled_together(lm):
         ref.shutdown()
     eng = Engine(lm.model, lm.tokenizer, max_batch=16)
     groups = []
-    prefill = eng._prefill
-    eng._prefill = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]
+    real_prefill = scheduler.prefill
+    monkeypatch.setattr(scheduler, "prefill", lambda model, seqs, pad: (groups.append(len(seqs)),
+                                                                        real_prefill(model, seqs, pad))[1])
     events = queue.Queue()
     reqs = [eng.submit([ids], p, events.put) for ids, p in jobs]
     reqs.append(eng.submit([jobs[5][0]], GenerationParams(max_new_tokens=0), events.put, prompt_logprobs=2))
@@ -324,3 +325,74 @@ def test_a_single_nan_or_inf_logit_ends_the_batch_with_a_clear_error(lm, bad):
     finally:
         del lm.model.logits
         eng.shutdown()
+
+
+# ---- the driver: rounds on the caller's thread, the step variants, errors ----
+
+def drive(eng, jobs):
+    """Submits every (ids, params), runs rounds on this thread until done; returns token ids per job."""
+    reqs = [eng.submit([ids], p, lambda e: None) for ids, p in jobs]
+    eng.run_until_done()
+    assert all(r.done for r in reqs) and not eng.has_work
+    return [[s.token_ids for s in r.seqs] for r in reqs]
+
+
+def mixed_jobs(lm):
+    """Rows that end at different steps: by length, by a stop string, by EOS-free runs, sampled with a seed."""
+    jobs = [(lm.tokenizer.encode(p), greedy(6 + 5 * i)) for i, p in enumerate(PROMPTS)]
+    jobs.append((lm.tokenizer.encode(PROMPTS[0]), GenerationParams(max_new_tokens=15, temperature=0.8, seed=2,
+                                                                   num_return_sequences=2)))
+    jobs.append((lm.tokenizer.encode(PROMPTS[1]), greedy(20, stop=["e"])))
+    return jobs
+
+
+def test_rounds_on_the_callers_thread_equal_the_engine_thread(lm, engine):
+    jobs = mixed_jobs(lm)
+    threaded = [[c.token_ids for c in engine.generate([ids], p)] for ids, p in jobs]
+    assert drive(Engine(lm.model, lm.tokenizer, max_batch=3), jobs) == threaded  # rows join as others leave
+
+
+def test_a_step_queued_ahead_gives_the_same_tokens(lm):
+    # On CUDA the next step is queued before the host reads this one's tokens; rows that end meanwhile drop
+    # out of it. The same bookkeeping runs on the CPU when asked, and must not change a token.
+    jobs = mixed_jobs(lm)
+    plain = drive(Engine(lm.model, lm.tokenizer, max_batch=4), jobs)
+    ahead = Engine(lm.model, lm.tokenizer, max_batch=4)
+    ahead.batch.run_ahead = True
+    assert drive(ahead, jobs) == plain
+
+
+def test_static_decode_steps_per_batch_layout_equal_eager(lm):
+    # The graphed step's static path (fixed shapes, writes at a slot tensor), one step per layout of the
+    # batch as rows join and leave, without recording (CPU): the same tokens as the eager step.
+    from neoj.cuda_graph import GraphedDecodeStep
+
+    jobs = mixed_jobs(lm)
+    made = []
+
+    def static_step(model, cache):
+        made.append(cache.layout)
+        return GraphedDecodeStep(model, cache, capture=False)
+
+    plain = drive(Engine(lm.model, lm.tokenizer, max_batch=3), jobs)
+    assert drive(Engine(lm.model, lm.tokenizer, max_batch=3, make_step=static_step), jobs) == plain
+    assert len(set(made)) > 1  # the batch changed layout, and each layout got its own step
+
+
+def test_without_the_thread_failures_raise(lm):
+    real_logits = lm.model.logits
+
+    def broken(hidden):
+        out = real_logits(hidden)
+        out[:, 7] = float("nan")
+        return out
+
+    eng = Engine(lm.model, lm.tokenizer, max_batch=2)
+    eng.submit([lm.tokenizer.encode("Hello")], greedy(4), lambda e: None)
+    try:
+        lm.model.logits = broken
+        with pytest.raises(GenerationError, match="NaN/inf logits"):
+            eng.run_until_done()
+    finally:
+        del lm.model.logits
+    assert eng.running == [] and eng.cache.rows == 0

@@ -1,18 +1,19 @@
-"""Sampling parameters at their extremes: every value GenerationParams accepts generates, and the library's
-sampler (TokenSelector) and the engine's (RowSampler) pick the same tokens from the same distributions."""
+"""The sampler: transformers' semantics for every knob, values at their extremes, rows independent of their
+batch mates (engine.Sampler over sampling.penalize and sampling.sampling_probs)."""
 
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 import neoj
 from neoj.config import from_hf_dict
-from neoj.engine import RowSampler
+from neoj.engine import Sampler
 from neoj.errors import GenerationError
-from neoj.sampling import (FLOAT32_MAX, GREEDY_TEMPERATURE, GenerationParams, TokenSelector, penalize,
-                           sampling_probs)
+from neoj.sampling import FLOAT32_MAX, GREEDY_TEMPERATURE, GenerationParams, penalize, sampling_probs
 
 V, USABLE = 64, 56  # the last 8 rows are padding, masked to -inf as GPT-J's 50257..50399
 TINY = [1e-45, 5e-324, 1e-300, 1e-30, 9.99e-6]
@@ -61,24 +62,47 @@ def test_out_of_range_values_are_refused_naming_the_field():
             GenerationParams(**{name: value}).validated()
 
 
-def row_sampler_tokens(params: GenerationParams, logits: torch.Tensor, seen: torch.Tensor, seeds: list[int]):
-    rows = [SimpleNamespace(params=params, seen=seen[i].clone() if params.repetition_penalty != 1 else None,
-                            counts=torch.zeros(V) if params.presence_penalty or params.frequency_penalty else None,
-                            generator=None if params.greedy else torch.Generator().manual_seed(s))
-            for i, s in enumerate(seeds)]
-    tokens, _, _ = RowSampler(USABLE).select(rows, logits.clone())
-    return tokens
+def sampler_rows(params: GenerationParams, batch: int, vocab: int, seen: list[list[int]] | None,
+                 seeds: list[int]) -> list[SimpleNamespace]:
+    """Returns rows as the Sampler reads them (a Sequence's params, penalty state and generator)."""
+    rows = []
+    for i, seed in enumerate(seeds):
+        row_seen = None
+        if params.repetition_penalty != 1:
+            row_seen = torch.zeros(vocab, dtype=torch.bool)
+            row_seen[list((seen or [[]] * batch)[i])] = True
+        counts = torch.zeros(vocab) if params.presence_penalty or params.frequency_penalty else None
+        generator = None if params.greedy else torch.Generator().manual_seed(seed)
+        rows.append(SimpleNamespace(params=params, seen=row_seen, counts=counts, generator=generator))
+    return rows
 
 
-def token_selector_tokens(params: GenerationParams, logits: torch.Tensor, seen: torch.Tensor, seeds: list[int]):
-    sel = TokenSelector(params, len(seeds), V, USABLE, torch.device("cpu"), seeds)
-    for i in range(len(seeds)):
-        sel.observe_prompt(i, torch.nonzero(seen[i]).squeeze(1).tolist())
-    return sel.select(sel.mask_vocab(logits.clone())).tolist()
+def seen_lists(seen: torch.Tensor) -> list[list[int]]:
+    return [torch.nonzero(row).squeeze(1).tolist() for row in seen]
+
+
+def sampler_tokens(params: GenerationParams, logits: torch.Tensor, seen: torch.Tensor, seeds: list[int]):
+    rows = sampler_rows(params, len(seeds), V, seen_lists(seen), seeds)
+    return Sampler(USABLE).select(rows, logits.clone()).to_host()[0]
+
+
+def reference_tokens(params: GenerationParams, logits: torch.Tensor, seen: torch.Tensor, seeds: list[int]):
+    """Each row alone, straight from the definitions: penalize, then argmax or a draw from sampling_probs."""
+    out = []
+    for i, seed in enumerate(seeds):
+        row = logits[i : i + 1].clone()
+        row[:, USABLE:] = float("-inf")
+        scores = penalize(row, seen[i : i + 1] if params.repetition_penalty != 1 else None, None, params)
+        if params.greedy:
+            out.append(int(scores.argmax()))
+        else:
+            probs = sampling_probs(scores, [params])
+            out.append(int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))))
+    return out
 
 
 @pytest.mark.parametrize("options", EXTREMES, ids=lambda o: ",".join(f"{k}={v:g}" for k, v in o.items()))
-def test_extremes_give_a_finite_distribution_and_both_samplers_agree(options):
+def test_extremes_give_a_finite_distribution_and_each_row_its_own_draw(options):
     params = GenerationParams(max_new_tokens=1, **options).validated()
     logits, seen = logits_and_seen()
     seeds = [1, 2, 3]
@@ -91,8 +115,8 @@ def test_extremes_give_a_finite_distribution_and_both_samplers_agree(options):
         assert torch.allclose(probs.sum(dim=-1), torch.ones(3))
         assert (probs[:, USABLE:] == 0).all()
     for draw in range(3):
-        got = row_sampler_tokens(params, logits, seen, [s + 10 * draw for s in seeds])
-        assert got == token_selector_tokens(params, logits, seen, [s + 10 * draw for s in seeds])
+        got = sampler_tokens(params, logits, seen, [s + 10 * draw for s in seeds])
+        assert got == reference_tokens(params, logits, seen, [s + 10 * draw for s in seeds])
         assert all(0 <= t < USABLE for t in got)
 
 
@@ -117,6 +141,145 @@ def test_what_the_extremes_mean():
     assert int(tiny.argmax()) == max(seen_positive, key=lambda i: float(logits[0, i]))
     huge = penalize(logits, seen, None, GenerationParams(repetition_penalty=1e300))
     assert torch.isfinite(huge[0, :USABLE]).all() and int(huge.argmax()) >= 6
+
+
+class SpyMultinomial:
+    """Stands in for torch.multinomial, recording the probabilities the Sampler samples from."""
+
+    def __init__(self):
+        self.real = torch.multinomial
+        self.probs: list[torch.Tensor] = []
+
+    def __call__(self, probs, num_samples, **kwargs):
+        self.probs.append(probs.clone())
+        return self.real(probs, num_samples, **kwargs)
+
+
+def sampled_distribution(monkeypatch, params: GenerationParams, logits: torch.Tensor,
+                         seen: list[list[int]] | None = None) -> torch.Tensor:
+    """Returns the (B, V) distribution the Sampler samples the next tokens from."""
+    B, V = logits.shape
+    rows = sampler_rows(params.validated(), B, V, seen, list(range(B)))
+    spy = SpyMultinomial()
+    monkeypatch.setattr(torch, "multinomial", spy)
+    tokens = Sampler(V).select(rows, logits.clone()).tokens
+    monkeypatch.undo()
+    probs = torch.cat(spy.probs)
+    assert probs.shape == (B, V)
+    assert bool((probs.gather(1, tokens[:, None]) > 0).all())
+    return probs
+
+
+def fixed_logits(B: int = 3, V: int = 64) -> torch.Tensor:
+    """Returns seeded logits with no ties."""
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(1234)) * 2
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 20, 64])
+def test_top_k_mask_matches_transformers(monkeypatch, top_k):
+    logits = fixed_logits()
+    probs = sampled_distribution(monkeypatch, GenerationParams(temperature=1.0, top_k=top_k), logits)
+    ref = TopKLogitsWarper(top_k)(None, logits.clone())
+    assert torch.equal(probs > 0, torch.isfinite(ref))
+    torch.testing.assert_close(probs, ref.softmax(-1))
+
+
+def test_top_k_keeps_ties_like_transformers(monkeypatch):
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5, 2.0]])
+    probs = sampled_distribution(monkeypatch, GenerationParams(temperature=1.0, top_k=2), logits)
+    assert torch.equal(probs > 0, torch.isfinite(TopKLogitsWarper(2)(None, logits.clone())))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.75, 0.95, 1.0])
+def test_top_p_mask_matches_transformers(monkeypatch, top_p):
+    logits = fixed_logits()
+    probs = sampled_distribution(monkeypatch, GenerationParams(temperature=1.0, top_p=top_p), logits)
+    ref = TopPLogitsWarper(top_p)(None, logits.clone())
+    assert torch.equal(probs > 0, torch.isfinite(ref))
+    torch.testing.assert_close(probs, ref.softmax(-1))
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.75, 3), (0.5, 2), (0.25, 1)])
+def test_top_p_boundary_matches_transformers(monkeypatch, top_p, kept):
+    """Four equal tokens: cumulative probabilities are exactly 0.25, 0.5, 0.75, 1. A token whose
+    cumulative probability equals 1 - top_p is removed, as transformers removes it."""
+    logits = torch.zeros(1, 4)
+    probs = sampled_distribution(monkeypatch, GenerationParams(temperature=1.0, top_p=top_p), logits)
+    ref = TopPLogitsWarper(top_p)(None, logits.clone())
+    assert int(torch.isfinite(ref).sum()) == kept
+    assert torch.equal(probs > 0, torch.isfinite(ref))
+
+
+def test_temperature_top_k_top_p_chain_matches_transformers(monkeypatch):
+    logits = fixed_logits()
+    params = GenerationParams(temperature=0.7, top_k=12, top_p=0.8)
+    probs = sampled_distribution(monkeypatch, params, logits)
+    ref = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(12), TopPLogitsWarper(0.8)):
+        ref = warper(None, ref)
+    assert torch.equal(probs > 0, torch.isfinite(ref))
+    torch.testing.assert_close(probs, ref.softmax(-1))
+
+
+def test_repetition_penalty_hand_made_example():
+    """transformers' (CTRL) penalty: a seen token's logit is divided by the penalty when positive and
+    multiplied when negative, once however often it was seen."""
+    logits = torch.tensor([
+        [2.0, 1.8, -3.0, -4.0],   # seen 0: 2.0 / 1.2 = 1.67 < 1.8, so 1 wins
+        [-1.0, -1.1, -5.0, -6.0],  # seen 0: -1.0 * 1.2 = -1.2 < -1.1, so 1 wins (dividing would keep 0)
+        [2.0, 1.5, -3.0, -4.0],   # seen 0 twice: 2.0 / 1.2 = 1.67 > 1.5, so 0 still wins (penalised once)
+        [1.0, 1.1, -3.0, -4.0],   # seen 0 and 1: 0.83 vs 0.92, so 1 wins
+    ])
+    seen = [[0], [0], [0, 0], [0, 1]]
+    params = GenerationParams(temperature=0, repetition_penalty=1.2).validated()
+    rows = sampler_rows(params, 4, 4, seen, [0] * 4)
+    processor = RepetitionPenaltyLogitsProcessor(1.2)
+    expected = [int(processor(torch.tensor([ids]), logits[row : row + 1].clone()).argmax()) for row, ids in
+                enumerate(seen)]
+    assert expected == [1, 1, 0, 1]
+    assert Sampler(4).select(rows, logits.clone()).to_host()[0] == expected
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_distribution_matches_transformers(monkeypatch, penalty):
+    logits = fixed_logits()
+    seen = [[0, 5, 9, 9, 30], [1, 2, 3], [63, 0, 17]]
+    probs = sampled_distribution(monkeypatch, GenerationParams(temperature=1.0, repetition_penalty=penalty),
+                                 logits, seen)
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    ref = torch.cat([processor(torch.tensor([ids]), logits[r : r + 1].clone()) for r, ids in enumerate(seen)])
+    torch.testing.assert_close(probs, ref.softmax(-1))
+
+
+def test_a_mixed_batch_gives_each_row_what_it_gives_alone():
+    """Rows with different parameters (greedy, sampled, penalized, sharing a params object or not) in one
+    select: every row's token, logprob and top logprobs equal those of the row selected alone."""
+    logits, seen = logits_and_seen(batch=6, seed=3)
+    shared = GenerationParams(temperature=0.9, top_k=20, repetition_penalty=1.4, logprobs=2).validated()
+    params = [GenerationParams(temperature=0).validated(), shared, shared,
+              GenerationParams(temperature=1.3, top_p=0.7, frequency_penalty=1.0).validated(),
+              GenerationParams(temperature=0, presence_penalty=1.5, logprobs=0).validated(), shared]
+    rows = [sampler_rows(p, 1, V, [seen_lists(seen)[i]], [40 + i])[0] for i, p in enumerate(params)]
+    for row in rows:
+        if row.counts is not None:
+            row.counts[:4] = 2.0
+    batch = Sampler(USABLE).select(rows, logits.clone()).to_host()
+    for i, p in enumerate(params):
+        alone = sampler_rows(p, 1, V, [seen_lists(seen)[i]], [40 + i])[0]
+        if alone.counts is not None:
+            alone.counts[:4] = 2.0
+        got = Sampler(USABLE).select([alone], logits[i : i + 1].clone()).to_host()
+        assert [batch[0][i], batch[1][i], batch[2][i]] == [got[0][0], got[1][0], got[2][0]]
+    assert batch[1][0] is None and batch[1][4] is not None and batch[2][4] is None and len(batch[2][1]) == 2
+
+
+def test_the_chosen_tokens_enter_the_penalty_state():
+    params = GenerationParams(temperature=0, repetition_penalty=1.2, frequency_penalty=0.5).validated()
+    rows = sampler_rows(params, 2, V, [[], []], [0, 0])
+    logits = torch.zeros(2, V)
+    logits[0, 7], logits[1, 9] = 5.0, 5.0
+    assert Sampler(USABLE).select(rows, logits).to_host()[0] == [7, 9]
+    assert rows[0].seen.nonzero().squeeze(1).tolist() == [7] and rows[1].counts[9] == 1 and rows[1].counts.sum() == 1
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ class GraphedDecodeStep(DecodeStep):
         B = cache.k.shape[1]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
-        cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # this step's own: a cache may have several
+        cache.slot = self.slot
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -85,7 +86,8 @@ class GraphedDecodeStep(DecodeStep):
             raise ValueError(f"KV cache holds {self.cache.max_len} tokens; cannot decode past it")
         self.tokens.copy_(tokens.view(-1, 1))
         self.positions.copy_(positions.view(-1, 1))
-        self.cache.slot.fill_(self.cache.length)
+        self.cache.slot = self.slot
+        self.slot.fill_(self.cache.length)
         if not self.capture:
             logits = self._static_step()
         else:
@@ -95,3 +97,28 @@ class GraphedDecodeStep(DecodeStep):
             logits = self.logits
         self.cache.length += 1
         return logits
+
+
+class DecodeSteps:
+    """Decode steps for a cache whose rows come and go (the engine's BatchCache): one step per layout.
+
+    A recorded graph holds the cache's shapes and addresses, so it replays only while the cache keeps the
+    same rows and storage (its `layout`). Up to `keep` layouts keep their graph, so a batch that shrinks and
+    regrows reuses them; growing the storage makes them all stale. Eager steps hold no state.
+    """
+
+    def __init__(self, model, cache, make_step=DecodeStep.for_cache, keep: int = 8):
+        self.model, self.cache, self.make_step, self.keep = model, cache, make_step, keep
+        self.steps: dict[tuple, DecodeStep] = {}
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Returns the next-token logits (B, vocab) after feeding one token per row of the cache."""
+        layout = self.cache.layout
+        step = self.steps.get(layout)
+        if step is None:
+            storage = layout[1:]
+            self.steps = {k: v for k, v in self.steps.items() if k[1:] == storage}
+            if len(self.steps) >= self.keep:
+                self.steps.pop(next(iter(self.steps)))
+            step = self.steps[layout] = self.make_step(self.model, self.cache)
+        return step(tokens, positions)

@@ -1,4 +1,5 @@
-"""Generation parameters and next-token selection, with transformers' semantics for each knob."""
+"""Generation parameters and the math of next-token selection (penalties, warpers, the NaN check), with
+transformers' semantics for each knob; engine.Sampler applies them to a running batch."""
 
 from __future__ import annotations
 
@@ -82,55 +83,6 @@ class GenerationParams:
         if unknown:
             raise GenerationError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
         return cls(**{k: v for k, v in kwargs.items() if v is not None}).validated()
-
-
-class TokenSelector:
-    """Applies penalties and warpers to a batch's logits and picks each row's next token."""
-
-    def __init__(self, params: GenerationParams, batch: int, vocab: int, usable_vocab: int,
-                 device: torch.device, row_seeds: list[int | None]):
-        self.p = params
-        self.usable_vocab = usable_vocab
-        needs_seen = params.repetition_penalty != 1.0
-        needs_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
-        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if needs_seen else None
-        self.counts = torch.zeros(batch, vocab, dtype=torch.float32, device=device) if needs_counts else None
-        self.generators = None
-        if not params.greedy and any(s is not None for s in row_seeds):
-            # One generator per row: a row's samples depend only on its own seed, not on its batch mates.
-            self.generators = [torch.Generator(device=device).manual_seed(s if s is not None else torch.seed())
-                               for s in row_seeds]
-
-    def observe_prompt(self, row: int, ids: list[int]) -> None:
-        """Marks a row's prompt tokens for the repetition penalty."""
-        if self.seen is not None and ids:
-            self.seen[row, torch.tensor(ids, device=self.seen.device)] = True
-
-    def observe(self, tokens: torch.Tensor) -> None:
-        """Records the tokens just chosen (B,) for the penalties."""
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if self.counts is not None:
-            self.counts[rows, tokens] += 1
-
-    def mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Returns logits with the padded rows of the embedding (e.g. GPT-J's 50257..50399) at -inf."""
-        if logits.shape[-1] > self.usable_vocab:
-            logits[:, self.usable_vocab :] = float("-inf")
-        return logits
-
-    def select(self, logits: torch.Tensor) -> torch.Tensor:
-        """Returns the next token of each row (B,) from fp32 logits (B, V)."""
-        p = self.p
-        scores = penalize(logits, self.seen, self.counts, p)
-        if p.greedy:
-            return scores.argmax(dim=-1)
-        probs = sampling_probs(scores, [p] * scores.shape[0])
-        if self.generators is None:
-            return torch.multinomial(probs, 1).squeeze(1)
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
-                          for i, g in enumerate(self.generators)]).squeeze(1)
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,

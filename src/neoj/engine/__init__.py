@@ -1,21 +1,29 @@
-"""Continuous batching: one model thread admits waiting requests between decode steps and retires finished ones.
+"""Continuous batching: the engine admits waiting requests between decode steps and retires finished ones.
 
-The running batch lives in one BatchCache whose rows are right-aligned: each row's tokens are contiguous and
-end at the shared write index, so new requests are prefilled on their own (those admitted in one round
-together, left-padded) and spliced in, and local-window distances stay exact. Every sequence keeps its own
-sampling parameters, generator, stop strings and deadline, and reports through its own sink (called on the
-model thread; the server's sinks collect events and hand each step's to the event loop at once, see
-Engine.on_events). Other model work (scoring for tasks, embeddings) runs on the same thread between decode
-steps: Engine.call runs one function, Engine.call_pieces a long job one piece per round.
+Every generation in neoj runs through one Engine: the server's thread drives one long-lived engine;
+generate_batch and stream_batch drive a private one on the caller's thread. The running batch lives in one
+BatchCache whose rows are right-aligned: each row's tokens are contiguous and end at the shared write index,
+so new requests are prefilled on their own (those admitted in one round together, left-padded) and spliced
+in, and local-window distances stay exact. Every sequence keeps its own sampling parameters, generator,
+stop strings and deadline, and reports through its own sink. Other model work (scoring for tasks,
+embeddings) runs on the same thread between decode steps: Engine.call runs one function, Engine.call_pieces
+a long job one piece per round.
 
+    sequence.py     Sequence, Event, Completion, StopScanner: per-token bookkeeping and finish reasons
+    request.py      Request, Prefill, Job, QueueFull, EngineStats: what the engine queues
+    sampler.py      Sampler: next tokens under per-row parameters and generators
+    prefill.py      prefill: new prompts through the model before they join the batch
+    running.py      RunningBatch: the rows being decoded, their decode steps (CUDA graphs), run-ahead
     batch_cache.py  BatchCache: the running rows' keys and values
-    sampler.py      RowSampler: next tokens under per-row parameters (greedy rows in one pass)
-    scheduler.py    Engine, Request, Sequence, Event: the queue, admission, prefill and the decode step
+    scheduler.py    Engine: the queue, admission, rounds on its thread or the caller's
 """
 
 from .batch_cache import BatchCache
-from .sampler import RowSampler
-from .scheduler import FINISH_REASONS, Engine, EngineStats, Event, QueueFull, Request, Sequence
+from .request import EngineStats, Prefill, QueueFull, Request
+from .running import RunningBatch
+from .sampler import Sampler, Selection
+from .scheduler import Engine
+from .sequence import FINISH_REASONS, OPENAI_FINISH_REASONS, Completion, Event, Sequence, StopScanner
 
-__all__ = ["Engine", "EngineStats", "Event", "QueueFull", "Request", "Sequence", "BatchCache", "RowSampler",
-           "FINISH_REASONS"]
+__all__ = ["Engine", "EngineStats", "Event", "QueueFull", "Request", "Prefill", "Sequence", "BatchCache", "RunningBatch", "Sampler",
+           "Selection", "Completion", "StopScanner", "FINISH_REASONS", "OPENAI_FINISH_REASONS"]

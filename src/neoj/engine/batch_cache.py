@@ -31,6 +31,15 @@ class BatchCache(KVCache):
         """Returns the number of active rows."""
         return len(self.starts)
 
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """Returns (rows, storage address, slots per row): what a recorded decode step depends on."""
+        return self.rows, self._k.data_ptr(), self.max_len
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Allocates room for `rows` rows of `length` slots now, so the batch does not grow step by step."""
+        self._reserve(rows, min(length, self.limit))
+
     def _allocate(self, row_cap: int, len_cap: int) -> None:
         layers, heads, dim = self.dims
         shape = (layers, row_cap, heads, len_cap, dim)

@@ -1,74 +1,126 @@
-"""Next-token choice for a running batch whose rows each keep their own sampling parameters and generator."""
+"""The one sampler: next tokens for a batch whose rows each keep their own parameters and generator.
+
+Semantics are transformers' for every knob (sampling.penalize: the CTRL repetition penalty and OpenAI's
+presence and frequency penalties; sampling.sampling_probs: top-k, temperature, top-p). Rows that share
+their parameters (a request's sequences) are penalized together, every sampled row's distribution comes
+from one vectorized call, and each row draws from its own generator, so a seeded row's tokens never
+depend on its batch mates. The tokens stay on the device until the caller asks for them (Selection.to_host),
+so a GPU can already run the next step.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from ..sampling import check_logits, penalize, sampling_probs
-
-if TYPE_CHECKING:
-    from .scheduler import Sequence
+from .sequence import Sequence
 
 
-class RowSampler:
-    """Picks each row's next token from fp32 logits, every row under its own parameters and generator.
+@dataclass
+class Selection:
+    """The tokens chosen for a batch, still on the device, and the log-probabilities the rows asked for."""
 
-    The same functions as sampling.TokenSelector (sampling.penalize: transformers' repetition penalty, OpenAI's
-    presence and frequency penalties; sampling.sampling_probs: temperature, then top-k, then top-p), so the
-    engine and generate() agree on every parameter value; a row's result never depends on its batch mates.
-    """
+    tokens: torch.Tensor  # (B,) long
+    logits: torch.Tensor  # (B, V) fp32, the model's: what logprobs and the NaN check read
+    best: torch.Tensor | None  # (B,) each row's best score, when the finite check is still due
+    wanted: list[int]  # rows that asked for logprobs
+    logprobs: torch.Tensor | None  # (len(wanted),) the chosen tokens' log-probabilities
+    top: tuple[torch.Tensor, torch.Tensor] | None  # (values, indices) of the top-k, k = the most any row asked
+    top_counts: list[int]  # per wanted row, how many alternatives it asked for
+
+    def to_host(self) -> tuple[list[int], list[float | None], list[dict[int, float] | None]]:
+        """Returns (token, logprob, top logprobs) per row; raises NumericalError for NaN or +inf logits."""
+        if self.best is not None and not bool(torch.isfinite(self.best).all()):
+            check_logits(self.logits)
+        tokens = self.tokens.tolist()
+        n = len(tokens)
+        logprobs: list[float | None] = [None] * n
+        tops: list[dict[int, float] | None] = [None] * n
+        if self.wanted:
+            for i, value in zip(self.wanted, self.logprobs.tolist()):
+                logprobs[i] = value
+        if self.top is not None:
+            values, indices = self.top[0].tolist(), self.top[1].tolist()
+            for j, (i, k) in enumerate(zip(self.wanted, self.top_counts)):
+                tops[i] = dict(zip(indices[j][:k], values[j][:k])) if k else None
+        return tokens, logprobs, tops
+
+
+class Sampler:
+    """Picks each row's next token from fp32 logits (B, V), row i under seqs[i]'s parameters and generator."""
 
     def __init__(self, usable_vocab: int):
         self.usable_vocab = usable_vocab
 
-    def select(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Returns (tokens, logprobs, top logprobs) per row; logprobs are the model's, before any warping."""
+    def mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns logits with the embedding's padding rows (e.g. GPT-J's 50257..50399) at -inf, in place."""
         if logits.shape[-1] > self.usable_vocab:
             logits[:, self.usable_vocab :] = float("-inf")
-        n, device = len(seqs), logits.device
+        return logits
+
+    def select(self, seqs: list[Sequence], logits: torch.Tensor) -> Selection:
+        """Chooses every row's next token and records it in the rows' penalty state; returns the Selection."""
+        logits = self.mask_vocab(logits)
         scores = self._penalize(seqs, logits)
-        # One pass over the batch gives every greedy row its token (argmax's first-maximum rule) and, when all
-        # maxima are finite, shows no row holds NaN (max propagates it) or +inf and each has a finite logit
-        # (penalties keep finite scores finite and the others not); only otherwise does the full check run.
-        best, picked = scores.max(dim=-1)
-        if not bool(torch.isfinite(best).all()):
-            check_logits(logits)
+        # One pass gives every greedy row its token (argmax's first-maximum rule) and, when all maxima are
+        # finite, shows that no row holds NaN (max propagates it) or +inf and each has a finite logit.
+        best, tokens = scores.max(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        tokens = picked.tolist()
-        if sampled:
-            probs = sampling_probs(scores[sampled], [seqs[i].params for i in sampled])
-            for j, i in enumerate(sampled):
-                tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=seqs[i].generator))
-        for s, t in zip(seqs, tokens):
-            if s.seen is not None:
-                s.seen[t] = True
-            if s.counts is not None:
-                s.counts[t] += 1
-        logprobs: list[float | None] = [None] * n
-        tops: list[dict[int, float] | None] = [None] * n
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            logp = torch.log_softmax(logits[want], dim=-1)
-            chosen = torch.tensor([tokens[i] for i in want], device=device)
-            for i, lp in zip(want, logp.gather(1, chosen[:, None]).squeeze(1).tolist()):
-                logprobs[i] = lp
-            k = max(seqs[i].params.logprobs for i in want)
-            if k:
-                top = torch.topk(logp, k, dim=-1)
-                for j, (ids, vals) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
-                    kk = seqs[want[j]].params.logprobs
-                    tops[want[j]] = dict(zip(ids[:kk], vals[:kk])) if kk else None
-        return tokens, logprobs, tops
+        if sampled:  # sampling from NaN fails (on CUDA, a device-side assert): check first
+            if not bool(torch.isfinite(best).all()):
+                check_logits(logits)
+            best = None
+            tokens.index_copy_(0, torch.tensor(sampled, device=tokens.device), self._draw(seqs, sampled, scores))
+        self._observe(seqs, tokens)
+        return self._with_logprobs(seqs, logits, tokens, best)
+
+    @staticmethod
+    def _draw(seqs: list[Sequence], rows: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """Returns one token per sampled row, each drawn with that row's own generator."""
+        probs = sampling_probs(scores[rows], [seqs[i].params for i in rows])
+        return torch.cat([torch.multinomial(probs[j : j + 1], 1, generator=seqs[i].generator)[0]
+                          for j, i in enumerate(rows)])
 
     @staticmethod
     def _penalize(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        rows = [i for i, s in enumerate(seqs) if s.seen is not None or s.counts is not None]
-        if not rows:
+        """Returns the scores after each row's penalties: rows sharing parameters in one call."""
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.seen is not None or s.counts is not None:
+                groups.setdefault(id(s.params), []).append(i)
+        if not groups:
             return logits
         scores = logits.clone()
-        for i in rows:  # few rows use penalties; per-row ops keep each row independent of the others
-            s = seqs[i]
-            scores[i] = penalize(scores[i], s.seen, s.counts, s.params)
+        for rows in groups.values():
+            first = seqs[rows[0]]
+            seen = torch.stack([seqs[i].seen for i in rows]) if first.seen is not None else None
+            counts = torch.stack([seqs[i].counts for i in rows]) if first.counts is not None else None
+            index = torch.tensor(rows, device=logits.device)
+            scores[index] = penalize(scores[index], seen, counts, first.params)
         return scores
+
+    @staticmethod
+    def _observe(seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Records the chosen tokens in the penalty state of the rows that keep one (on the device)."""
+        for i, s in enumerate(seqs):
+            if s.seen is not None:
+                s.seen.index_fill_(0, tokens[i : i + 1], True)
+            if s.counts is not None:
+                s.counts.index_add_(0, tokens[i : i + 1], torch.ones(1, device=tokens.device))
+
+    @staticmethod
+    def _with_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor,
+                       best: torch.Tensor | None) -> Selection:
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logprobs = top = None
+        counts = [seqs[i].params.logprobs for i in wanted]
+        if wanted:
+            index = torch.tensor(wanted, device=logits.device)
+            logp = torch.log_softmax(logits[index], dim=-1)
+            logprobs = logp.gather(1, tokens[index, None]).squeeze(1)
+            if max(counts):
+                values, indices = torch.topk(logp, max(counts), dim=-1)
+                top = (values, indices)
+        return Selection(tokens, logits, best, wanted, logprobs, top, counts)

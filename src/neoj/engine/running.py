@@ -1,0 +1,118 @@
+"""The running batch: the sequences being decoded, their cache and decode steps.
+
+Sequences join after their prefill (first token chosen), every decode step advances them all by one token,
+and those that finished leave between steps. On CUDA the next step is queued before the host reads the
+tokens of this one (run-ahead), so the GPU computes while the host detokenizes and reports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ..cuda_graph import DecodeSteps
+from ..model import Transformer
+from .batch_cache import BatchCache
+from .request import EngineStats, Prefill
+from .sampler import Sampler
+from .sequence import Event, Sequence
+
+
+class RunningBatch:
+    """The rows being decoded. `finish(seq, event)` is called for each row that ends (it reports the event)."""
+
+    def __init__(self, model: Transformer, max_rows: int, sampler: Sampler, make_step, stats: EngineStats,
+                 finish: Callable[[Sequence, Event], None]):
+        self.model, self.max_rows, self.sampler, self.make_step = model, max_rows, sampler, make_step
+        self.stats, self.finish = stats, finish
+        self.device = model.wte.weight.device
+        self.run_ahead = self.device.type == "cuda"  # kernels run asynchronously there: overlap host and GPU
+        self.reset()
+
+    def reset(self) -> None:
+        """Empties the batch (after a failed step): a new cache and decode steps."""
+        self.rows: list[Sequence] = []
+        self.cache = BatchCache(self.model, self.max_rows)
+        self.decode_step = DecodeSteps(self.model, self.cache, self.make_step)
+        self.ahead: torch.Tensor | None = None  # logits of a step queued before the host finished the last
+
+    def start(self, seqs: list[Sequence], prefills: list[Prefill]) -> None:
+        """Chooses the first token of prefilled sequences and splices those it does not end into the batch."""
+        for seq in seqs:
+            seq.pos = len(seq.prompt_ids)
+        logits = torch.cat([prefill.logits for prefill in prefills])
+        finished = self.advance(seqs, *self.sampler.select(seqs, logits).to_host())
+        for seq, prefill, done in zip(seqs, prefills, finished):
+            if not done:
+                self.cache.add(prefill.cache, seq.pos, prefill.row, prefill.end)
+                self.rows.append(seq)
+        self.stats.running = len(self.rows)
+
+    def step(self, may_run_ahead: bool) -> None:
+        """Feeds every row its last token, chooses the next, and retires the rows that finished.
+
+        With may_run_ahead (nothing waits to join), a CUDA batch queues its next step before this one's host
+        work (reading tokens, detokenizing, stop strings, the sinks); rows that end here drop out of it.
+        """
+        seqs = self.rows
+        logits = self.ahead if self.ahead is not None else self._forward(seqs, None)
+        self.ahead = None
+        selection = self.sampler.select(seqs, logits)
+        if self.run_ahead and may_run_ahead and not any(s.last_token_due or s.request.cancelled for s in seqs):
+            self.ahead = self._forward(seqs, selection.tokens)
+        finished = self.advance(seqs, *selection.to_host())
+        for i in sorted((i for i, done in enumerate(finished) if done), reverse=True):
+            self.remove(i)
+        self.cache.compact(min_gap=max(64, self.cache.length // 2))
+
+    def _forward(self, seqs: list[Sequence], tokens: torch.Tensor | None) -> torch.Tensor:
+        """Runs one decode step on `tokens` (default: each row's next input); returns the logits (B, vocab)."""
+        self.cache.ensure_room(1)
+        if tokens is None:
+            tokens = torch.tensor([s.next_input for s in seqs], device=self.device)
+        positions = torch.tensor([s.pos for s in seqs], device=self.device)
+        logits = self.decode_step(tokens, positions)
+        for s in seqs:
+            s.pos += 1
+        self.stats.steps += 1
+        return logits
+
+    def advance(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float | None],
+                tops: list[dict[int, float] | None]) -> list[bool]:
+        """Records each row's chosen token and reports it; returns which rows ended."""
+        now = time.monotonic()
+        finished = []
+        for s, tok, lp, top in zip(seqs, tokens, logprobs, tops):
+            req = s.request
+            if req.first_token_at is None:
+                req.first_token_at = now
+            self.stats.generated_tokens += 1
+            event = s.accept(tok, lp, top, now)
+            if event.finish_reason is None:
+                req.sink(event)
+            else:
+                self.finish(s, event)
+            finished.append(event.finish_reason is not None)
+        return finished
+
+    def remove(self, i: int) -> None:
+        """Drops row i: the last row moves into its place, in the cache and in a queued step's logits."""
+        self.cache.remove(i)
+        last = self.rows.pop()
+        if i < len(self.rows):
+            self.rows[i] = last
+        if self.ahead is not None:
+            if i < len(self.rows):
+                self.ahead[i] = self.ahead[len(self.rows)]
+            self.ahead = self.ahead[: len(self.rows)]
+        self.stats.running = len(self.rows)
+
+    def drop_cancelled(self) -> None:
+        """Ends the rows whose request was cancelled."""
+        for i in range(len(self.rows) - 1, -1, -1):
+            s = self.rows[i]
+            if s.request.cancelled:
+                self.finish(s, Event(s, "", finish_reason="cancelled"))
+                self.remove(i)
