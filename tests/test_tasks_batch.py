@@ -86,7 +86,7 @@ def test_line_keys_record_options_and_errors(lm, tmp_path):
     records = read_output(out)
     assert [r["line"] for r in records] == [1, 3, 4]  # keyed by line number; blank lines count
     assert records[1]["completion_tokens"] <= 3
-    assert "128-token context" in records[2]["error"]
+    assert "context is 128 tokens" in records[2]["error"] and "truncate" in records[2]["error"]
     bad = [('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "already appears on line 1"),
            ('{"id": 1, "prompt": "a"}\n{"prompt": "b"}\n', "no \"id\""),
            ('{"prompt": ""}\n', "non-empty string"), ("not json\n", "not a JSON object"), ("\n", "no records")]

@@ -314,3 +314,34 @@ def test_translate_few_shot_line_by_line(tiny):
     assert tiny.tokenizer.decode(spy.calls[-1][0]) == "Translate English to Klingon.\n\nEnglish: Hi\nKlingon:"
     with pytest.raises(TaskError, match="empty"):
         translate(tiny, "", to="fr")
+
+
+def test_drain_reads_events_until_every_sequence_finished():
+    import queue
+    from types import SimpleNamespace
+
+    from neoj.errors import GenerationError
+    from neoj.engine.events import Countdown, drain
+
+    def event(text, finish=None, error=None):
+        return SimpleNamespace(text=text, finish_reason=finish, error=error)
+
+    events: queue.Queue = queue.Queue()
+    for ev in (event("a"), event("b", "eos"), event("c"), event("d", "length"), event("never read")):
+        events.put(ev)
+    count = Countdown(2)
+    assert [ev.text for ev in drain(events, count, lambda: None, 0.01)] == ["a", "b", "c", "d"]
+    assert count.left == 0 and events.qsize() == 1
+    idle = []
+
+    def stop():
+        idle.append(1)
+        raise TaskError("cancelled")
+
+    with pytest.raises(TaskError):  # nothing comes: idle() runs, and may stop the wait
+        list(drain(queue.Queue(), Countdown(1), stop, 0.01))
+    assert idle == [1]
+    failed: queue.Queue = queue.Queue()
+    failed.put(event("", "error", "boom"))
+    with pytest.raises(GenerationError, match="generation failed: boom"):
+        list(drain(failed, Countdown(1), lambda: None, 0.01))

@@ -1,5 +1,6 @@
 """Sliding-window perplexity: every token scored once, the HF recipe's numbers, and the JSON CLI."""
 
+import copy
 import json
 import math
 
@@ -60,6 +61,32 @@ def test_matches_the_transformers_recipe(model, n, stride):
     got = perplexity(model, ids, max_length=32, stride=stride)
     assert got["tokens"] == count == n - 1
     assert got["perplexity"] == pytest.approx(ref, rel=1e-5)
+
+
+class WrappedHead(torch.nn.Module):
+    """An LM head that is not an nn.Linear, as a quantized one: perplexity takes its plain-logits path."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_head_without_a_weight_matrix_gives_the_same_perplexity(model):
+    ids = torch.randint(0, 50257, (100,), generator=torch.Generator().manual_seed(1))
+    weights = (torch.arange(100) % 3 != 0).float()  # some tokens excluded from scoring
+    fused = perplexity(model, ids, weights, max_length=32, stride=12)
+    plain_model = copy.deepcopy(model)
+    plain_model.lm_head = WrappedHead(plain_model.lm_head)
+    plain = perplexity(plain_model, ids, weights, max_length=32, stride=12)
+    assert plain["tokens"] == fused["tokens"] == int(weights[1:].sum())
+    assert plain["nll"] == pytest.approx(fused["nll"], rel=1e-5)
+    ids = ids[:96]  # windows of 32 every 16 tokens end exactly at the end, as the recipe's do
+    with torch.no_grad():
+        ref, _ = hf_recipe(plain_model, ids, 32, 16)
+    assert perplexity(plain_model, ids, max_length=32, stride=16)["perplexity"] == pytest.approx(ref, rel=1e-5)
 
 
 def test_cli_prints_json(model, tmp_path, capsys):

@@ -10,19 +10,21 @@ import torch
 
 from .config import PRESETS, ModelConfig, preset
 from .errors import ConfigError, NeojError
-from . import linear
+from . import linear, weights
 from .kernels import use_decode_kernels
 from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
+from .model_utils import mean_pooled
 from .sampling import GenerationParams
 from .tokenizer import Tokenizer
 from .memory import check_fits, memory_limit, plan
 from .quantize import QuantSpec, StreamingQuantizer, load_quantized, quantize_model
 from .weights import (BUILTIN_NAME, RANDOM_PREFIX, build_meta, load_model, load_state_into, random_model,
                       resolve_model_dir, weight_files)
-from .weights import builtin_model_dir  # noqa: F401  (re-exported: neoj.api.builtin_model_dir predates neoj.weights')
 
 log = logging.getLogger(__name__)
+
+builtin_model_dir = weights.builtin_model_dir  # re-exported: neoj.api.builtin_model_dir predates neoj.weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -181,9 +183,17 @@ class LanguageModel:
         return self.model(torch.tensor([ids], device=self.device))[0].float()
 
     def embed(self, texts: str | list[str]) -> torch.Tensor:
-        """Returns one mean-pooled hidden-state vector per text (N, C), for features or similarity."""
+        """Returns one mean-pooled hidden-state vector per text (N, C), for features or similarity.
+
+        Each text runs through the model alone, unpadded: the reference that the batched embeddings of
+        neoj.tasks and the server (neoj.model_utils.embed_rows) equal to float rounding.
+        """
         texts = [texts] if isinstance(texts, str) else texts
-        return torch.stack([self.hidden_states(t).mean(dim=0) for t in texts])
+        vectors: list[torch.Tensor] = []
+        for text in texts:
+            hidden = self.hidden_states(text)[None]  # (1, T, C)
+            vectors += mean_pooled(hidden, [hidden.shape[1]])
+        return torch.stack(vectors)
 
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",

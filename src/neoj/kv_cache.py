@@ -58,9 +58,3 @@ class KVCache:
         distance = self.slot - torch.arange(self.max_len, device=self.k.device)  # slot - key index
         seen = self.key_valid & (distance >= 0)
         return seen[:, None, None], (seen & (distance < window))[:, None, None]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keeps only the batch rows in `index` (used when finished rows leave a batch)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-        self.key_valid = self.key_valid[index]

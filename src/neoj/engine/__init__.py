@@ -10,6 +10,7 @@ embeddings) runs on the same thread between decode steps: Engine.call runs one f
 a long job one piece per round.
 
     sequence.py     Sequence, Event, Completion, StopScanner: per-token bookkeeping and finish reasons
+    events.py       drain, Countdown, failure: waiting on a request's events until its sequences finish
     request.py      Request, Prefill, Job, QueueFull, EngineStats: what the engine queues
     sampler.py      Sampler: next tokens under per-row parameters and generators
     prefill.py      prefill: new prompts through the model before they join the batch

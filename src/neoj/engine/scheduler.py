@@ -26,6 +26,7 @@ from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
 from .prefill import prefill, prefill_groups
+from .events import Countdown, drain
 from .request import EngineStats, Job, QueueFull, Request
 from .running import RunningBatch
 from .sampler import Sampler
@@ -195,13 +196,8 @@ class Engine:
         form of submit()."""
         events: queue.Queue = queue.Queue()
         req = self.submit(prompts, params, events.put, **options)
-        pending = len(req.seqs)
-        while pending:
-            ev = events.get()
-            if ev.finish_reason is not None:
-                pending -= 1
-                if ev.finish_reason == "error":
-                    raise GenerationError(ev.error)
+        for _ in drain(events, Countdown(len(req.seqs)), idle=lambda: None, poll=1.0):
+            pass
         return [s.completion() for s in req.seqs]
 
     def _retry_after(self) -> int:

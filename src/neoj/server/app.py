@@ -163,6 +163,19 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     app.include_router(openai_api.router)
     app.include_router(hf_api.router)
     app.include_router(tasks.router)
+    _add_pages(app, state)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    install_openapi(app)
+    app.add_middleware(Gate, state=state)
+    return app
+
+
+def _add_pages(app: FastAPI, state: ServerState) -> None:
+    """Adds the routes of no API family: the playground page, /health and /metrics."""
+    model_id, engine = state.model_id, state.engine
     playground = resources.files("neoj.server").joinpath("playground.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, **describe("/", summary="The playground page"))
@@ -182,26 +195,22 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
         """Prometheus metrics, in the text exposition format 0.0.4."""
         return MetricsResponse(state.metrics.render(engine))
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return _error_response(request.url.path, exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error_response(request.url.path, APIError(422, msg))
+async def _api_error(request: Request, exc: APIError):
+    return _error_response(request.url.path, exc)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        msg = {404: f"no route {request.method} {request.url.path}; see /docs",
-               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return _error_response(request.url.path, APIError(exc.status_code, msg, headers=exc.headers))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+async def _validation_error(request: Request, exc: RequestValidationError):
+    msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return _error_response(request.url.path, APIError(422, msg))
 
-    install_openapi(app)
-    app.add_middleware(Gate, state=state)
-    return app
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    msg = {404: f"no route {request.method} {request.url.path}; see /docs",
+           405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return _error_response(request.url.path, APIError(exc.status_code, msg, headers=exc.headers))
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return _error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))

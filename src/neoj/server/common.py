@@ -1,4 +1,5 @@
-"""What every API family shares: errors, the server's state, reading bodies, and engine requests seen from asyncio."""
+"""What every API family shares: errors, the server's state, prompts and their fit to the context, and engine
+requests seen from asyncio. (Reading and validating request bodies: neoj.server.bodies.)"""
 
 from __future__ import annotations
 
@@ -8,20 +9,19 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator, Callable
 
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from ..api import LanguageModel
 from ..engine import Engine, Event, QueueFull, Sequence
 from ..errors import ContextLengthError, GenerationError
+from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
+from ..engine.events import Countdown, failure
 from .chat import ChatTemplate
 from .metrics import Metrics
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class APIError(Exception):
@@ -92,110 +92,6 @@ def default_aliases(lm: LanguageModel, model_id: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-async def read_json(request: Request) -> object:
-    """Returns the parsed JSON body whatever the Content-Type (curl -d sends form-encoded), or a 400."""
-    body = await request.body()
-    if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object")
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not UTF-8 text; send a JSON object") from None
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"malformed JSON in the request body: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "malformed JSON in the request body: nested too deeply") from None
-    _check_unicode(data)
-    return data
-
-
-def _check_unicode(data: object) -> None:
-    """Rejects strings holding a lone UTF-16 surrogate ("\\ud800" in JSON), which no tokenizer can encode."""
-    stack = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which "
-                               "is not text; send valid Unicode") from None
-        elif isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-
-
-def parse(model: type[M], data: object) -> M:
-    """Returns the validated request, or a 422 naming each bad field and why."""
-    if not isinstance(data, dict):
-        raise APIError(422, f"the request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise APIError(422, validation_message(exc), param=_first_loc(exc)) from None
-
-
-# Fields that accept several shapes: one line saying which, instead of one per alternative tried.
-UNION_FIELDS = {
-    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
-    "input": "a string, a list of strings, a list of token ids or a list of lists of token ids",
-    "inputs": "a string or a list of strings", "stop": "a string or a list of strings",
-    "stop_sequences": "a string or a list of strings", "content": "a string or a list of text parts",
-    "truncate": "a token count or true/false",
-}
-
-
-def validation_message(exc: ValidationError) -> str:
-    """Returns pydantic's errors as one line per field: "temperature: Input should be ... (got 5)"."""
-    seen, lines = set(), []
-    errors = exc.errors(include_url=False)
-    for err in errors:
-        parts = [str(p) for p in err["loc"] if not _is_union_tag(p)]
-        union = next((i for i, p in enumerate(parts) if p in UNION_FIELDS), None)
-        if union is not None and err["type"] != "missing":
-            key = ".".join(parts[: union + 1])
-            if key not in seen:
-                seen.add(key)
-                same = [e for e in errors if ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)).startswith(key)]
-                specific = [e for e in same if not e["type"].endswith(("_type", "_parsing"))]
-                lines.append(f"{key}: {specific[0]['msg']}" if specific else
-                             f"{key}: must be {UNION_FIELDS[parts[union]]}")
-            continue
-        loc = ".".join(parts)
-        msg = err["msg"]
-        key = (loc, msg)
-        if key in seen:
-            continue
-        seen.add(key)
-        got = err.get("input")
-        got = json.dumps(got)[:60] if _jsonable(got) else repr(got)[:60]
-        shown = "" if err["type"] == "missing" else f" (got {got})"
-        lines.append(f"{loc or 'body'}: {msg}{shown}")
-    if len(lines) > 4:  # a union tries every alternative; the first few are enough
-        lines = lines[:4] + [f"... and {len(lines) - 4} more"]
-    return "; ".join(lines)
-
-
-def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict",
-                                                               "constrained-int", "constrained-float"))
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _first_loc(exc: ValidationError) -> str | None:
-    errs = exc.errors()
-    return str(errs[0]["loc"][0]) if errs and errs[0]["loc"] else None
-
-
 def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[list[list[int]], list[str | None]]:
     """Returns (token ids, original text or None) per prompt; empty prompts and unknown ids are 422s."""
     tok = state.lm.tokenizer
@@ -225,23 +121,29 @@ def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[li
 
 def check_context(state: ServerState, prompts: list[list[int]], max_new: int, truncate: bool, param: str,
                   truncate_hint: str = '"truncate": true') -> None:
-    """Raises a 400 naming the token counts and the limit when a prompt plus max_new cannot fit."""
-    limit = state.n_positions
-    if max_new >= limit:
-        raise APIError(400, f"{param}={max_new} leaves no room for a prompt: this model's context is {limit} "
-                       f"tokens", param=param)
-    if truncate:
-        return
+    """Raises a 400 naming the token counts and the limit when a prompt plus max_new cannot fit (as
+    neoj.model_utils.fit_prompt decides; see context_error for the wording)."""
     for ids in prompts:
-        if len(ids) >= limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
-                           f"{len(ids)} tokens, leaving no room for new ones; shorten the prompt or set "
-                           f"{truncate_hint} to keep the prompt's last tokens", param="prompt")
-        if len(ids) + max_new > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
-                           f"{len(ids)} tokens and {max_new} new tokens were requested ({len(ids) + max_new} in "
-                           f"total); shorten the prompt, lower {param}, or set {truncate_hint} to keep the "
-                           "prompt's last tokens", param="prompt")
+        try:
+            fit_prompt(ids, max_new, state.n_positions, truncate)
+        except ContextLengthError as exc:
+            raise context_error(exc, max_new, param, truncate_hint) from None
+
+
+def context_error(exc: ContextLengthError, max_new: int, param: str, truncate_hint: str) -> APIError:
+    """Returns the 400 for a prompt that does not fit, in the route's own words: param is its new-token field
+    (max_tokens, max_new_tokens, max_length), truncate_hint how its requests ask for truncation."""
+    limit, n = exc.limit, exc.prompt_tokens
+    if max_new >= limit:
+        return APIError(400, f"{param}={max_new} leaves no room for a prompt: this model's context is {limit} "
+                        "tokens", param=param)
+    if n >= limit:
+        return APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has {n} "
+                        f"tokens, leaving no room for new ones; shorten the prompt or set {truncate_hint} to keep "
+                        "the prompt's last tokens", param="prompt")
+    return APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has {n} tokens "
+                    f"and {max_new} new tokens were requested ({n + max_new} in total); shorten the prompt, lower "
+                    f"{param}, or set {truncate_hint} to keep the prompt's last tokens", param="prompt")
 
 
 def room_for(state: ServerState, prompts: list[list[int]], default: int) -> int:
@@ -311,7 +213,7 @@ class Generation:
             raise APIError(400, str(exc), param="prompt") from None
         except GenerationError as exc:
             raise APIError(422, str(exc)) from None
-        self.remaining = len(self.req.seqs)
+        self.count = Countdown(len(self.req.seqs))
         self.closed = False
 
     @property
@@ -321,19 +223,17 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         """Yields events until every sequence has finished."""
-        while self.remaining:
-            event = await self.queue.get()
-            if event.finish_reason is not None:
-                self.remaining -= 1
-            yield event
+        while self.count.left:
+            yield self.count.see(await self.queue.get())
         self.close()
 
     async def wait(self, request: Request) -> list[Sequence]:
         """Returns the finished sequences; cancels the request if the client disconnects first."""
         async def drain():
             async for event in self.events():
-                if event.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {event.error}", kind="generation")
+                message = failure(event)
+                if message is not None:
+                    raise APIError(500, message, kind="generation")
 
         task = asyncio.ensure_future(drain())
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -354,7 +254,7 @@ class Generation:
         if self.closed:
             return
         self.closed = True
-        if self.remaining:
+        if self.count.left:
             self.state.engine.cancel(self.req)
         m, req = self.state.metrics, self.req
         m.latency.observe(time.perf_counter() - self.started, self.route)

@@ -1,8 +1,9 @@
 """Embeddings for every route that serves them: OpenAI's /v1/embeddings and the Hugging Face feature-extraction
-routes (see hf_api). One vector per input: the mean of the final hidden states, as LanguageModel.embed.
+routes (see hf_api). One vector per input: the mean of the final hidden states (neoj.model_utils.embed_rows), as
+LanguageModel.embed.
 
 Embedding runs on the engine's model thread, the one thread that may touch the model while it serves, but
-never all at once: the inputs are cut into pieces of about PIECE_TOKENS tokens, and the engine runs one piece
+never all at once: the inputs are cut into pieces of about PIECE_TOKENS tokens (padding included), and the engine runs one piece
 per round between decode steps (Engine.call_pieces), so running streams keep getting a token every step
 while a large request is embedded. A request holds at most MAX_INPUTS inputs of at most the model's context
 each and MAX_TOTAL_TOKENS in all, which bounds the work one request can queue.
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from starlette.requests import Request
 
 from ..engine import QueueFull
+from ..model_utils import embed_rows
 from .common import APIError, ServerState, unless_disconnected
 
 # Per request, as OpenAI's own limits (so clients that batch to them, such as LangChain's 1000-input chunks, work):
@@ -66,30 +67,31 @@ def check_lengths(state: ServerState, inputs: list[list[int]], param: str, hint:
 
 
 def pieces(inputs: list[list[int]], tokens: int = PIECE_TOKENS) -> list[list[int]]:
-    """Returns the inputs' indices in consecutive groups of at most `tokens` tokens (one longer input alone)."""
+    """Returns the inputs' indices in consecutive groups whose padded forward (inputs x the longest) holds at most
+    `tokens` tokens; a longer input alone."""
     groups: list[list[int]] = []
-    size = 0
+    width = 0
     for i, ids in enumerate(inputs):
-        if groups and size + len(ids) <= tokens:
+        if groups and (len(groups[-1]) + 1) * max(width, len(ids)) <= tokens:
             groups[-1].append(i)
-            size += len(ids)
+            width = max(width, len(ids))
         else:
             groups.append([i])
-            size = len(ids)
+            width = len(ids)
     return groups
 
 
 async def embed(state: ServerState, request: Request, inputs: list[list[int]]) -> list[list[float]]:
     """Returns one mean-pooled final hidden state per input, computed piece by piece between decode steps.
 
-    Each input runs through the model on its own, exactly as LanguageModel.embed runs it, so the vectors
-    equal the library's. Raises APIError 503 when the engine's queue is full, ClientGone when the client
-    disconnects first (the pieces left are skipped).
+    Each piece is one right-padded forward (neoj.model_utils.embed_rows, as neoj.tasks embeds), equal to
+    LanguageModel.embed's one-input forwards to float rounding. Raises APIError 503 when the engine's queue is
+    full, ClientGone when the client disconnects first (the pieces left are skipped).
     """
-    model, device = state.lm.model, state.lm.device
+    model, eos = state.lm.model, state.lm.tokenizer.eos_token_id
 
-    def piece(group: list[int]):
-        return [model(torch.tensor([inputs[i]], device=device))[0].float().mean(dim=0).tolist() for i in group]
+    def piece(group: list[int]) -> list[list[float]]:
+        return [vec.tolist() for vec in embed_rows(model, [inputs[i] for i in group], eos)]
 
     jobs = [lambda g=g: piece(g) for g in pieces(inputs)]
     try:
@@ -99,4 +101,3 @@ async def embed(state: ServerState, request: Request, inputs: list[list[int]]) -
         raise APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     results = await unless_disconnected(request, asyncio.wrap_future(future))
     return [vec for group in results for vec in group]
-

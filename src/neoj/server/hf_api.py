@@ -27,8 +27,10 @@ from fastapi.responses import JSONResponse, Response
 from .. import __version__
 from ..engine import Sequence
 from ..sampling import GenerationParams
+from ..engine.events import failure
+from .bodies import parse, read_json
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
-                     parse, read_json, room_for, sse)
+                     room_for, sse)
 from .embeddings import MAX_INPUTS, check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import FeatureExtractionRequest, HFParameters, HFRequest
@@ -305,8 +307,8 @@ async def _stream(st: ServerState, request: Request, body: HFRequest, route: str
     async def events():
         index = 0
         async for ev in gen.events():
-            if ev.finish_reason == "error":
-                yield sse({"error": f"generation failed: {ev.error}", "error_type": "generation"})
+            if failure(ev) is not None:
+                yield sse({"error": failure(ev), "error_type": "generation"})
                 continue
             if ev.token_id is None:  # max_new_tokens=0: nothing generated
                 yield sse({"index": index, "token": None, "generated_text": _generated(job, ev.seq),

@@ -10,11 +10,13 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine import Sequence
+from ..engine import OPENAI_FINISH_REASONS, Sequence
 from ..sampling import GenerationParams
 from .chat import get_template
+from ..engine.events import failure
+from .bodies import parse, read_json
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
-                     parse, read_json, room_for, sse)
+                     room_for, sse)
 from .embeddings import check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -22,9 +24,6 @@ from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 router = APIRouter()
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512  # shrunk to what the prompt leaves of the context
-
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "time": "length", "cancelled": "stop"}
-
 
 def _state(request: Request) -> ServerState:
     return request.app.state.neoj
@@ -150,7 +149,7 @@ async def completions(request: Request):
             entries = (_prompt_entries(seq) if body.echo else []) + _token_entries(seq)
             logprobs = builder.build(entries)
         choices.append({"text": text, "index": seq.index, "logprobs": logprobs,
-                        "finish_reason": FINISH[seq.finish_reason]})
+                        "finish_reason": OPENAI_FINISH_REASONS[seq.finish_reason]})
     return {"id": cid, "object": "text_completion", "created": created, "model": st.model_id,
             "choices": choices, "usage": _usage(seqs)}
 
@@ -165,8 +164,8 @@ async def _stream_completions(st, gen: Generation, body: CompletionRequest, cid,
     want_lp = body.logprobs is not None
     async for ev in gen.events():
         seq = ev.seq
-        if ev.finish_reason == "error":
-            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}})
+        if failure(ev) is not None:
+            yield sse({"error": {"message": failure(ev), "type": "server_error"}})
             continue
         if body.echo and seq.index not in echoed:
             echoed.add(seq.index)
@@ -175,7 +174,7 @@ async def _stream_completions(st, gen: Generation, body: CompletionRequest, cid,
         lp = None
         if want_lp and ev.token_id is not None:
             lp = builders[seq.index].build([(ev.token_id, ev.logprob, ev.top_logprobs)])
-        finish = FINISH.get(ev.finish_reason) if ev.finish_reason else None
+        finish = OPENAI_FINISH_REASONS.get(ev.finish_reason) if ev.finish_reason else None
         if ev.text or lp or finish:
             yield chunk(seq.index, ev.text, lp, finish)
     if body.stream_options and body.stream_options.include_usage:
@@ -245,7 +244,7 @@ async def chat_completions(request: Request):
         if body.logprobs:
             lp = {"content": [_chat_logprob(tok, *e) for e in _token_entries(seq)]}
         choices.append({"index": seq.index, "message": {"role": "assistant", "content": seq.text.lstrip()},
-                        "logprobs": lp, "finish_reason": FINISH[seq.finish_reason]})
+                        "logprobs": lp, "finish_reason": OPENAI_FINISH_REASONS[seq.finish_reason]})
     return {"id": cid, "object": "chat.completion", "created": created, "model": st.model_id,
             "choices": choices, "usage": _usage(seqs)}
 
@@ -262,8 +261,8 @@ async def _stream_chat(st, gen: Generation, body: ChatRequest, cid, created):
     strip = {s.index: _LeadingSpace() for s in gen.seqs}
     async for ev in gen.events():
         i = ev.seq.index
-        if ev.finish_reason == "error":
-            yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}})
+        if failure(ev) is not None:
+            yield sse({"error": {"message": failure(ev), "type": "server_error"}})
             continue
         text = strip[i](ev.text)
         lp = None
@@ -272,7 +271,7 @@ async def _stream_chat(st, gen: Generation, body: ChatRequest, cid, created):
         if text or lp:
             yield chunk(i, {"content": text}, lp)
         if ev.finish_reason:
-            yield chunk(i, {}, None, FINISH.get(ev.finish_reason, "stop"))
+            yield chunk(i, {}, None, OPENAI_FINISH_REASONS.get(ev.finish_reason, "stop"))
     if body.stream_options and body.stream_options.include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
                    "choices": [], "usage": _usage(gen.seqs)})

@@ -25,7 +25,8 @@ from ..tasks import ask, chat_reply, classify, complete_code, summarize, transla
 from ..tasks.classify import MAX_LABELS, SENTIMENT
 from ..tasks.prompts import Prompts
 from ..tasks.runner import Cancelled, EngineRunner, Runner
-from .common import APIError, ServerState, parse, read_json
+from .bodies import parse, read_json
+from .common import APIError, ServerState
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import Seed, Strict, TopK, TopP, RepetitionPenalty
 

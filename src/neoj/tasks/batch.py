@@ -21,9 +21,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checks import not_utf8_error
+from ..errors import ContextLengthError
+from ..model_utils import fit_prompt
+from ..sampling import GenerationParams
 from .runner import EngineRunner, Runner, TaskError, as_runner, task_params
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +152,8 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     Bad defaults, input or output raise TaskError before the output file is created; Ctrl-C (KeyboardInterrupt)
     stops between records and returns with interrupted=True, every record written so far kept.
     """
-    if batch_size < 1:
-        raise TaskError(f"batch_size={batch_size} must be at least 1")
-    defaults = dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
-    try:
-        check = dict(defaults)
-        task_params(check.pop("max_new_tokens"), check.pop("stop", None) or (), **check)
-    except (TypeError, ValueError) as exc:
-        raise TaskError(f"bad generation options: {exc}") from None
+    defaults = _checked_defaults(batch_size, dict(options, max_new_tokens=max_new_tokens,
+                                                  num_return_sequences=num_return_sequences))
     key_field, records = read_inputs(input_path)
     output_path = Path(output_path)
     if output_path.resolve() == Path(input_path).resolve():
@@ -168,41 +169,15 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
     written = 0
     interrupted = False
     try:
-        if isinstance(lm, Runner):
-            runner = lm
-        else:
-            from ..engine import Engine
-
-            runner = as_runner(lm)
-            engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
-            runner = EngineRunner(runner.lm, engine)
+        runner, engine = _engine_runner(lm, batch_size)
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(records), initial=skipped, unit="record", desc="batch", dynamic_ncols=True)
         for b in range(0, len(pending), batch_size):
             batch = pending[b : b + batch_size]
-            results: dict[int, list | str] = {}
-            jobs, job_rows = [], []
-            for j, (index, key, rec) in enumerate(batch):
-                opts = {**defaults, **{k: rec[k] for k in RECORD_OPTIONS if k in rec}}
-                if opts.get("seed") is not None and "seed" not in rec:
-                    opts["seed"] += index
-                try:
-                    params = task_params(opts.pop("max_new_tokens"), opts.pop("stop", None) or (), **opts)
-                except (TypeError, ValueError) as exc:
-                    raise TaskError(f"record {key!r}: bad generation options: {exc}") from None
-                ids = runner.tokenizer.encode(rec["prompt"])
-                if len(ids) + params.max_new_tokens > runner.n_positions and not params.truncate:
-                    results[j] = (f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
-                                  f"more than the model's {runner.n_positions}-token context")
-                    continue
-                jobs.append((ids, params))
-                job_rows.append(j)
-            for j, comps in zip(job_rows, runner.generate_each(jobs) if jobs else []):
-                results[j] = comps
-            for j, (_, key, rec) in enumerate(batch):
-                _write_line(fd, _output(key_field, key, rec, results[j]))
+            for (_, key, rec), result in zip(batch, _generate(runner, defaults, batch)):
+                _write_line(fd, _output(key_field, key, rec, result))
                 written += 1
             os.fsync(fd)
             if bar is not None:
@@ -216,6 +191,60 @@ def run_batch(lm, input_path: str | Path, output_path: str | Path, *, batch_size
         if bar is not None:
             bar.close()
     return BatchResult(len(records), skipped, written, output_path, interrupted)
+
+
+def _checked_defaults(batch_size: int, defaults: dict) -> dict:
+    """Returns the run's default options, or raises TaskError for a bad one (before any file is touched)."""
+    if batch_size < 1:
+        raise TaskError(f"batch_size={batch_size} must be at least 1")
+    try:
+        check = dict(defaults)
+        task_params(check.pop("max_new_tokens"), check.pop("stop", None) or (), **check)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"bad generation options: {exc}") from None
+    return defaults
+
+
+def _engine_runner(lm, batch_size: int) -> tuple[Runner, "Engine | None"]:
+    """Returns (runner, engine to shut down or None): a Runner given is used as it is, a LanguageModel gets an
+    engine of its own."""
+    if isinstance(lm, Runner):
+        return lm, None
+    from ..engine import Engine
+
+    runner = as_runner(lm)
+    engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
+    return EngineRunner(runner.lm, engine), engine
+
+
+def _record_params(defaults: dict, index: int, key, rec: dict) -> GenerationParams:
+    """Returns a record's generation parameters: the defaults, its own option fields, and seed + index."""
+    opts = {**defaults, **{k: rec[k] for k in RECORD_OPTIONS if k in rec}}
+    if opts.get("seed") is not None and "seed" not in rec:
+        opts["seed"] += index
+    try:
+        return task_params(opts.pop("max_new_tokens"), opts.pop("stop", None) or (), **opts)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"record {key!r}: bad generation options: {exc}") from None
+
+
+def _generate(runner: Runner, defaults: dict, batch: list[tuple[int, object, dict]]) -> list[list | str]:
+    """Returns per (index, key, record) its Completions, or why its prompt cannot fit the context."""
+    results: list[list | str] = [""] * len(batch)
+    jobs, job_rows = [], []
+    for j, (index, key, rec) in enumerate(batch):
+        params = _record_params(defaults, index, key, rec)
+        try:
+            ids = fit_prompt(runner.tokenizer.encode(rec["prompt"]), params.max_new_tokens, runner.n_positions,
+                             params.truncate)
+        except ContextLengthError as exc:
+            results[j] = str(exc)
+            continue
+        jobs.append((ids, params))
+        job_rows.append(j)
+    for j, comps in zip(job_rows, runner.generate_each(jobs) if jobs else []):
+        results[j] = comps
+    return results
 
 
 def _output(key_field: str, key, rec: dict, comps: list | str) -> dict:

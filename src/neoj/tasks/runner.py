@@ -18,11 +18,13 @@ import torch
 
 from ..api import LanguageModel
 from ..config import ModelConfig
-from ..errors import ContextLengthError, GenerationError, NeojError
+from ..errors import ContextLengthError, NeojError
 from ..generate import Completion, generate_batch, stream_batch
 from ..model import Transformer
+from ..model_utils import embed_rows, fit_prompt, right_pad, token_logprobs
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
+from ..engine.events import Countdown, drain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,21 +135,12 @@ class EngineRunner(Runner):
         events: queue.Queue = queue.Queue()
         self.check()
         req = self.engine.start().submit(prompts, params, events.put)
-        pending = len(req.seqs)
+        count = Countdown(len(req.seqs))
         try:
-            while pending:
-                try:
-                    ev = events.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    self.check()
-                    continue
-                if ev.finish_reason is not None:
-                    pending -= 1
-                    if ev.finish_reason == "error":
-                        raise GenerationError(f"generation failed: {ev.error}")
+            for ev in drain(events, count, self.check, POLL_SECONDS):
                 yield req, ev
         finally:
-            if pending:
+            if count.left:
                 self.engine.cancel(req)
 
     def generate(self, prompts, params):
@@ -164,17 +157,8 @@ class EngineRunner(Runner):
         try:
             for ids, params in jobs:
                 reqs.append(self.engine.start().submit([ids], params, events.put))
-            pending = sum(len(r.seqs) for r in reqs)
-            while pending:
-                try:
-                    ev = events.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    self.check()
-                    continue
-                if ev.finish_reason is not None:
-                    pending -= 1
-                    if ev.finish_reason == "error":
-                        raise GenerationError(f"generation failed: {ev.error}")
+            for _ in drain(events, Countdown(sum(len(r.seqs) for r in reqs)), self.check, POLL_SECONDS):
+                pass
         finally:
             for r in reqs:
                 if not r.done:
@@ -217,11 +201,14 @@ def task_params(max_new_tokens: int, stop: tuple[str, ...] | list[str] = (), **o
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, n_positions: int, what: str) -> None:
-    """Raises ContextLengthError when a prompt plus max_new_tokens does not fit the context."""
-    if prompt_tokens + max_new_tokens > n_positions:
+    """Raises ContextLengthError when a prompt plus max_new_tokens does not fit the context (as
+    neoj.model_utils.fit_prompt decides), worded for a task: tasks never truncate their prompts."""
+    try:
+        fit_prompt(range(prompt_tokens), max_new_tokens, n_positions, truncate=False)
+    except ContextLengthError as exc:
         raise ContextLengthError(
             f"{what} has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, but the model's "
-            f"context is {n_positions} tokens; shorten it or lower max_new_tokens", prompt_tokens, n_positions)
+            f"context is {exc.limit} tokens; shorten it or lower max_new_tokens", exc.prompt_tokens, exc.limit) from None
 
 
 # ---- scoring ----
@@ -238,10 +225,11 @@ def continuation_logprobs(runner: Runner, pairs: list[tuple[list[int], list[int]
     for ctx, cont in pairs:
         if not cont:
             raise TaskError("a scored continuation must have at least one token")
-        if len(cont) >= n_pos:
+        try:  # the context keeps its last tokens, as a truncated prompt does before len(cont) new ones
+            ctx = fit_prompt(list(ctx) or [eos], len(cont), n_pos, truncate=True)
+        except ContextLengthError:
             raise ContextLengthError(f"a scored continuation has {len(cont)} tokens; the context is {n_pos}",
-                                     len(cont), n_pos)
-        ctx = (list(ctx) or [eos])[max(0, len(ctx) + len(cont) - n_pos) :]
+                                     len(cont), n_pos) from None
         rows.append((ctx + list(cont), len(cont)))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
     out = [0.0] * len(rows)
@@ -258,18 +246,14 @@ def continuation_logprobs(runner: Runner, pairs: list[tuple[list[int], list[int]
 
 
 def _score_rows(model: Transformer, rows: list[tuple[list[int], int]], pad_id: int) -> list[float]:
-    width = max(len(ids) for ids, _ in rows)
+    """Returns, per (ids, n) row, the summed log-probability of its last n tokens, from one right-padded forward."""
     device = model.wte.weight.device
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for b, (ids, _) in enumerate(rows):
-        x[b, : len(ids)] = torch.tensor(ids)
-    x = x.to(device)
+    x = right_pad([ids for ids, _ in rows], pad_id, device)
     hidden = model(x)  # (B, T, C)
     # Position t predicts token t + 1: a continuation of n tokens ending at len is predicted from len-n-1 .. len-2.
     b_idx = torch.tensor([b for b, (ids, n) in enumerate(rows) for _ in range(n)], device=device)
     t_idx = torch.tensor([t for ids, n in rows for t in range(len(ids) - n - 1, len(ids) - 1)], device=device)
-    logp = torch.log_softmax(model.logits(hidden[b_idx, t_idx]).float(), dim=-1)  # (N, V)
-    lps = logp.gather(1, x[b_idx, t_idx + 1][:, None]).squeeze(1).tolist()
+    lps, _ = token_logprobs(model, hidden[b_idx, t_idx], x[b_idx, t_idx + 1])
     out, k = [], 0
     for _, n in rows:
         out.append(float(sum(lps[k : k + n])))
@@ -287,15 +271,6 @@ def embeddings(runner: Runner, texts: list[list[int]], batch_tokens: int = SCORE
         j = i + 1
         while j < len(rows) and (j - i + 1) * max(len(r) for r in rows[i : j + 1]) <= batch_tokens:
             j += 1
-        out += runner.call(lambda model, g=rows[i:j]: _mean_hidden(model, g, eos))
+        out += runner.call(lambda model, g=rows[i:j]: embed_rows(model, g, eos))
         i = j
     return torch.stack(out) if out else torch.zeros(0, runner.config.hidden_size)
-
-
-def _mean_hidden(model: Transformer, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    width = max(len(r) for r in rows)
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for b, r in enumerate(rows):
-        x[b, : len(r)] = torch.tensor(r)
-    hidden = model(x.to(model.wte.weight.device)).float()  # (B, T, C), right-padded as in _score_rows
-    return [hidden[b, : len(r)].mean(dim=0).cpu() for b, r in enumerate(rows)]

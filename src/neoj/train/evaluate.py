@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NeojError
+from ..model_utils import token_logprobs
 from .data import read_documents, tokenize
 from .loss import linear_cross_entropy
 
@@ -69,9 +70,9 @@ def perplexity(model, ids: torch.Tensor, weights: torch.Tensor | None = None, ma
         h = model(x)[0, :-1]  # (T-1, C): position t predicts token t+1
         if isinstance(model.lm_head, torch.nn.Linear):
             nll += float(linear_cross_entropy(h, model.lm_head, x[0, 1:], w[1:].to(device)))
-        else:  # a quantized head has no weight matrix to fuse with: plain logits
-            ce = torch.nn.functional.cross_entropy(model.logits(h), x[0, 1:], reduction="none")
-            nll += float((ce * w[1:].to(device)).sum())
+        else:  # a quantized head has no weight matrix to fuse with: fp32 log-probabilities, chunked
+            lps, _ = token_logprobs(model, h, x[0, 1:])
+            nll -= float((torch.tensor(lps, dtype=torch.float64) * w[1:].double()).sum())
         count += float(w[1:].sum())
         if bar is not None:
             bar.update(1)
