@@ -67,7 +67,7 @@ def gptj_checkpoints(cache: Path) -> dict[str, Path]:
 
     from neoj.config import preset
     from neoj.quantize import ShardWriter
-    from neoj.weights import _expected_tensors, build_meta, neoj_to_hf_name
+    from neoj.weights import build_meta, expected_tensors, neoj_to_hf_name
 
     dirs = {d: cache / name for d, name in GPTJ_DIRS.items()}
     if all((p / "DONE").exists() for p in dirs.values()):
@@ -81,7 +81,7 @@ def gptj_checkpoints(cache: Path) -> dict[str, Path]:
             f.unlink()
         writers[d] = ShardWriter(path, 2 << 30)
     gen = torch.Generator().manual_seed(0)
-    for name, p in _expected_tensors(build_meta(cfg)).items():
+    for name, p in expected_tensors(build_meta(cfg)).items():
         if name.endswith("bias"):
             t = torch.zeros(p.shape)
         elif ".ln_" in name or name.startswith("ln_f"):

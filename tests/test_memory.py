@@ -1,4 +1,5 @@
-"""neoj.memory: the inference planner's table, and the training planner checked against saved tensors."""
+"""neoj.memory: the inference planner (its table, its refusals, its bytes against loaded models), and the
+training planner checked against saved tensors."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import neoj
 from neoj.cli import main
 from neoj.config import preset, with_changes
-from neoj.memory import (GIB, RUNTIME_BYTES, TRAINING_MODES, lora_parameters, memory_table, training_memory,
-                         training_table)
+from neoj.errors import NeojError
+from neoj.memory import (GIB, RUNTIME_BYTES, TRAINING_MODES, MemoryPlanError, linear_shapes, lora_parameters,
+                         memory_table, training_memory, training_table, weight_bytes)
 from neoj.train import lora as L
 from neoj.train.loss import CausalLMLoss
 from neoj.weights import random_model
@@ -31,6 +34,48 @@ def test_memory_table_rows_and_scaling():
         assert r["total_bytes"] == r["weights_bytes"] + r["kv_cache_bytes"]
     double = {r["dtype"]: r for r in memory_table(cfg, context=1024, batch=2)}
     assert double["bfloat16"]["kv_cache_bytes"] == 2 * rows["bfloat16"]["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_planned_weight_bytes_equal_the_loaded_model(family, scheme):
+    lm = neoj.load(family.path, quantize=scheme, group_size=32, device="cpu", dtype="bfloat16")
+    seen, actual = set(), 0
+    for t in list(lm.model.parameters()) + list(lm.model.buffers()):
+        if t is not None and id(t) not in seen and t is not lm.model.rope:
+            seen.add(id(t))
+            actual += t.numel() * t.element_size()
+    cfg = lm.config
+    planned = weight_bytes(cfg, 2, scheme, 32)
+    # int4 pads each weight to a multiple of 16 rows for the kernel (the 50257-row head): a few KB.
+    assert planned <= actual <= planned + 16 * cfg.hidden_size * 2
+    assert len(linear_shapes(cfg)) == 6 * cfg.n_layers + 1
+
+
+def test_the_planner_refuses_a_model_that_cannot_fit_and_names_what_would(monkeypatch, neo):
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "8GB")
+    with pytest.raises(MemoryPlanError) as err:
+        neoj.load("random:gpt-j-6b", device="cpu")
+    msg = str(err.value)
+    assert "needs about 12.7 GiB in bfloat16" in msg and "7.5 GiB is available" in msg
+    assert "--quantize int8 (7.3 GiB)" in msg and "--quantize int4" in msg and "--dtype" not in msg
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "1GB")
+    with pytest.raises(MemoryPlanError, match="No dtype or quantization fits"):
+        neoj.load("random:gpt-j-6b", device="cpu", quantize="int4")
+    # A tiny model fits in 1 GB with room to spare; the check can also be turned off.
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "700MB")
+    assert neoj.load(neo.path, device="cpu")
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "1MB")
+    assert neoj.load(neo.path, device="cpu", check_memory=False)
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "lots")
+    with pytest.raises(NeojError, match="NEOJ_MEMORY_LIMIT='lots'"):
+        neoj.load(neo.path, device="cpu")
+
+
+def test_gpt_neo_is_never_advised_float16(monkeypatch):
+    monkeypatch.setenv("NEOJ_MEMORY_LIMIT", "9GB")
+    with pytest.raises(MemoryPlanError) as err:
+        neoj.load("random:gpt-neo-2.7b", device="cpu", dtype="float32")
+    assert "--dtype bfloat16" in str(err.value) and "float16" not in str(err.value).replace("bfloat16", "")
 
 
 def _tiny(family: str, **changes):
