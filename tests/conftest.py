@@ -25,8 +25,8 @@ from neoj.tokenizer import bundled_gpt2_dir
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
-# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
-# barriers make each small op 10-100x slower: one thread keeps the suite fast and steady.
+# Tiny models gain nothing from intra-op threads, and on a busy machine with few cores OpenMP's spinning
+# barriers make each small op many times slower: one thread keeps the suite fast and steady.
 torch.set_num_threads(1)
 
 EOS = 50256

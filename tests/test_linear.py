@@ -106,7 +106,8 @@ def relative_error(got, want):
 
 
 def needs_path(path):
-    if path.startswith("rowmatmul") and not rowmatmul.available():
+    kernel_available = {"rowmatmul_f32": rowmatmul.f32_available, "rowmatmul_int8": rowmatmul.int8_available}
+    if path in kernel_available and not kernel_available[path]():
         pytest.skip("no kernel variant for this CPU, or no C compiler")
     if path.startswith("compiled") and not linear.compile_allowed():
         pytest.skip("NEOJ_COMPILE=0")
@@ -164,7 +165,7 @@ def test_int4_path_equals_the_exact_product(rows):
 # ---- rows alone or in a batch ----
 
 def test_decode_layers_give_a_row_the_same_values_alone_or_in_a_batch():
-    if not rowmatmul.available():
+    if not (rowmatmul.f32_available() and rowmatmul.int8_available()):
         pytest.skip("no kernel variant for this CPU, or no C compiler")
     # Within the kernels' range in RULES: fp32 rows of a layer >= 3072 wide (one row of a narrower layer
     # goes to the blocked product with VNNI), 1-16 with AVX-512, 1-8 at 8 lanes; int8 rows of 1024, 1-16
@@ -200,7 +201,7 @@ def test_trainable_decode_layers_use_autograd():
 # ---- failures ----
 
 def test_a_failing_path_turns_off_only_itself(monkeypatch):
-    if not rowmatmul.available():
+    if not (rowmatmul.f32_available() and rowmatmul.int8_available()):
         pytest.skip("no kernel variant for this CPU, or no C compiler")
 
     def broken(layer, x):

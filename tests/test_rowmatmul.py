@@ -1,8 +1,10 @@
 """The compiled row kernels (neoj/csrc/rowmatmul_*.c), every ISA variant this CPU can run, int8 and fp32,
 against fp64 products; their selection by CPU features; safe building; and the fallbacks without them.
 
-Variant tests are generated for the variants this CPU runs, capped by NEOJ_ISA (NEOJ_ISA=avx2 runs the
-suite as an AVX2-only CPU would); each variant it cannot run is one skipped test, not one per case.
+Variant tests are generated, at collection, for the variants this CPU runs, capped by NEOJ_ISA
+(NEOJ_ISA=avx2 runs the suite as an AVX2-only CPU would); each variant it cannot run is one skipped test
+(test_each_variant_this_cpu_runs_builds_and_names_itself), not one per case. Nothing reads the CPU at
+import, and where its features cannot be read (no /proc/cpuinfo) collection still works.
 """
 
 import logging
@@ -25,9 +27,14 @@ ARCH_VARIANTS = [v.name for v in rowmatmul.VARIANTS if v.arch == rowmatmul.machi
 def pytest_generate_tests(metafunc):
     """Parametrizes `variant` over the variants usable here (asked at collection, not at import)."""
     if "variant" in metafunc.fixturenames:
-        usable = [v.name for v in rowmatmul.usable_variants()]
+        usable = usable_variant_names()
         metafunc.parametrize("variant", usable or [pytest.param("none", marks=pytest.mark.skip(
             reason="no kernel variant for this CPU (or NEOJ_ISA=none)"))], scope="module")
+
+
+def usable_variant_names() -> list[str]:
+    """Returns the variants this CPU runs, capped by NEOJ_ISA (reads the CPU's features)."""
+    return [v.name for v in rowmatmul.usable_variants()]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,20 @@ def run_python(code: str, env: dict, cache: Path) -> str:
     return out.stdout.strip()
 
 
+def test_collection_works_where_the_cpu_features_cannot_be_read(tmp_path):
+    # Off Linux (no /proc/cpuinfo, no sysctl answer) the features are empty: no variant runs, and collecting
+    # this module must still work, each variant test then one skip.
+    code = ("import sys, pytest; from neoj import rowmatmul_build\n"
+            "rowmatmul_build.cpu_features = lambda: frozenset()\n"
+            f"sys.exit(pytest.main(['--collect-only', '-q', '-o', 'addopts=', '-p', 'no:cacheprovider', {__file__!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "test_int8_rows_equal_the_exact_product[none" in out.stdout and "product[avx2" not in out.stdout
+
+
 @pytest.mark.parametrize("name", ARCH_VARIANTS)
 def test_each_variant_this_cpu_runs_builds_and_names_itself(name, tmp_path, monkeypatch):
-    if name not in [v.name for v in rowmatmul.usable_variants()]:
+    if name not in usable_variant_names():
         pytest.skip(f"this CPU (or NEOJ_ISA) does not run {name}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     k = rowmatmul.load(name)
@@ -192,7 +210,7 @@ def test_f32_kernel_refuses_what_it_cannot_take(kernels):
 
 def test_the_avx2_build_has_no_avx512_instruction(tmp_path, monkeypatch):
     # NEOJ_ISA=avx2 on an AVX-512 machine must measure what an AVX2-only CPU would run.
-    if "avx2" not in [v.name for v in rowmatmul.usable_variants()]:
+    if "avx2" not in usable_variant_names():
         pytest.skip("this CPU does not run the avx2 build")
     if not shutil.which("objdump"):
         pytest.skip("no objdump to disassemble with")
@@ -327,7 +345,7 @@ def test_an_unsafe_cache_is_not_used(how, tmp_path, monkeypatch, caplog):
         real_uid = os.geteuid()
         monkeypatch.setattr(os, "geteuid", lambda: real_uid + 4242)  # as another user would see it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul"):
+    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul_build"):
         lib, built = rowmatmul.build(some_variant())
     assert built and "not private" in caplog.text
     assert not list(cache.glob("*.so"))  # built in a private temporary directory instead
@@ -357,7 +375,7 @@ def test_a_library_that_does_not_load_is_rebuilt_once(tmp_path, monkeypatch, cap
     lib.write_bytes(b"not an ELF file")  # a disk error, an interrupted copy of the cache, ...
     lib.chmod(0o700)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul"):
+    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul_build"):
         loaded, built = rowmatmul.build(variant)
     assert built and "rebuilding" in caplog.text
     assert rowmatmul.Kernels(variant, loaded).f32(torch.ones(1, 16), torch.ones(1, 16)).item() == 16.0
@@ -373,7 +391,7 @@ def test_a_library_that_is_not_a_kernel_library_is_rebuilt(tmp_path, monkeypatch
     subprocess.run([rowmatmul.compiler(), "-shared", "-fPIC", "-o", str(lib), str(stub)], check=True)
     lib.chmod(0o700)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul"):
+    with caplog.at_level(logging.WARNING, logger="neoj.rowmatmul_build"):
         loaded, built = rowmatmul.build(variant)
     assert built and "not a neoj kernel library" in caplog.text
     assert rowmatmul.Kernels(variant, loaded).f32(torch.ones(1, 16), torch.ones(1, 16)).item() == 16.0
@@ -409,7 +427,7 @@ def test_without_the_kernel_int8_layers_fall_back_to_pytorch(env, tmp_path):
             "x = torch.randn(1, 256); want = x.double() @ dequantize(quantize_weight(w, spec), spec).double().t()\n"
             "error = (layer(x).double() - want).norm() / want.norm()\n"
             "assert error < 5e-3, error  # bf16 activations on PyTorch's path\n"
-            "print(rowmatmul.available(), rowmatmul.variant_name())")
+            "print(rowmatmul.int8_available(), rowmatmul.variant_name())")
     assert run_python(code, env, tmp_path) == "False none"
     assert not list(tmp_path.rglob("*.so"))  # and no half-built library left behind
 

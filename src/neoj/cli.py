@@ -77,11 +77,14 @@ def cmd_download(args) -> int:
 
 
 def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """Returns a byte count for people: "512 B", "1.5 KiB", ..., up to TiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return ""
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def cmd_info(args) -> int:
@@ -170,11 +173,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Returns the argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="neoj", description="Run, serve, fine-tune and evaluate GPT-Neo and GPT-J locally.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"neoj {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what neoj is doing to stderr")
     parser.add_argument("--debug", action="store_true",
@@ -182,79 +181,102 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, dest="cpu_threads", metavar="N",
                         help="CPU threads for the model (default: one per core, or OMP_NUM_THREADS); on a machine "
                         "busy with other work, the cores left free")
+
+
+def _add_generate_command(sub) -> None:
+    parser = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                            description="Generate a continuation of PROMPT and stream it to standard output.",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt, or - to read standard input")
+    parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
+    add_model_args(parser)
+    add_sampling_args(parser)
+    parser.set_defaults(func=cmd_generate)
+
+
+def _add_serve_command(sub) -> None:
+    parser = sub.add_parser("serve", help="serve the model over HTTP (OpenAI, HF Inference API and TGI routes)",
+                            description="Serve MODEL over HTTP with continuous batching: OpenAI /v1/completions, "
+                            "/v1/chat/completions, /v1/models, /v1/embeddings; the HF Inference API (POST "
+                            "/models/ID and POST /); TGI /generate, /generate_stream, /info; /health, /metrics and "
+                            "a playground page at /. Binds 127.0.0.1 unless --host says otherwise.",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--adapter", default=None,
+                        help="LoRA adapter directory (PEFT format) applied to the model for every request")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint "
+                        "but /health (or set NEOJ_API_KEY)")
+    parser.add_argument("--model-id", default=None, help="the id clients name the model by (default: --model)")
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting beyond the batch before new ones get 503 (default 64)")
+    parser.add_argument("--chat-template", default="plain",
+                        help="how chat messages become a prompt for a base model: plain (default) or dolly")
+    parser.set_defaults(func=cmd_serve)
+
+
+def _add_download_command(sub) -> None:
+    parser = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub into the HF cache",
+                            description="Download REPO_ID (config, tokenizer, weights: safetensors when the repo "
+                            "has them) into the standard Hugging Face cache, with a progress bar, and print its "
+                            "directory.")
+    parser.add_argument("repo_id", help="e.g. EleutherAI/gpt-neo-125m")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit (e.g. float16 for GPT-J)")
+    parser.set_defaults(func=cmd_download)
+
+
+def _add_info_command(sub) -> None:
+    parser = sub.add_parser("info", help="show a model's architecture, size and memory needs",
+                            description="Show the architecture, parameter count and memory needed per dtype of "
+                            "MODEL (a directory, Hub id or preset name such as gpt-j-6b). Reads only config.json.")
+    parser.add_argument("model", help="checkpoint directory, Hub id, or preset (gpt-neo-125m, gpt-j-6b, ...)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens of KV cache to plan for (default: the model's whole context)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences at once to plan for (default 1)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size to plan for (default 128)")
+    parser.add_argument("--train", action="store_true",
+                        help="also plan training memory per mode (full fp32, full bf16, with checkpointing, LoRA) "
+                        "for --batch blocks of --context tokens")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank to plan for with --train (default 8)")
+    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
+                        help="LoRA target modules to plan for with --train (default q_proj v_proj)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=cmd_info)
+
+
+def _add_quantize_command(sub) -> None:
+    parser = sub.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint that loads directly",
+                            description="Quantize every linear layer and the LM head of MODEL (a directory or Hub "
+                            "id) and write a checkpoint to OUT: safetensors shards plus quantization.json naming "
+                            "the scheme. The source is read one tensor at a time, so a model larger than RAM in "
+                            "full precision can be quantized. `neoj generate --model OUT` (and serve, and "
+                            "neoj.load) then load it quantized, with no --quantize.")
+    parser.add_argument("model", help="checkpoint directory or Hub id (full precision)")
+    parser.add_argument("--out", "-o", required=True, help="new directory for the quantized checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_quantize_args(parser, required=True)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the tensors left unquantized: embeddings, layer norms, biases "
+                        "(default bfloat16)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.set_defaults(func=cmd_quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="neoj", description="Run, serve, fine-tune and evaluate GPT-Neo and GPT-J locally.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
-                       description="Generate a continuation of PROMPT and stream it to standard output.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt, or - to read standard input")
-    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI, HF Inference API and TGI routes)",
-                       description="Serve MODEL over HTTP with continuous batching: OpenAI /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /v1/embeddings; the HF Inference API (POST /models/ID "
-                       "and POST /); TGI /generate, /generate_stream, /info; /health, /metrics and a playground "
-                       "page at /. Binds 127.0.0.1 unless --host says otherwise.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--adapter", default=None,
-                   help="LoRA adapter directory (PEFT format) applied to the model for every request")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (or set NEOJ_API_KEY)")
-    p.add_argument("--model-id", default=None, help="the id clients name the model by (default: --model)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting beyond the batch before new ones get 503 (default 64)")
-    p.add_argument("--chat-template", default="plain",
-                   help="how chat messages become a prompt for a base model: plain (default) or dolly")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub into the HF cache",
-                       description="Download REPO_ID (config, tokenizer, weights: safetensors when the repo has "
-                       "them) into the standard Hugging Face cache, with a progress bar, and print its directory.")
-    p.add_argument("repo_id", help="e.g. EleutherAI/gpt-neo-125m")
-    p.add_argument("--revision", default=None, help="branch, tag or commit (e.g. float16 for GPT-J)")
-    p.set_defaults(func=cmd_download)
-
-    p = sub.add_parser("info", help="show a model's architecture, size and memory needs",
-                       description="Show the architecture, parameter count and memory needed per dtype of MODEL "
-                       "(a directory, Hub id or preset name such as gpt-j-6b). Reads only config.json.")
-    p.add_argument("model", help="checkpoint directory, Hub id, or preset (gpt-neo-125m, gpt-j-6b, ...)")
-    p.add_argument("--context", type=int, default=None,
-                   help="tokens of KV cache to plan for (default: the model's whole context)")
-    p.add_argument("--batch", type=int, default=1, help="sequences at once to plan for (default 1)")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size to plan for (default 128)")
-    p.add_argument("--train", action="store_true",
-                   help="also plan training memory per mode (full fp32, full bf16, with checkpointing, LoRA) "
-                   "for --batch blocks of --context tokens")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank to plan for with --train (default 8)")
-    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
-                   help="LoRA target modules to plan for with --train (default q_proj v_proj)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint that loads directly",
-                       description="Quantize every linear layer and the LM head of MODEL (a directory or Hub id) "
-                       "and write a checkpoint to OUT: safetensors shards plus quantization.json naming the "
-                       "scheme. The source is read one tensor at a time, so a model larger than RAM in full "
-                       "precision can be quantized. `neoj generate --model OUT` (and serve, and neoj.load) "
-                       "then load it quantized, with no --quantize.")
-    p.add_argument("model", help="checkpoint directory or Hub id (full precision)")
-    p.add_argument("--out", "-o", required=True, help="new directory for the quantized checkpoint")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    add_quantize_args(p, required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the tensors left unquantized: embeddings, layer norms, biases (default bfloat16)")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    p.set_defaults(func=cmd_quantize)
-
+    for add_command in (_add_generate_command, _add_serve_command, _add_download_command, _add_info_command,
+                        _add_quantize_command):
+        add_command(sub)
     from .train.cli import add_train_commands
 
     add_train_commands(sub)

@@ -1,6 +1,6 @@
 """Command-line options shared by the neoj command and its task and training subcommands: the model,
-quantization and sampling options, their checks, and loading the model they name. Both cli.py and
-tasks/cli.py build on this module, so neither imports the other's internals."""
+quantization and sampling options (generate's, and the task subcommands'), their checks, and loading the
+model they name. Both cli.py and tasks/cli.py build on this module, so neither imports the other's internals."""
 
 from __future__ import annotations
 
@@ -22,32 +22,32 @@ def stop_text(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Adds --model, --dtype, --device, --revision, --quantize, --group-size and --no-memory-check."""
-    p.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
-                   "(default: builtin)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
-                   "recent GPUs, else float32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    add_quantize_args(p)
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="load even if the memory plan says the model will not fit")
+    parser.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
+                        "(default: builtin)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and compute dtype (default auto: bfloat16 on CPUs with native bf16 and on "
+                        "recent GPUs, else float32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    add_quantize_args(parser)
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="load even if the memory plan says the model will not fit")
 
 
-def add_quantize_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def add_quantize_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     """Adds --quantize (int8, int4) and --group-size."""
-    p.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"], required=required,
-                   help="weight-only quantization of every linear layer and the LM head, done while loading: "
-                   "int8 (per output channel, about 1/4 of fp32) or int4 (per group, about 1/7)")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                   help="int4: weights sharing one scale and zero (default 128; smaller = more accurate, larger)")
+    parser.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"], required=required,
+                        help="weight-only quantization of every linear layer and the LM head, done while loading: "
+                        "int8 (per output channel, about 1/4 of fp32) or int4 (per group, about 1/7)")
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                        help="int4: weights sharing one scale and zero (default 128; smaller = more accurate, larger)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Adds the generation group: --max-new-tokens, --temperature, --top-k, --top-p, --stop, --seed, ..."""
-    g = p.add_argument_group("generation")
+    g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -67,6 +67,35 @@ def sampling_options(args) -> dict:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                 num_return_sequences=args.num_return_sequences, truncate=args.truncate,
                 stop_at_eos=not args.ignore_eos)
+
+
+def add_task_args(parser: argparse.ArgumentParser, max_new_tokens: int | str | None, temperature: float = 0.0,
+                  progress: bool = True, generation: bool = True) -> None:
+    """Adds the options of the task subcommands (summarize, ask, ...): the model, --prompts, --no-progress and
+    the generation group; max_new_tokens: an int default, or the help text saying how the task picks it."""
+    add_model_args(parser)
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if not generation:
+        return
+    g = parser.add_argument_group("generation")
+    default = max_new_tokens if isinstance(max_new_tokens, int) else None
+    g.add_argument("--max-new-tokens", "-n", type=int, default=default,
+                   help=f"tokens to generate (default {max_new_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature:g})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off, the default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
+def task_sampling_options(args) -> dict:
+    """Returns the sampling keyword arguments that add_task_args' generation options of `args` give."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed",

@@ -102,81 +102,115 @@ def _require(d: dict, *names):
     raise ConfigError(f"config.json has no {' / '.join(names)}")
 
 
-def from_hf_dict(d: dict) -> ModelConfig:
-    """Returns the ModelConfig for a transformers config.json dictionary."""
+@dataclass(frozen=True)
+class _FamilyFormat:
+    """How one family's config.json names the shared fields, and the architecture those checkpoints have."""
+
+    hidden_keys: tuple[str, ...]
+    layer_keys: tuple[str, ...]
+    head_keys: tuple[str, ...]
+    position_keys: tuple[str, ...]  # the first one present wins; 2048 where none is
+    inner_key: str  # a missing or null intermediate size means 4 x hidden
+    tied_by_default: bool
+    # GPT-Neo: learned positions, alternating global/local attention, sequential block with out_proj bias.
+    # GPT-J: rotary positions, global attention, parallel block, scaled scores, lm_head bias.
+    learned_positions: bool
+    local_attention: bool
+    scale_attn: bool
+    parallel_block: bool
+    out_proj_bias: bool
+    lm_head_bias: bool
+
+
+_FAMILIES = {
+    "gpt_neo": _FamilyFormat(
+        hidden_keys=("hidden_size",), layer_keys=("num_layers", "num_hidden_layers"),
+        head_keys=("num_heads", "num_attention_heads"), position_keys=("max_position_embeddings",),
+        inner_key="intermediate_size", tied_by_default=True, learned_positions=True, local_attention=True,
+        scale_attn=False, parallel_block=False, out_proj_bias=True, lm_head_bias=False),
+    "gptj": _FamilyFormat(
+        hidden_keys=("n_embd", "hidden_size"), layer_keys=("n_layer", "num_hidden_layers"),
+        head_keys=("n_head", "num_attention_heads"), position_keys=("n_positions", "max_position_embeddings"),
+        inner_key="n_inner", tied_by_default=False, learned_positions=False, local_attention=False,
+        scale_attn=True, parallel_block=True, out_proj_bias=False,
+        lm_head_bias=True),  # GPTJForCausalLM's lm_head has a bias even when its weight is tied
+}
+
+
+def _supported_model_type(d: dict) -> str:
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"unsupported model_type {model_type!r}: neoj runs {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(EleutherAI GPT-Neo and GPT-J checkpoints)"
         )
+    return model_type
+
+
+def _supported_activation(d: dict) -> str:
     activation = d.get("activation_function", "gelu_new")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unsupported activation_function {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    return activation
+
+
+def _special_token_ids(d: dict) -> tuple[int, int]:
+    """Returns (bos, eos): the first of a list of eos ids, EOS_TOKEN_ID where either is missing or null."""
     eos = d.get("eos_token_id", EOS_TOKEN_ID)
     eos = eos[0] if isinstance(eos, list) else eos
     bos = d.get("bos_token_id", EOS_TOKEN_ID)
-    if model_type == "gpt_neo":
-        hidden = _require(d, "hidden_size")
-        n_layers = _require(d, "num_layers", "num_hidden_layers")
-        attention_layers = _expand_attention_types(d.get("attention_types") or [[["global", "local"], n_layers // 2]])
-        if len(attention_layers) != n_layers:
-            raise ConfigError(
-                f"attention_types expands to {len(attention_layers)} layers but num_layers is {n_layers}"
-            )
-        cfg = ModelConfig(
-            model_type=model_type,
-            vocab_size=_require(d, "vocab_size"),
-            n_positions=d.get("max_position_embeddings", 2048),
-            hidden_size=hidden,
-            n_layers=n_layers,
-            n_heads=_require(d, "num_heads", "num_attention_heads"),
-            intermediate_size=d.get("intermediate_size") or 4 * hidden,
-            layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            activation=activation,
-            learned_positions=True,
-            rotary_dim=0,
-            attention_layers=attention_layers,
-            window_size=d.get("window_size", 256),
-            scale_attn=False,
-            parallel_block=False,
-            out_proj_bias=True,
-            tie_word_embeddings=d.get("tie_word_embeddings", True),
-            lm_head_bias=False,
-            bos_token_id=bos if bos is not None else EOS_TOKEN_ID,
-            eos_token_id=eos if eos is not None else EOS_TOKEN_ID,
-            source=dict(d),
-        )
-    else:
-        hidden = _require(d, "n_embd", "hidden_size")
-        n_layers = _require(d, "n_layer", "num_hidden_layers")
-        n_heads = _require(d, "n_head", "num_attention_heads")
-        # Absent means transformers' GPTJConfig default (64); an explicit null means the whole head.
-        rotary_dim = d.get("rotary_dim", 64)
-        cfg = ModelConfig(
-            model_type=model_type,
-            vocab_size=_require(d, "vocab_size"),
-            n_positions=d.get("n_positions", d.get("max_position_embeddings", 2048)),
-            hidden_size=hidden,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            intermediate_size=d.get("n_inner") or 4 * hidden,
-            layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            activation=activation,
-            learned_positions=False,
-            # rotary_dim None means "rotate the whole head" in the reference.
-            rotary_dim=rotary_dim if rotary_dim else hidden // n_heads,
-            attention_layers=("global",) * n_layers,
-            window_size=0,
-            scale_attn=True,
-            parallel_block=True,
-            out_proj_bias=False,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            lm_head_bias=True,  # GPTJForCausalLM's lm_head has a bias even when its weight is tied
-            bos_token_id=bos if bos is not None else EOS_TOKEN_ID,
-            eos_token_id=eos if eos is not None else EOS_TOKEN_ID,
-            source=dict(d),
-        )
+    return (bos if bos is not None else EOS_TOKEN_ID), (eos if eos is not None else EOS_TOKEN_ID)
+
+
+def _first_present(d: dict, keys: tuple[str, ...], default):
+    for key in keys:
+        if key in d:
+            return d[key]
+    return default
+
+
+def _attention_pattern(d: dict, family: _FamilyFormat, n_layers: int) -> tuple[tuple[str, ...], int]:
+    """Returns (one attention kind per layer, local window size)."""
+    if not family.local_attention:
+        return ("global",) * n_layers, 0
+    attention_layers = _expand_attention_types(d.get("attention_types") or [[["global", "local"], n_layers // 2]])
+    if len(attention_layers) != n_layers:
+        raise ConfigError(f"attention_types expands to {len(attention_layers)} layers but num_layers is {n_layers}")
+    return attention_layers, d.get("window_size", 256)
+
+
+def _rotary_dim(d: dict, family: _FamilyFormat, hidden: int, n_heads: int) -> int:
+    """Returns the rotated dims per head: 0 with learned positions."""
+    if family.learned_positions:
+        return 0
+    # Absent means transformers' GPTJConfig default (64); an explicit null means the whole head.
+    rotary_dim = d.get("rotary_dim", 64)
+    return rotary_dim if rotary_dim else hidden // n_heads
+
+
+def from_hf_dict(d: dict) -> ModelConfig:
+    """Returns the ModelConfig for a transformers config.json dictionary."""
+    model_type = _supported_model_type(d)
+    activation = _supported_activation(d)
+    family = _FAMILIES[model_type]
+    bos, eos = _special_token_ids(d)
+    hidden = _require(d, *family.hidden_keys)
+    n_layers = _require(d, *family.layer_keys)
+    attention_layers, window_size = _attention_pattern(d, family, n_layers)
+    vocab_size = _require(d, "vocab_size")
+    n_heads = _require(d, *family.head_keys)
+    cfg = ModelConfig(
+        model_type=model_type, vocab_size=vocab_size,
+        n_positions=_first_present(d, family.position_keys, 2048),
+        hidden_size=hidden, n_layers=n_layers, n_heads=n_heads,
+        intermediate_size=d.get(family.inner_key) or 4 * hidden,
+        layer_norm_eps=d.get("layer_norm_epsilon", 1e-5), activation=activation,
+        learned_positions=family.learned_positions, rotary_dim=_rotary_dim(d, family, hidden, n_heads),
+        attention_layers=attention_layers, window_size=window_size, scale_attn=family.scale_attn,
+        parallel_block=family.parallel_block, out_proj_bias=family.out_proj_bias,
+        tie_word_embeddings=d.get("tie_word_embeddings", family.tied_by_default), lm_head_bias=family.lm_head_bias,
+        bos_token_id=bos, eos_token_id=eos, source=dict(d),
+    )
     _validate(cfg)
     return cfg
 

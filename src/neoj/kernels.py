@@ -2,7 +2,7 @@
 
 Decoding multiplies each weight matrix by one row per sequence, and PyTorch's default CPU paths for
 that are far from the memory bandwidth. DecodeLinear hands its calls to neoj.linear, which picks the
-kernel by measurement (its RULES table: neoj's own C kernels for fp32 at 1-16 rows, a blocked
+kernel by measurement (its RULES table: neoj's own C kernels for fp32 at a few rows, a blocked
 matrix-vector product, oneDNN's linear, a TorchInductor reduction for half-precision single rows) and
 turns off only a path that fails. Everything else (prefill, training, other devices) keeps F.linear.
 Set NEOJ_COMPILE=0 to use no compiled kernel at all, NEOJ_ISA to cap the C kernels' instruction set.
@@ -32,8 +32,8 @@ class DecodeLinear(nn.Linear):
 def use_decode_kernels(model: nn.Module, allow_compile: bool = False) -> nn.Module:
     """Replaces every plain nn.Linear in `model` with a DecodeLinear sharing its parameters; returns model.
 
-    allow_compile lets half-precision single rows use the compiled kernel: worth its few seconds of
-    start-up only when the weights are large (about 50 tokens repay it on GPT-Neo-1.3B; 700 on 125M).
+    allow_compile lets half-precision single rows use the compiled kernel: compiling costs start-up time
+    that the faster decode repays only when the weights are large (measured in BENCHMARKS.md).
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

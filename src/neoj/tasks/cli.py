@@ -13,13 +13,15 @@ import sys
 from pathlib import Path
 
 from ..checks import check_utf8_text, not_utf8_error, prepare_output_file, read_stdin, read_stdin_line
-from ..cli_options import STOP_HELP, add_model_args, check_generation_options, load_from_args, stop_text
+from ..cli_options import (STOP_HELP, add_task_args, check_generation_options, load_from_args, stop_text,
+                           task_sampling_options)
 from ..errors import NeojError
 
 TASK_EPILOG = """models: --model takes a checkpoint directory, a Hub id (EleutherAI/gpt-neo-1.3B, EleutherAI/gpt-j-6b)
 or random:PRESET; without it the small built-in model is used, whose answers are weak: use a real
 checkpoint for real work. Prompts: every template is in neoj/tasks/prompts.py; --prompts FILE (.json or
 .toml) overrides any of them by name."""
+FORMATTER = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
 
 
 def _read(source: str, what: str) -> str:
@@ -40,36 +42,6 @@ def _read(source: str, what: str) -> str:
         raise NeojError(f"cannot read {what} {source!r}: {exc.strerror or exc}") from None
 
 
-def _add_common(p: argparse.ArgumentParser, max_new_tokens: int | str | None, temperature: float = 0.0,
-                progress: bool = True, generation: bool = True) -> None:
-    """Adds the model, prompts, progress and generation options; max_new_tokens: an int default, or the help
-    text saying how the task picks it."""
-
-    add_model_args(p)
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
-    if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if not generation:
-        return
-    g = p.add_argument_group("generation")
-    default = max_new_tokens if isinstance(max_new_tokens, int) else None
-    g.add_argument("--max-new-tokens", "-n", type=int, default=default,
-                   help=f"tokens to generate (default {max_new_tokens})")
-    g.add_argument("--temperature", "-t", type=float, default=temperature,
-                   help=f"0 = greedy (default {temperature:g})")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off, the default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-
-
-def _options(args) -> dict:
-    """Returns the generation options shared by every task."""
-    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
 def _prompts(args):
     from .prompts import Prompts
 
@@ -78,7 +50,6 @@ def _prompts(args):
 
 def _load(args):
     """Returns the model of `args`, after checking its generation options (so a typo fails before loading)."""
-
     check_generation_options(args)
     return load_from_args(args)
 
@@ -93,7 +64,7 @@ def cmd_summarize(args) -> int:
     text, prompts = _read(args.input, "input"), _prompts(args)
     result = summarize(_load(args), text, length=args.length, max_new_tokens=args.max_new_tokens,
                        overlap=args.overlap, prompts=prompts, batch_size=args.batch_size, progress=_progress(args),
-                       **_options(args))
+                       **task_sampling_options(args))
     if args.json:
         print(json.dumps({"summary": result.text, "chunks": result.chunks, "rounds": result.rounds},
                          indent=2, ensure_ascii=False))
@@ -108,16 +79,16 @@ def cmd_ask(args) -> int:
     context = _read(args.context, "context file") if args.context else None
     answer = ask(_load(args), args.question, context, max_new_tokens=args.max_new_tokens, rank=args.rank,
                  passage_tokens=args.passage_tokens, prompts=_prompts(args), progress=_progress(args),
-                 **_options(args))
+                 **task_sampling_options(args))
     if args.json:
         print(json.dumps({"answer": answer.text, "passages_total": answer.passages_total,
-                          "passages": [vars(p) for p in answer.passages]}, indent=2, ensure_ascii=False))
+                          "passages": [vars(passage) for passage in answer.passages]}, indent=2, ensure_ascii=False))
         return 0
     print(answer.text)
     if args.show_passages:
-        for p in answer.passages:
-            score = f", score {p.score:.3f}" if p.score is not None else ""
-            print(f"--- passage: tokens {p.start}-{p.end}{score} ---\n{p.text}", file=sys.stderr)
+        for passage in answer.passages:
+            score = f", score {passage.score:.3f}" if passage.score is not None else ""
+            print(f"--- passage: tokens {passage.start}-{passage.end}{score} ---\n{passage.text}", file=sys.stderr)
     return 0
 
 
@@ -127,7 +98,7 @@ def cmd_translate(args) -> int:
     text = read_stdin() if args.text == "-" else args.text
     print(translate(_load(args), text, to=args.to, source=args.source, shots=args.shots,
                     max_new_tokens=args.max_new_tokens, prompts=_prompts(args), progress=_progress(args),
-                    **_options(args)))
+                    **task_sampling_options(args)))
     return 0
 
 
@@ -191,7 +162,7 @@ def cmd_complete_code(args) -> int:
         out.write(code)
     for piece in stream_code(_load(args), code, scope=args.scope, language=args.language,
                              filename=None if args.input == "-" else args.input, max_new_tokens=args.max_new_tokens,
-                             prompts=_prompts(args), **_options(args)):
+                             prompts=_prompts(args), **task_sampling_options(args)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -201,11 +172,66 @@ def cmd_complete_code(args) -> int:
 CHAT_HELP = "commands: /reset (forget the conversation), /save FILE (write it as JSON), /exit (or Ctrl-D)"
 
 
+def _read_chat_line(interactive: bool) -> str | None:
+    """Returns the user's next message ("" when there is none to answer), or None at the end of input."""
+    if not interactive:
+        return read_stdin_line() or None
+    try:
+        return check_utf8_text(input("you> "), "your message")
+    except EOFError:
+        return None
+    except (NeojError, UnicodeDecodeError) as exc:  # a terminal not set to UTF-8: say so, keep chatting
+        if isinstance(exc, UnicodeDecodeError):
+            exc = not_utf8_error("your message", exc.object[exc.start], exc.start)
+        print(f"neoj: error: {exc}", file=sys.stderr)
+        return ""
+
+
+def _run_chat_command(session, command: str, rest: str) -> bool:
+    """Runs /reset, /save FILE or /help (any other /word shows the help); returns False for a message."""
+    if command == "/reset":
+        session.reset()
+        print("(conversation reset)", file=sys.stderr)
+    elif command == "/save" and not rest.strip():
+        print("neoj: /save needs a file name: /save chat.json", file=sys.stderr)
+    elif command == "/save":
+        try:
+            print(f"(saved to {session.save(rest.strip())})", file=sys.stderr)
+        except NeojError as exc:
+            print(f"neoj: error: {exc}", file=sys.stderr)
+    elif command == "/help" or (command.startswith("/") and command[1:].isalpha()):
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        return False
+    return True
+
+
+def _stream_reply(session, message: str, interactive: bool) -> None:
+    """Streams the reply to `message` to stdout; an error or (interactive) Ctrl-C ends the reply, not the chat."""
+    out = sys.stdout
+    if interactive:
+        out.write("assistant> ")
+    try:
+        for piece in session.stream(message):
+            out.write(piece)
+            out.flush()
+    except NeojError as exc:  # a message too long for the context: say so, keep chatting
+        print(f"\nneoj: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:  # stops this reply (not kept in the history), not the chat
+        if not interactive:
+            raise
+        print("\n(reply interrupted)", file=sys.stderr)
+    out.write("\n")
+    out.flush()
+    if session.last is not None and session.last.dropped:
+        print(f"(the {session.last.dropped} oldest messages no longer fit the context)", file=sys.stderr)
+
+
 def cmd_chat(args) -> int:
     from .chat import ChatSession
 
     session = ChatSession(_load(args), system=args.system, max_new_tokens=args.max_new_tokens,
-                          prompts=_prompts(args), **_options(args))
+                          prompts=_prompts(args), **task_sampling_options(args))
     if args.load:
         session.load(args.load)
     interactive = sys.stdin.isatty()
@@ -215,58 +241,18 @@ def cmd_chat(args) -> int:
         except ImportError:
             pass
         print(f"neoj chat: {CHAT_HELP}; Ctrl-C stops a reply", file=sys.stderr)
-    out = sys.stdout
     while True:
-        if interactive:
-            try:
-                line = check_utf8_text(input("you> "), "your message")
-            except EOFError:
-                break
-            except (NeojError, UnicodeDecodeError) as exc:  # a terminal not set to UTF-8: say so, keep chatting
-                if isinstance(exc, UnicodeDecodeError):
-                    exc = not_utf8_error("your message", exc.object[exc.start], exc.start)
-                print(f"neoj: error: {exc}", file=sys.stderr)
-                continue
-        else:
-            line = read_stdin_line()
-            if not line:
-                break
+        line = _read_chat_line(interactive)
+        if line is None:
+            break
         line = line.strip()
         if not line:
             continue
         command, _, rest = line.partition(" ")
         if command in ("/exit", "/quit"):
             break
-        if command == "/reset":
-            session.reset()
-            print("(conversation reset)", file=sys.stderr)
-        elif command == "/save":
-            if not rest.strip():
-                print("neoj: /save needs a file name: /save chat.json", file=sys.stderr)
-                continue
-            try:
-                print(f"(saved to {session.save(rest.strip())})", file=sys.stderr)
-            except NeojError as exc:
-                print(f"neoj: error: {exc}", file=sys.stderr)
-        elif command == "/help" or (command.startswith("/") and command[1:].isalpha()):
-            print(CHAT_HELP, file=sys.stderr)
-        else:
-            if interactive:
-                out.write("assistant> ")
-            try:
-                for piece in session.stream(line):
-                    out.write(piece)
-                    out.flush()
-            except NeojError as exc:  # a message too long for the context: say so, keep chatting
-                print(f"\nneoj: error: {exc}", file=sys.stderr)
-            except KeyboardInterrupt:  # stops this reply (not kept in the history), not the chat
-                if not interactive:
-                    raise
-                print("\n(reply interrupted)", file=sys.stderr)
-            out.write("\n")
-            out.flush()
-            if session.last is not None and session.last.dropped:
-                print(f"(the {session.last.dropped} oldest messages no longer fit the context)", file=sys.stderr)
+        if not _run_chat_command(session, command, rest):
+            _stream_reply(session, line, interactive)
     return 0
 
 
@@ -278,7 +264,7 @@ def cmd_batch(args) -> int:
     if args.batch_size < 1:
         raise NeojError(f"--batch-size must be at least 1 (got {args.batch_size})")
     prepare_output_file(args.output)
-    options = _options(args)
+    options = task_sampling_options(args)
     if args.stop:
         options["stop"] = args.stop
     result = run_batch(_load(args), args.input, args.output, batch_size=args.batch_size,
@@ -294,102 +280,120 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _add_summarize_command(sub) -> None:
+    parser = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over chunks)",
+                            description="Summarize FILE (or standard input with -). A document longer than the context "
+                            "is cut into chunks on a token budget, at paragraph or sentence boundaries, with overlap; "
+                            "each chunk is summarized, then the summaries, until one prompt holds them all.",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("input", metavar="FILE", help="the document, or - for standard input")
+    parser.add_argument("--length", choices=["short", "medium", "long"], default="medium",
+                        help="summary length: 64, 128 or 256 tokens, at most a quarter of the context (default medium)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="tokens consecutive chunks share (default 64 or less)")
+    parser.add_argument("--batch-size", type=int, default=4, help="chunks summarized together (default 4)")
+    parser.add_argument("--json", action="store_true", help="print the summary and every round's summaries as JSON")
+    add_task_args(parser, "per summary: set by --length")
+    parser.set_defaults(func=cmd_summarize)
+
+
+def _add_ask_command(sub) -> None:
+    parser = sub.add_parser("ask", help="answer a question, from the model alone or from a document",
+                            description="Answer QUESTION. With --context FILE, the document's passages most relevant "
+                            "to the question (ranked by the model's likelihood of the question after each, or by "
+                            "embedding similarity) are placed in the context window, in document order.",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("question", metavar="QUESTION")
+    parser.add_argument("--context", "-c", default=None, metavar="FILE", help="a document to answer from (- for stdin)")
+    parser.add_argument("--rank", choices=["likelihood", "embedding"], default="likelihood",
+                        help="how passages of a long document are ranked (default likelihood)")
+    parser.add_argument("--passage-tokens", type=int, default=None, help="passage size in tokens (default up to 256)")
+    parser.add_argument("--show-passages", action="store_true", help="print the passages used, to stderr")
+    parser.add_argument("--json", action="store_true", help="print the answer and passages as JSON")
+    add_task_args(parser, 64)
+    parser.set_defaults(func=cmd_ask)
+
+
+def _add_translate_command(sub) -> None:
+    parser = sub.add_parser("translate", help="translate text by few-shot prompting",
+                            description="Translate TEXT (or standard input with -) into --to LANG, one line at a "
+                            "time, after a few example sentence pairs (English, French, German, Spanish, Italian, "
+                            "Portuguese, Dutch, Chinese, Japanese have built-in examples; other languages go "
+                            "zero-shot).",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("text", metavar="TEXT", help="the text, or - for standard input")
+    parser.add_argument("--to", required=True, metavar="LANG", help="target language: a name (French) or a code (fr)")
+    parser.add_argument("--from", dest="source", default="English", metavar="LANG", help="source language (English)")
+    parser.add_argument("--shots", type=int, default=3, help="example pairs in the prompt (default 3; 0 = zero-shot)")
+    add_task_args(parser, "per line: twice the line's tokens plus 16")
+    parser.set_defaults(func=cmd_translate)
+
+
+def _add_classify_command(sub) -> None:
+    parser = sub.add_parser("classify", help="classify text by comparing the likelihood of each label",
+                            description="Classify TEXT (or each line of --file) into one of --labels by the model's "
+                            "log-likelihood of each label after the prompt, turned into probabilities; nothing is "
+                            "generated. Prints the label (probabilities to stderr), or one JSON line per text.",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("text", metavar="TEXT", nargs="?", default=None, help="the text, or - for standard input")
+    parser.add_argument("--labels", "-l", default="positive,negative",
+                        help="comma-separated labels (default positive,negative: sentiment)")
+    parser.add_argument("--file", "-f", default=None, help="classify each line (or each .jsonl \"text\") of FILE")
+    parser.add_argument("--examples", default=None, metavar="FILE",
+                        help="few-shot examples: JSONL with \"text\" and \"label\" per line")
+    parser.add_argument("--normalize", choices=["sum", "mean"], default="sum",
+                        help="score a label by its total log-likelihood (sum, default) or per token (mean)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts scored together (default 16)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_task_args(parser, None, generation=False)  # nothing is generated: labels are scored
+    parser.set_defaults(func=cmd_classify)
+
+
+def _add_complete_code_command(sub) -> None:
+    parser = sub.add_parser("complete-code", help="complete code up to the end of the current function or block",
+                            description="Complete the code in FILE (or standard input with -) from its end, and stop "
+                            "where the current function (or, with --scope block, block) ends: Python by indentation, "
+                            "C-like languages by braces (detected from the file name or the code).",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("input", metavar="FILE", help="the code, or - for standard input")
+    parser.add_argument("--scope", choices=["function", "block"], default="function",
+                        help="stop at the end of the enclosing function (default) or the innermost block")
+    parser.add_argument("--language", choices=["python", "braces"], default=None,
+                        help="how blocks are delimited (default: from the file name, else guessed)")
+    parser.add_argument("--echo", action="store_true", help="print the code before its completion")
+    add_task_args(parser, "256, at most half the context", progress=False)
+    parser.set_defaults(func=cmd_complete_code)
+
+
+def _add_chat_command(sub) -> None:
+    parser = sub.add_parser("chat", help="chat in the terminal, replies streamed",
+                            description="Chat with the model: type a message, get a streamed reply. The prompt holds "
+                            "a persona (--system) and as much of the conversation as fits the context, oldest messages "
+                            "dropped first. " + CHAT_HELP + ". Reads standard input, so it can be scripted.",
+                            epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("--system", default=None, help="persona / system text (default: a helpful assistant)")
+    parser.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
+    add_task_args(parser, "per reply: 256, at most half the context", temperature=0.7, progress=False)
+    parser.set_defaults(func=cmd_chat)
+
+
+def _add_batch_command(sub) -> None:
+    parser = sub.add_parser("batch", help="bulk generation from a JSONL file, resumable",
+                            description="Generate a completion for every record of --input (JSONL: \"prompt\", "
+                            "optional \"id\" and per-record options) into --output (JSONL, one line per record). "
+                            "Killed at any point and run again, it skips the records already written and never "
+                            "duplicates or loses one.", epilog=TASK_EPILOG, formatter_class=FORMATTER)
+    parser.add_argument("--input", "-i", required=True, help="JSONL prompts file")
+    parser.add_argument("--output", "-o", required=True, help="JSONL output file (appended to; resumed if it exists)")
+    parser.add_argument("--batch-size", "-b", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
+    add_task_args(parser, 128, temperature=0.8)
+    parser.set_defaults(func=cmd_batch)
+
+
 def add_task_commands(sub) -> None:
     """Registers summarize, ask, translate, classify, complete-code, chat and batch on the subcommand parser."""
-
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over chunks)",
-                       description="Summarize FILE (or standard input with -). A document longer than the context "
-                       "is cut into chunks on a token budget, at paragraph or sentence boundaries, with overlap; "
-                       "each chunk is summarized, then the summaries, until one prompt holds them all.",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("input", metavar="FILE", help="the document, or - for standard input")
-    p.add_argument("--length", choices=["short", "medium", "long"], default="medium",
-                   help="summary length: 64, 128 or 256 tokens, at most a quarter of the context (default medium)")
-    p.add_argument("--overlap", type=int, default=None, help="tokens consecutive chunks share (default 64 or less)")
-    p.add_argument("--batch-size", type=int, default=4, help="chunks summarized together (default 4)")
-    p.add_argument("--json", action="store_true", help="print the summary and every round's summaries as JSON")
-    _add_common(p, "per summary: set by --length")
-    p.set_defaults(func=cmd_summarize)
-
-    p = sub.add_parser("ask", help="answer a question, from the model alone or from a document",
-                       description="Answer QUESTION. With --context FILE, the document's passages most relevant "
-                       "to the question (ranked by the model's likelihood of the question after each, or by "
-                       "embedding similarity) are placed in the context window, in document order.",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("question", metavar="QUESTION")
-    p.add_argument("--context", "-c", default=None, metavar="FILE", help="a document to answer from (- for stdin)")
-    p.add_argument("--rank", choices=["likelihood", "embedding"], default="likelihood",
-                   help="how passages of a long document are ranked (default likelihood)")
-    p.add_argument("--passage-tokens", type=int, default=None, help="passage size in tokens (default up to 256)")
-    p.add_argument("--show-passages", action="store_true", help="print the passages used, to stderr")
-    p.add_argument("--json", action="store_true", help="print the answer and passages as JSON")
-    _add_common(p, 64)
-    p.set_defaults(func=cmd_ask)
-
-    p = sub.add_parser("translate", help="translate text by few-shot prompting",
-                       description="Translate TEXT (or standard input with -) into --to LANG, one line at a time, "
-                       "after a few example sentence pairs (English, French, German, Spanish, Italian, Portuguese, "
-                       "Dutch, Chinese, Japanese have built-in examples; other languages go zero-shot).",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("text", metavar="TEXT", help="the text, or - for standard input")
-    p.add_argument("--to", required=True, metavar="LANG", help="target language: a name (French) or a code (fr)")
-    p.add_argument("--from", dest="source", default="English", metavar="LANG", help="source language (English)")
-    p.add_argument("--shots", type=int, default=3, help="example pairs in the prompt (default 3; 0 = zero-shot)")
-    _add_common(p, "per line: twice the line's tokens plus 16")
-    p.set_defaults(func=cmd_translate)
-
-    p = sub.add_parser("classify", help="classify text by comparing the likelihood of each label",
-                       description="Classify TEXT (or each line of --file) into one of --labels by the model's "
-                       "log-likelihood of each label after the prompt, turned into probabilities; nothing is "
-                       "generated. Prints the label (probabilities to stderr), or one JSON line per text.",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("text", metavar="TEXT", nargs="?", default=None, help="the text, or - for standard input")
-    p.add_argument("--labels", "-l", default="positive,negative",
-                   help="comma-separated labels (default positive,negative: sentiment)")
-    p.add_argument("--file", "-f", default=None, help="classify each line (or each .jsonl \"text\") of FILE")
-    p.add_argument("--examples", default=None, metavar="FILE",
-                   help="few-shot examples: JSONL with \"text\" and \"label\" per line")
-    p.add_argument("--normalize", choices=["sum", "mean"], default="sum",
-                   help="score a label by its total log-likelihood (sum, default) or per token (mean)")
-    p.add_argument("--batch-size", type=int, default=16, help="texts scored together (default 16)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_common(p, None, generation=False)  # nothing is generated: labels are scored
-    p.set_defaults(func=cmd_classify)
-
-    p = sub.add_parser("complete-code", help="complete code up to the end of the current function or block",
-                       description="Complete the code in FILE (or standard input with -) from its end, and stop "
-                       "where the current function (or, with --scope block, block) ends: Python by indentation, "
-                       "C-like languages by braces (detected from the file name or the code).",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("input", metavar="FILE", help="the code, or - for standard input")
-    p.add_argument("--scope", choices=["function", "block"], default="function",
-                   help="stop at the end of the enclosing function (default) or the innermost block")
-    p.add_argument("--language", choices=["python", "braces"], default=None,
-                   help="how blocks are delimited (default: from the file name, else guessed)")
-    p.add_argument("--echo", action="store_true", help="print the code before its completion")
-    _add_common(p, "256, at most half the context", progress=False)
-    p.set_defaults(func=cmd_complete_code)
-
-    p = sub.add_parser("chat", help="chat in the terminal, replies streamed",
-                       description="Chat with the model: type a message, get a streamed reply. The prompt holds "
-                       "a persona (--system) and as much of the conversation as fits the context, oldest messages "
-                       "dropped first. " + CHAT_HELP + ". Reads standard input, so it can be scripted.",
-                       epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("--system", default=None, help="persona / system text (default: a helpful assistant)")
-    p.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
-    _add_common(p, "per reply: 256, at most half the context", temperature=0.7, progress=False)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("batch", help="bulk generation from a JSONL file, resumable",
-                       description="Generate a completion for every record of --input (JSONL: \"prompt\", "
-                       "optional \"id\" and per-record options) into --output (JSONL, one line per record). "
-                       "Killed at any point and run again, it skips the records already written and never "
-                       "duplicates or loses one.", epilog=TASK_EPILOG, formatter_class=fmt)
-    p.add_argument("--input", "-i", required=True, help="JSONL prompts file")
-    p.add_argument("--output", "-o", required=True, help="JSONL output file (appended to; resumed if it exists)")
-    p.add_argument("--batch-size", "-b", type=int, default=8, help="prompts generated together (default 8)")
-    p.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
-    _add_common(p, 128, temperature=0.8)
-    p.set_defaults(func=cmd_batch)
+    for add_command in (_add_summarize_command, _add_ask_command, _add_translate_command, _add_classify_command,
+                        _add_complete_code_command, _add_chat_command, _add_batch_command):
+        add_command(sub)

@@ -54,7 +54,8 @@ def prepare_run_dir(args, source: str | None = None) -> None:
     keep = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.resume:
         if out.is_dir() and not has_checkpoint:
-            others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and ".tmp." not in p.name)
+            others = sorted(entry.name for entry in out.iterdir()
+                            if entry.name not in RUN_FILES and ".tmp." not in entry.name)
             if others:
                 raise NeojError(f"--out {out} holds no {CHECKPOINT} to resume from, but other files "
                                 f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); give the directory "
@@ -69,46 +70,47 @@ def prepare_run_dir(args, source: str | None = None) -> None:
         clear_model_files(out)
 
 
-def _add_run_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, beta2: float) -> None:
-    p.add_argument("--data", "-d", nargs="+", required=True, metavar="FILE", help="training data files")
-    p.add_argument("--out", "-o", required=True, help="output directory (model, checkpoints, logs)")
-    p.add_argument("--val-data", nargs="+", default=None, metavar="FILE",
-                   help="validation files (default: hold out --val-fraction of the documents)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation (0.05)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: context, at most 1024)")
-    p.add_argument("--batch-size", "-b", type=int, default=8, help="blocks per micro-batch per process (8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (1)")
-    length = p.add_mutually_exclusive_group()
+def _add_run_args(parser: argparse.ArgumentParser, lr: float, weight_decay: float, beta2: float) -> None:
+    parser.add_argument("--data", "-d", nargs="+", required=True, metavar="FILE", help="training data files")
+    parser.add_argument("--out", "-o", required=True, help="output directory (model, checkpoints, logs)")
+    parser.add_argument("--val-data", nargs="+", default=None, metavar="FILE",
+                        help="validation files (default: hold out --val-fraction of the documents)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation (0.05)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: context, at most 1024)")
+    parser.add_argument("--batch-size", "-b", type=int, default=8, help="blocks per micro-batch per process (8)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (1)")
+    length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate ({lr:g})")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak (0.1)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default 5%% of steps, <= 100)")
-    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay ({weight_decay:g})")
-    p.add_argument("--adam-beta2", type=float, default=beta2, help=f"AdamW beta2 ({beta2:g})")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (1.0; 0 = off)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, split and init (0)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (500; 0 = at the end)")
-    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default --save-every)")
-    p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per periodic check (64; "
-                   "the final check uses all)")
-    p.add_argument("--log-every", type=int, default=10, help="write OUT/train_log.jsonl every N steps (10)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters across processes (torchrun) with FSDP")
-    p.add_argument("--save-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the saved weights (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate ({lr:g})")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak (0.1)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default 5%% of steps, <= 100)")
+    parser.add_argument("--weight-decay", type=float, default=weight_decay,
+                        help=f"AdamW weight decay ({weight_decay:g})")
+    parser.add_argument("--adam-beta2", type=float, default=beta2, help=f"AdamW beta2 ({beta2:g})")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (1.0; 0 = off)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and init (0)")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (500; 0 = at the end)")
+    parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default --save-every)")
+    parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per periodic check (64; "
+                        "the final check uses all)")
+    parser.add_argument("--log-every", type=int, default=10, help="write OUT/train_log.jsonl every N steps (10)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    parser.add_argument("--fsdp", action="store_true", help="shard parameters across processes (torchrun) with FSDP")
+    parser.add_argument("--save-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the saved weights (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _add_lora_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LoRA")
+def _add_lora_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     g.add_argument("--lora-r", type=int, default=8, help="rank (8)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="scale numerator: update * alpha / r (16)")
@@ -118,7 +120,7 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(args, model=None, config=None):
-    from .loop import TrainArgs
+    from .args import TrainArgs
 
     return TrainArgs(
         data=args.data, out=args.out, model=model, config=config, val_data=args.val_data,
@@ -230,35 +232,35 @@ def cmd_eval_perplexity(args) -> int:
 def add_train_commands(sub) -> None:
     """Registers finetune, train, merge and eval on the `neoj` subcommand parser."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("finetune", help="fine-tune a model on your text (full or LoRA), resumable",
-                       description="Fine-tune MODEL on data files. Writes a transformers-format checkpoint "
-                       "(or, with --lora, a PEFT adapter) to OUT.", epilog=TRAIN_EPILOG, formatter_class=fmt)
-    p.add_argument("--model", "-m", default=None, help="checkpoint directory or Hub id (default: built-in model)")
-    _add_run_args(p, lr=5e-5, weight_decay=0.0, beta2=0.999)
-    _add_lora_args(p)
-    p.set_defaults(func=cmd_finetune)
+    parser = sub.add_parser("finetune", help="fine-tune a model on your text (full or LoRA), resumable",
+                            description="Fine-tune MODEL on data files. Writes a transformers-format checkpoint "
+                            "(or, with --lora, a PEFT adapter) to OUT.", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    parser.add_argument("--model", "-m", default=None, help="checkpoint directory or Hub id (default: built-in model)")
+    _add_run_args(parser, lr=5e-5, weight_decay=0.0, beta2=0.999)
+    _add_lora_args(parser)
+    parser.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("train", help="train a model from random weights",
-                       description="Train a model of a preset shape or config.json from random initialisation, "
-                       "with the same loop as finetune.", epilog=TRAIN_EPILOG, formatter_class=fmt)
-    p.add_argument("--config", "-c", required=True, help="preset (gpt-neo-125m, ...) or config.json path")
-    _add_run_args(p, lr=6e-4, weight_decay=0.1, beta2=0.95)
-    p.set_defaults(func=cmd_train)
+    parser = sub.add_parser("train", help="train a model from random weights",
+                            description="Train a model of a preset shape or config.json from random initialisation, "
+                            "with the same loop as finetune.", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    parser.add_argument("--config", "-c", required=True, help="preset (gpt-neo-125m, ...) or config.json path")
+    _add_run_args(parser, lr=6e-4, weight_decay=0.1, beta2=0.95)
+    parser.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
-                       description="Write BASE with the LoRA ADAPTER merged in, as a plain checkpoint.")
-    p.add_argument("base", help="base model: checkpoint directory or Hub id")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", "-o", required=True, help="new directory for the merged model")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into --out even if it already holds files: the model, adapter and training files "
-                   "there are deleted before the merged model is written (other files are kept)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the written weights (default: the base checkpoint's)")
-    p.set_defaults(func=cmd_merge)
+    parser = sub.add_parser("merge", help="fold a LoRA adapter into a model's weights",
+                            description="Write BASE with the LoRA ADAPTER merged in, as a plain checkpoint.")
+    parser.add_argument("base", help="base model: checkpoint directory or Hub id")
+    parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--out", "-o", required=True, help="new directory for the merged model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it already holds files: the model, adapter and training files "
+                        "there are deleted before the merged model is written (other files are kept)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the written weights (default: the base checkpoint's)")
+    parser.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("eval", help="evaluate a model (perplexity)", description="Evaluate a model.")
-    esub = p.add_subparsers(dest="eval_command", metavar="METRIC", required=True)
+    parser = sub.add_parser("eval", help="evaluate a model (perplexity)", description="Evaluate a model.")
+    esub = parser.add_subparsers(dest="eval_command", metavar="METRIC", required=True)
     e = esub.add_parser("perplexity", help="sliding-window perplexity over text files",
                         description="Perplexity of MODEL over data files (documents joined by <|endoftext|>), "
                         "scored with a sliding window: each window of --max-length tokens scores the tokens "
