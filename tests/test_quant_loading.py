@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neoj.checkpoint_files import weight_files
-from neoj.checkpoint_loading import expected_tensors, load_model
-from neoj.checkpoint_names import neoj_to_hf_name
+from neoj.weights.files import weight_files
+from neoj.weights.loading import expected_tensors, load_model
+from neoj.weights.names import neoj_to_hf_name
 from neoj.errors import CheckpointError
-from neoj.quant_format import QuantSpec, quantize_weight
-from neoj.quant_linear import QuantLinear
-from neoj.quant_loading import QuantizedLayer, load_quantized, read_quantized
-from neoj.quant_writing import quantize_checkpoint
+from neoj.quantize.format import QuantSpec, quantize_weight
+from neoj.quantize.layer import QuantLinear
+from neoj.quantize.loading import QuantizedLayer, load_quantized, read_quantized
+from neoj.quantize.writing import quantize_checkpoint
 
 INT4 = QuantSpec("int4", 32)
 

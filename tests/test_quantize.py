@@ -110,8 +110,8 @@ def test_int8_logits_stay_close_to_fp32(family):
 @pytest.mark.parametrize("block_bytes", [16 << 20, 3000])  # whole tensors, and a few rows per block
 @pytest.mark.parametrize("spec", [INT8, INT4], ids=["int8", "int4"])
 def test_quantizing_while_streaming_equals_quantizing_the_loaded_model(zoo, monkeypatch, spec, block_bytes):
-    import neoj.checkpoint_readers
-    monkeypatch.setattr(neoj.checkpoint_readers, "STAGING_BYTES", block_bytes)  # linear weights arrive in row blocks
+    import neoj.weights.readers
+    monkeypatch.setattr(neoj.weights.readers, "STAGING_BYTES", block_bytes)  # linear weights arrive in row blocks
     for name in ("neo", "gptj"):  # tied head (from the embedding) and untied head with bias
         tiny = zoo[name]
         streamed = neoj.load(tiny.path, quantize=spec.scheme, group_size=spec.group_size, device="cpu")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neoj.checkpoint_files import weight_files
-from neoj.checkpoint_loading import (build_meta, expected_tensors, fill_model, load_model, random_model,
+from neoj.weights.files import weight_files
+from neoj.weights.loading import (build_meta, expected_tensors, fill_model, load_model, random_model,
                                      random_tensors)
-from neoj.checkpoint_readers import (InMemoryTensor, RowSink, map_safetensors, read_checkpoint, read_safetensors,
+from neoj.weights.readers import (InMemoryTensor, RowSink, map_safetensors, read_checkpoint, read_safetensors,
                                      read_torch_bin)
 from neoj.errors import CheckpointError
 
@@ -50,9 +50,9 @@ def test_safetensors_and_bin_fill_identical_models(neo, neo_formats):
 
 
 def test_safetensors_convert_on_the_way_in_through_a_small_staging_buffer(neo, monkeypatch):
-    import neoj.checkpoint_readers
+    import neoj.weights.readers
 
-    monkeypatch.setattr(neoj.checkpoint_readers, "STAGING_BYTES", 1000)  # many chunks per tensor
+    monkeypatch.setattr(neoj.weights.readers, "STAGING_BYTES", 1000)  # many chunks per tensor
     want = load_file(str(neo.path / "model.safetensors"))
     for stored in read_safetensors(neo.path / "model.safetensors"):
         got = stored.read(torch.bfloat16)
@@ -60,9 +60,9 @@ def test_safetensors_convert_on_the_way_in_through_a_small_staging_buffer(neo, m
 
 
 def test_rows_stream_in_order_and_in_blocks(neo, monkeypatch):
-    import neoj.checkpoint_readers
+    import neoj.weights.readers
 
-    monkeypatch.setattr(neoj.checkpoint_readers, "STAGING_BYTES", 3000)
+    monkeypatch.setattr(neoj.weights.readers, "STAGING_BYTES", 3000)
     file = neo.path / "model.safetensors"
     blocks: list[tuple[int, torch.Tensor]] = []
     for stored in read_safetensors(file):  # read while the reader holds the file open
@@ -107,7 +107,7 @@ def test_the_report_names_unused_then_missing_tensors(neo):
 
 
 def test_files_are_named_in_the_report(neo, tmp_path):
-    from neoj.checkpoint_writing import write_safetensors
+    from neoj.weights.writing import write_safetensors
 
     state_ = load_file(str(neo.path / "model.safetensors"))
     state_["transformer.h.0.attn.attention.surplus"] = torch.zeros(3)

@@ -203,7 +203,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     """Returns a LanguageModel from a local checkpoint directory, a Hub id, "builtin" or "random:PRESET".
 
     With no name, or "builtin", loads the model shipped inside neoj (a directory called builtin in the
-    current directory wins, as any existing directory does; see neoj.model_resolution for every rule). `adapter`
+    current directory wins, as any existing directory does; see neoj.weights.resolution for every rule). `adapter`
     is a LoRA adapter directory (PEFT format) merged into the weights as they load, random:PRESET ones
     included; an adapter made for another shape is refused before any weight is read. `quantize`
     ("int8" or "int4", with `group_size`) quantizes every linear layer and the LM head while the

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, NeojError
+from ..errors import CheckpointError, NeojError
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)

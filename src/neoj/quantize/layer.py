@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import linear
-from .quant_format import CHUNK_ROWS, QuantSpec, dequantize_int4, quantize_weight, unpack_int4
+from .. import linear
+from .format import CHUNK_ROWS, QuantSpec, dequantize_int4, quantize_weight, unpack_int4
 
 log = logging.getLogger(__name__)
 

@@ -3,23 +3,23 @@
 Every linear layer and the LM head can be stored as integers with floating-point scales; activations,
 layer norms, attention and the token embedding keep the compute dtype. The work is done in small
 modules, layered one way:
-- quant_format: QuantSpec, and weights to and from their portable integer parts (the checkpoint format);
-- quant_linear: QuantLinear, the layer (its kernels are chosen by neoj.linear), and quantize_model;
-- malloc_tuning: keeping glibc from holding freed full-precision tensors while quantizing;
-- quant_loading: quantizing while a checkpoint streams in, and reading a quantized checkpoint;
-- quant_writing: `neoj quantize`, writing a quantized checkpoint.
+- format: QuantSpec, and weights to and from their portable integer parts (the checkpoint format);
+- layer: QuantLinear, the layer (its kernels are chosen by neoj.linear), and quantize_model;
+- malloc: keeping glibc from holding freed full-precision tensors while quantizing;
+- loading: quantizing while a checkpoint streams in, and reading a quantized checkpoint;
+- writing: `neoj quantize`, writing a quantized checkpoint.
 This module re-exports their public names, so `from neoj.quantize import ...` keeps working.
 """
 
 from __future__ import annotations
 
-from .checkpoint_writing import ShardWriter
-from .malloc_tuning import return_freed_memory_promptly, trim_heap
-from .quant_format import (CHUNK_ROWS, GROUP_SIZES, QUANTIZATION_FILE, SCHEMES, QuantSpec, check_parts, dequantize,
+from ..weights.writing import ShardWriter
+from .malloc import return_freed_memory_promptly, trim_heap
+from .format import (CHUNK_ROWS, GROUP_SIZES, QUANTIZATION_FILE, SCHEMES, QuantSpec, check_parts, dequantize,
                            dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_weight, unpack_int4)
-from .quant_linear import QuantLinear, decode_read_bytes, quantize_model, replace_linear
-from .quant_loading import QuantizedLayer, StreamingQuantizer, load_quantized, put_quantized, read_quantized
-from .quant_writing import quantize_checkpoint
+from .layer import QuantLinear, decode_read_bytes, quantize_model, replace_linear
+from .loading import QuantizedLayer, StreamingQuantizer, load_quantized, put_quantized, read_quantized
+from .writing import quantize_checkpoint
 
 __all__ = [
     "CHUNK_ROWS", "GROUP_SIZES", "QUANTIZATION_FILE", "SCHEMES", "QuantLinear", "QuantSpec", "QuantizedLayer",

@@ -15,12 +15,12 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .checkpoint_files import weight_files
-from .checkpoint_names import UNUSED_BUFFERS, hf_to_neoj_name, neoj_to_hf_name
-from .checkpoint_readers import InMemoryTensor, StoredTensor, read_checkpoint
-from .config import ModelConfig, load_config
-from .errors import CheckpointError
-from .model import Transformer
+from .files import weight_files
+from .names import UNUSED_BUFFERS, hf_to_neoj_name, neoj_to_hf_name
+from .readers import InMemoryTensor, StoredTensor, read_checkpoint
+from ..config import ModelConfig, load_config
+from ..errors import CheckpointError
+from ..model import Transformer
 
 
 def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .hub import download, hub_id_problem
 
 BUILTIN_NAME = "builtin"
@@ -26,7 +26,7 @@ RANDOM_PREFIX = "random:"
 
 
 def _presets() -> str:
-    from .config import PRESETS
+    from ..config import PRESETS
 
     return ", ".join(PRESETS)
 
@@ -40,7 +40,7 @@ def model_forms() -> str:
 
 def builtin_model_dir() -> Path | None:
     """Returns the directory of the model shipped inside neoj, if this install has one."""
-    path = Path(__file__).parent / "builtin"
+    path = Path(__file__).parent.parent / "builtin"  # src/neoj/builtin
     return path if (path / "config.json").exists() else None
 
 
@@ -85,7 +85,7 @@ def local_model_dir(name_or_path: str | os.PathLike | None) -> Path | None:
                               f"directory, a Hub id or {BUILTIN_NAME}")
     problem = hub_id_problem(name)
     if problem is not None:
-        from .config import PRESETS
+        from ..config import PRESETS
 
         hint = (f" ({name} is a preset: {RANDOM_PREFIX}{name} gives random weights of its shape)"
                 if name.lower() in PRESETS else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # In order of preference: safetensors (read without unpickling, mappable) before PyTorch's .bin.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -1,6 +1,6 @@
 """Loading quantized: quantize a full-precision checkpoint while it streams in, or read a quantized one.
 
-Both ride on the one loader (checkpoint_loading.fill_model), which checks every tensor's name and shape:
+Both ride on the one loader (neoj.weights.loading.fill_model), which checks every tensor's name and shape:
 - StreamingQuantizer is a transform: each linear weight is quantized as it arrives (in row blocks where
   the reader streams rows), so only one full-precision tensor exists at a time;
 - read_quantized is a reader of neoj's quantized checkpoints: it gathers each layer's parts (qweight,
@@ -16,14 +16,14 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint_files import weight_files
-from .checkpoint_loading import build_meta, expected_tensors, fill_model
-from .checkpoint_names import hf_to_neoj_name
-from .checkpoint_readers import RowSink, StoredTensor, map_safetensors
-from .errors import CheckpointError, NeojError
-from .malloc_tuning import return_freed_memory_promptly, trim_heap
-from .quant_format import QuantSpec, check_parts, quantize_weight
-from .quant_linear import QuantLinear, replace_linear
+from ..weights.files import weight_files
+from ..weights.loading import build_meta, expected_tensors, fill_model
+from ..weights.names import hf_to_neoj_name
+from ..weights.readers import RowSink, StoredTensor, map_safetensors
+from ..errors import CheckpointError, NeojError
+from .malloc import return_freed_memory_promptly, trim_heap
+from .format import QuantSpec, check_parts, quantize_weight
+from .layer import QuantLinear, replace_linear
 
 # A part of a quantized layer in a checkpoint: MODULE.qweight, MODULE.scales or MODULE.mins.
 _PART = re.compile(r"^(.*)\.(qweight|scales|mins)$")

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_loading import expected_tensors
-from .checkpoint_names import neoj_to_hf_name
-from .model import Transformer
+from .loading import expected_tensors
+from .names import neoj_to_hf_name
+from ..model import Transformer
 
 
 def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:

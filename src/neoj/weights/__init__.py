@@ -1,28 +1,28 @@
 """Checkpoints, in one import: find a model, read its tensors, fill the model, write checkpoints.
 
-The work is done in small modules, layered one way (each imports only those above it):
-- checkpoint_names: transformers' tensor names <-> neoj's;
-- checkpoint_files: which files of a directory are its weights (safetensors first, shard indexes);
-- hub, model_resolution: what a model name means (a directory, builtin, random:PRESET, a Hub id) and
+The work is done in small modules, layered one way (each imports only modules listed before it):
+- names: transformers' tensor names <-> neoj's;
+- files: which files of a directory are its weights (safetensors first, shard indexes);
+- hub, resolution: what a model name means (a directory, builtin, random:PRESET, a Hub id) and
   fetching a Hub model into the Hugging Face cache;
-- checkpoint_readers: each format's file as a stream of tensors read only when asked;
-- checkpoint_loading: the one function that fills a meta-device model from such a stream (and says
+- readers: each format's file as a stream of tensors read only when asked;
+- loading: the one function that fills a meta-device model from such a stream (and says
   which tensors are missing, unused or misshaped), for checkpoints and random weights alike;
-- checkpoint_writing: safetensors files and shards that transformers loads unchanged.
+- writing: safetensors files and shards that transformers loads unchanged.
 This module re-exports their public names, so `from neoj.weights import ...` keeps working.
 """
 
 from __future__ import annotations
 
-from .checkpoint_files import SIDE_FILES, WEIGHT_FILES, weight_files
-from .checkpoint_loading import (assign_tensor, build_meta, expected_tensors, fill_model, load_model, load_state_into,
+from .files import SIDE_FILES, WEIGHT_FILES, weight_files
+from .loading import (assign_tensor, build_meta, expected_tensors, fill_model, load_model, load_state_into,
                                  random_model, random_tensors)
-from .checkpoint_names import UNUSED_BUFFERS, hf_to_neoj_name, neoj_to_hf_name
-from .checkpoint_readers import (SAFETENSORS_DTYPES, RowSink, StoredTensor, map_safetensors, read_checkpoint,
+from .names import UNUSED_BUFFERS, hf_to_neoj_name, neoj_to_hf_name
+from .readers import (SAFETENSORS_DTYPES, RowSink, StoredTensor, map_safetensors, read_checkpoint,
                                  read_safetensors, read_safetensors_header, read_torch_bin)
-from .checkpoint_writing import ShardWriter, save_checkpoint, state_dict_for_hf, write_safetensors
+from .writing import ShardWriter, save_checkpoint, state_dict_for_hf, write_safetensors
 from .hub import download, download_config, hub_id_problem
-from .model_resolution import (BUILTIN_NAME, RANDOM_PREFIX, builtin_model_dir, local_model_dir, looks_like_path,
+from .resolution import (BUILTIN_NAME, RANDOM_PREFIX, builtin_model_dir, local_model_dir, looks_like_path,
                                model_forms, resolve_model_dir)
 
 __all__ = [

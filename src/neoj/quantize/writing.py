@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import SIDE_FILES, weight_files
-from .checkpoint_loading import build_meta, load_state_into
-from .checkpoint_names import neoj_to_hf_name
-from .checkpoint_writing import ShardWriter
-from .checks import clear_model_files, prepare_output_dir, same_directory
-from .config import load_config
-from .errors import NeojError
-from .quant_format import QUANTIZATION_FILE, QuantSpec, quantize_weight
-from .tokenizer import Tokenizer
+from ..weights.files import SIDE_FILES, weight_files
+from ..weights.loading import build_meta, load_state_into
+from ..weights.names import neoj_to_hf_name
+from ..weights.writing import ShardWriter
+from ..checks import clear_model_files, prepare_output_dir, same_directory
+from ..config import load_config
+from ..errors import NeojError
+from .format import QUANTIZATION_FILE, QuantSpec, quantize_weight
+from ..tokenizer import Tokenizer
 
 
 def quantize_checkpoint(source: Path, out: Path, spec: QuantSpec, dtype: torch.dtype = torch.bfloat16,

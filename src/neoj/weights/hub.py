@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoint_files import SIDE_FILES
-from .errors import CheckpointError
+from .files import SIDE_FILES
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
