@@ -37,8 +37,25 @@ class BatchCache(KVCache):
         return self.rows, self._k.data_ptr(), self.max_len
 
     def reserve(self, rows: int, length: int) -> None:
-        """Allocates room for `rows` rows of `length` slots now, so the batch does not grow step by step."""
-        self._reserve(rows, min(length, self.limit))
+        """Allocates room for `rows` rows of `length` slots now (exactly, up to the context), so the batch
+        does not grow step by step."""
+        row_cap, len_cap = self._k.shape[1], self._k.shape[3]
+        if rows > row_cap or length > len_cap:
+            self._allocate(max(rows, row_cap), max(min(length, self.limit), len_cap))
+
+    def begin(self, lengths: list[int]) -> "BatchCache":
+        """Readies the empty batch for a left-padded prefill written from slot 0, one row per prompt length
+        (row i's tokens end up in its last lengths[i] slots of max(lengths)); returns self."""
+        if self.starts:
+            raise ValueError("a prefill in place needs an empty batch")
+        width = max(lengths)
+        self._reserve(len(lengths), width + 1)
+        self.slot = None  # a prefill is eager, whatever decode steps ran on this cache before
+        self.length = 0
+        self.starts = [width - n for n in lengths]
+        self._valid[: len(lengths)] = True  # the prefill's forward marks the padding
+        self._sync()
+        return self
 
     def _allocate(self, row_cap: int, len_cap: int) -> None:
         layers, heads, dim = self.dims

@@ -22,16 +22,17 @@ def prefill_groups(seqs: list[Sequence], prefill_tokens: int) -> list[list[Seque
     return groups
 
 
-def prefill(model: Transformer, seqs: list[Sequence], pad_id: int) -> list[Prefill]:
+def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCache | None = None) -> list[Prefill]:
     """Runs the prompts of seqs in one left-padded forward; returns each one's Prefill (in the order of seqs).
 
-    Each Prefill is shared by the copies of its prompt (num_return_sequences), and with prompt logprobs
-    asked for it holds (logprob, top N) per prompt token.
+    The keys and values go to `cache` (row i for seqs[i], from slot 0: the running batch's own cache, made
+    ready by BatchCache.begin) or to a new cache of their own. Each Prefill is shared by the copies of its
+    prompt (num_return_sequences), and with prompt logprobs asked for it holds (logprob, top N) per prompt token.
     """
     rows = [seq.prompt_ids for seq in seqs]
     ids, valid = left_pad(rows, pad_id, model.wte.weight.device)
     width = ids.shape[1]
-    cache = KVCache.for_model(model, len(rows), width)
+    cache = cache if cache is not None else KVCache.for_model(model, len(rows), width)
     padded = any(len(r) != width for r in rows)
     positions = positions_from_valid(valid) if padded else None
     hidden = model(ids, positions, cache, valid if padded else None)

@@ -8,6 +8,7 @@ tokens of this one (run-ahead), so the GPU computes while the host detokenizes a
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -26,10 +27,16 @@ class RunningBatch:
     def __init__(self, model: Transformer, max_rows: int, sampler: Sampler, make_step, stats: EngineStats,
                  finish: Callable[[Sequence, Event], None]):
         self.model, self.max_rows, self.sampler, self.make_step = model, max_rows, sampler, make_step
-        self.stats, self.finish = stats, finish
+        # Held weakly: the engine owns this batch, and a cycle would keep the batch's cache alive (its memory
+        # unreturned) until Python's cycle collector happened to run, after a private engine is dropped.
+        self.stats, self._finish = stats, weakref.WeakMethod(finish)
         self.device = model.wte.weight.device
         self.run_ahead = self.device.type == "cuda"  # kernels run asynchronously there: overlap host and GPU
         self.reset()
+
+    def finish(self, seq: Sequence, event: Event) -> None:
+        """Ends a row: the engine records and reports it."""
+        self._finish()(seq, event)
 
     def reset(self) -> None:
         """Empties the batch (after a failed step): a new cache and decode steps."""
@@ -39,15 +46,21 @@ class RunningBatch:
         self.ahead: torch.Tensor | None = None  # logits of a step queued before the host finished the last
 
     def start(self, seqs: list[Sequence], prefills: list[Prefill]) -> None:
-        """Chooses the first token of prefilled sequences and splices those it does not end into the batch."""
+        """Chooses the first token of prefilled sequences and puts those it does not end into the batch: spliced
+        in from their prefill's cache, or, prefilled in place (into this batch's cache), kept where they are."""
         for seq in seqs:
             seq.pos = len(seq.prompt_ids)
         logits = torch.cat([prefill.logits for prefill in prefills])
         finished = self.advance(seqs, *self.sampler.select(seqs, logits).to_host())
-        for seq, prefill, done in zip(seqs, prefills, finished):
-            if not done:
-                self.cache.add(prefill.cache, seq.pos, prefill.row, prefill.end)
-                self.rows.append(seq)
+        if prefills[0].cache is self.cache:
+            self.rows = [seq for _, seq in sorted(zip((p.row for p in prefills), seqs))]
+            for row in sorted((p.row for p, done in zip(prefills, finished) if done), reverse=True):
+                self.remove(row)
+        else:
+            for seq, prefill, done in zip(seqs, prefills, finished):
+                if not done:
+                    self.cache.add(prefill.cache, seq.pos, prefill.row, prefill.end)
+                    self.rows.append(seq)
         self.stats.running = len(self.rows)
 
     def step(self, may_run_ahead: bool) -> None:

@@ -328,7 +328,12 @@ class Engine:
                 todo.append(seq)
                 if seq.prompt_index not in req.prefills:
                     fresh.setdefault((id(req), seq.prompt_index), seq)
-        failed = self._prefill_all(list(fresh.values()))
+        groups = prefill_groups(list(fresh.values()), self.prefill_tokens)
+        # Into an empty batch, one group of prompts each starting one sequence is prefilled in place: its
+        # keys and values are written straight into the batch's cache (no second cache, no copy).
+        in_place = not self.running and len(groups) == 1 and len(groups[0]) == len(todo) and \
+            all(seq.params.max_new_tokens > 0 for seq in todo)
+        failed = self._prefill_all(groups, in_place)
         ready = []
         for seq in todo:
             error = failed.get((id(seq.request), seq.prompt_index))
@@ -339,15 +344,19 @@ class Engine:
         self._start(ready)
         self._admitting = 0
 
-    def _prefill_all(self, seqs: list[Sequence]) -> dict[tuple[int, int], str]:
-        """Prefills the prompts of seqs into their requests; returns the error of each prompt that failed."""
+    def _prefill_all(self, groups: list[list[Sequence]], in_place: bool) -> dict[tuple[int, int], str]:
+        """Prefills each group's prompts into their requests (in_place: the one group straight into the batch's
+        cache); returns the error of each prompt that failed."""
         failed: dict[tuple[int, int], str] = {}
-        for group in prefill_groups(seqs, self.prefill_tokens):
+        for group in groups:
             try:
-                for seq, done in zip(group, prefill(self.model, group, self.tokenizer.eos_token_id)):
+                cache = self.cache.begin([len(seq.prompt_ids) for seq in group]) if in_place else None
+                for seq, done in zip(group, prefill(self.model, group, self.tokenizer.eos_token_id, cache)):
                     seq.request.prefills[seq.prompt_index] = done
                     self.stats.prompt_tokens += len(seq.prompt_ids)
             except Exception as exc:
+                if in_place:
+                    self.batch.reset()
                 if self.raise_errors:
                     raise
                 log.exception("prefill failed")
@@ -370,6 +379,8 @@ class Engine:
         try:
             self.batch.start(started, prefills)
         except Exception as exc:
+            if not self.running:  # rows prefilled in place are in the cache: empty it
+                self.batch.reset()
             if self.raise_errors:
                 raise
             log.exception("choosing the first token failed")

@@ -103,18 +103,18 @@ def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[li
         raise APIError(422, f"{what} is empty: give at least one non-empty {what}", param=what)
     ids, texts = [], []
     vocab = min(tok.vocab_size, state.lm.config.vocab_size)
-    for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            if not p:
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            if not item:
                 raise APIError(422, f"{what} is empty" + (f" (item {i})" if len(prompt) > 1 else "")
                                + ": give some text", param=what)
-            ids.append(tok.encode(p))
-            texts.append(p)
+            ids.append(tok.encode(item))
+            texts.append(item)
         else:
-            bad = [t for t in p if not 0 <= t < vocab]
+            bad = [t for t in item if not 0 <= t < vocab]
             if bad:
                 raise APIError(422, f"{what} holds token id {bad[0]}, outside the vocabulary [0, {vocab})", param=what)
-            ids.append(list(p))
+            ids.append(list(item))
             texts.append(None)
     return ids, texts
 

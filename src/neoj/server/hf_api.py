@@ -73,42 +73,42 @@ class Job:
 
 
 def _job(st: ServerState, body: HFRequest, flavor: Flavor) -> Job:
-    p: HFParameters = body.parameters
-    if p.typical_p not in (None, 1.0):
+    options: HFParameters = body.parameters
+    if options.typical_p not in (None, 1.0):
         raise APIError(422, "typical_p is not supported by neoj", param="typical_p")
     prompts, texts = encode_prompts(st, body.inputs, "inputs")
-    if isinstance(p.truncate, int) and not isinstance(p.truncate, bool):
-        prompts = [ids[-p.truncate :] for ids in prompts]
-    fit = p.truncate is True
-    if p.max_new_tokens is not None:
-        max_new, param = p.max_new_tokens, "max_new_tokens"
-    elif p.max_length is not None:
+    if isinstance(options.truncate, int) and not isinstance(options.truncate, bool):
+        prompts = [ids[-options.truncate :] for ids in prompts]
+    fit = options.truncate is True
+    if options.max_new_tokens is not None:
+        max_new, param = options.max_new_tokens, "max_new_tokens"
+    elif options.max_length is not None:
         longest = max(len(ids) for ids in prompts)
-        if p.max_length <= longest:
-            raise APIError(422, f"max_length={p.max_length} must exceed the prompt's {longest} tokens (it counts "
+        if options.max_length <= longest:
+            raise APIError(422, f"max_length={options.max_length} must exceed the prompt's {longest} tokens (it counts "
                            "the prompt and the new tokens); or use max_new_tokens", param="max_length")
-        max_new, param = p.max_length - longest, "max_length"
+        max_new, param = options.max_length - longest, "max_length"
     else:
         max_new, param = room_for(st, prompts, flavor.max_new_tokens), "max_new_tokens"
     check_context(st, prompts, max_new, fit, param, truncate_hint='"truncate" to a token count')
-    sampling_given = any(v is not None for v in (p.temperature, p.top_k, p.top_p)) and not (
-        p.temperature in (None, 1.0) and not p.top_k and p.top_p in (None, 1.0))
-    do_sample = p.do_sample if p.do_sample is not None else (
+    sampling_given = any(v is not None for v in (options.temperature, options.top_k, options.top_p)) and not (
+        options.temperature in (None, 1.0) and not options.top_k and options.top_p in (None, 1.0))
+    do_sample = options.do_sample if options.do_sample is not None else (
         flavor.do_sample if flavor.do_sample is not None else sampling_given)
-    temperature = (1.0 if p.temperature is None else p.temperature) if do_sample else 0.0
-    stop = p.stop if p.stop is not None else p.stop_sequences
-    details = bool(p.details)
-    top_n = p.top_n_tokens or 0
+    temperature = (1.0 if options.temperature is None else options.temperature) if do_sample else 0.0
+    stop = options.stop if options.stop is not None else options.stop_sequences
+    details = bool(options.details)
+    top_n = options.top_n_tokens or 0
     params = GenerationParams(
-        max_new_tokens=max_new, temperature=temperature, top_k=p.top_k or 0, top_p=p.top_p or 1.0,
-        repetition_penalty=p.repetition_penalty or p.penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
-        stop=[stop] if isinstance(stop, str) else list(stop or []), seed=p.seed,
-        num_return_sequences=p.num_return_sequences or 1, logprobs=top_n if (details or top_n) else None,
+        max_new_tokens=max_new, temperature=temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0,
+        repetition_penalty=options.repetition_penalty or options.penalty or 1.0, frequency_penalty=options.frequency_penalty or 0.0,
+        stop=[stop] if isinstance(stop, str) else list(stop or []), seed=options.seed,
+        num_return_sequences=options.num_return_sequences or 1, logprobs=top_n if (details or top_n) else None,
         truncate=fit)
-    full = p.return_full_text if p.return_full_text is not None else (
-        not p.remove_input if p.remove_input is not None else flavor.return_full_text)
+    full = options.return_full_text if options.return_full_text is not None else (
+        not options.remove_input if options.remove_input is not None else flavor.return_full_text)
     texts = [t if t is not None else st.lm.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
-    return Job(prompts, texts, params, p.max_time, 0 if p.decoder_input_details else None, full, bool(p.details),
+    return Job(prompts, texts, params, options.max_time, 0 if options.decoder_input_details else None, full, bool(options.details),
                top_n)
 
 
