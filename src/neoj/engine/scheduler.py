@@ -143,15 +143,11 @@ class Engine:
         req = Request(params, sink, max_time, prompt_logprobs)
         n = params.num_return_sequences
         for i, ids in enumerate(fitted):
-            for j in range(n):
-                seed = params.seed + j if params.seed is not None else self._random_seed(params)
+            for j in range(n):  # unseeded: a seed from torch's generator, so torch.manual_seed repeats a run
+                seed = params.seed + j if params.seed is not None else \
+                    0 if params.greedy else int(torch.randint(0, 2**62, (1,)))
                 req.seqs.append(Sequence(req, i * n + j, i, ids, seed, self.tokenizer, self.vocab, self.device))
         return req
-
-    @staticmethod
-    def _random_seed(params: GenerationParams) -> int:
-        """Returns a seed from torch's global generator (so torch.manual_seed makes unseeded runs repeat)."""
-        return 0 if params.greedy else int(torch.randint(0, 2**62, (1,)))
 
     def on_events(self, flush: Callable[[], None]) -> None:
         """Calls flush() on the model thread after each burst of events (an admission round, a decode step,
@@ -192,8 +188,7 @@ class Engine:
         return fut
 
     def generate(self, prompts: list[list[int]], params: GenerationParams, **options):
-        """Returns the Completions of prompts, blocking (the engine's thread runs them); the synchronous
-        form of submit()."""
+        """Returns the Completions of prompts, blocking while the engine's thread runs them."""
         events: queue.Queue = queue.Queue()
         req = self.submit(prompts, params, events.put, **options)
         for _ in drain(events, Countdown(len(req.seqs)), idle=lambda: None, poll=1.0):
