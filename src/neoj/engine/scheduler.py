@@ -241,11 +241,7 @@ class Engine:
         except Exception as exc:
             failed = self.running
             self.batch.reset()
-            if self.raise_errors:
-                raise
-            log.exception("decode step failed; ending the running batch")
-            for seq in failed:
-                self._finish(seq, Event(seq, "", finish_reason="error", error=str(exc)))
+            self._fail(failed, exc, "decode step failed; ending the running batch")
         self._flush()
 
     def _loop(self) -> None:
@@ -376,13 +372,17 @@ class Engine:
         except Exception as exc:
             if not self.running:  # rows prefilled in place are in the cache: empty it
                 self.batch.reset()
-            if self.raise_errors:
-                raise
-            log.exception("choosing the first token failed")
-            for seq in started:
-                self._finish(seq, Event(seq, "", finish_reason="error", error=str(exc)))
+            self._fail(started, exc, "choosing the first token failed")
 
     # ---- finishing ----
+
+    def _fail(self, seqs: list[Sequence], exc: Exception, what: str) -> None:
+        """Ends seqs with the error, or raises it when the caller drives the rounds (no engine thread)."""
+        if self.raise_errors:
+            raise exc
+        log.exception(what)
+        for seq in seqs:
+            self._finish(seq, Event(seq, "", finish_reason="error", error=str(exc)))
 
     def _finish(self, seq: Sequence, event: Event) -> None:
         seq.finish_reason = event.finish_reason
