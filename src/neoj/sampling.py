@@ -6,10 +6,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import GenerationError
+
+if TYPE_CHECKING:
+    from .constraint import Constraint
 
 # Temperatures below this are greedy decoding. Sampling at temperature T weighs a token exp(-gap / T) against
 # the best one: at T = 1e-5 a logit gap of 1e-3 already weighs exp(-100), so sampling would pick the argmax
@@ -38,6 +42,11 @@ class GenerationParams:
     num_return_sequences: int = 1
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the top N alternatives
     truncate: bool = False  # keep the last tokens of a too-long prompt instead of raising
+    min_p: float = 0.0  # keep tokens at least min_p x the best one's probability; 0.0 = off
+    typical_p: float = 1.0  # locally typical sampling's mass; 1.0 = off
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias added to its logit, in [-100, 100]
+    constraint: "Constraint | None" = None  # structured output: the text must match it (neoj.constraint)
+    adapter: str | None = None  # the LoRA adapter (by its served name) this generation runs with; None: the base
 
     @property
     def greedy(self) -> bool:

@@ -88,7 +88,7 @@ class Sampler:
         """Returns the scores after each row's penalties: rows sharing parameters in one call."""
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(seqs):
-            if s.seen is not None or s.counts is not None:
+            if s.seen is not None or s.counts is not None or s.params.logit_bias:
                 groups.setdefault(id(s.params), []).append(i)
         if not groups:
             return logits

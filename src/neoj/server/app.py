@@ -22,14 +22,15 @@ from .chat import ChatTemplate, get_template
 from .common import APIError, ServerState, default_aliases
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import describe, install as install_openapi
-from . import hf_api, openai_api, tasks
+from . import hf_api, kobold_api, openai_api, tasks, tokenize_api
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 OPEN_PATHS = ("/health",)  # reachable without the API key
 ROUTE_LABELS = {"/", "/health", "/metrics", "/info", "/generate", "/generate_stream", "/embed", "/v1/models",
-                "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *tasks.PATHS}
+                "/v1/completions", "/v1/chat/completions", "/v1/embeddings", *tasks.PATHS, *kobold_api.PATHS,
+                *tokenize_api.PATHS}
 
 
 class MetricsResponse(Response):
@@ -163,6 +164,8 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     app.include_router(openai_api.router)
     app.include_router(hf_api.router)
     app.include_router(tasks.router)
+    app.include_router(kobold_api.router)
+    app.include_router(tokenize_api.router)
     _add_pages(app, state)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
