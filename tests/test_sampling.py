@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
 import neoj
 from neoj.config import from_hf_dict
@@ -26,6 +26,8 @@ EXTREMES = [
     dict(temperature=1e-5, repetition_penalty=1e-300), dict(temperature=1e300, repetition_penalty=1e-300),
     dict(temperature=1e300, repetition_penalty=1e300, top_k=10**30, top_p=5e-324),
     dict(temperature=2.0, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1e-300),
+    dict(min_p=1.0), dict(typical_p=5e-324), dict(typical_p=1e-9, min_p=1.0, top_k=3),
+    dict(temperature=1e300, min_p=0.5, typical_p=0.5), dict(temperature=1e-5, min_p=0.9, typical_p=0.2),
 ]
 
 
@@ -73,7 +75,7 @@ def sampler_rows(params: GenerationParams, batch: int, vocab: int, seen: list[li
             row_seen[list((seen or [[]] * batch)[i])] = True
         counts = torch.zeros(vocab) if params.presence_penalty or params.frequency_penalty else None
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        rows.append(SimpleNamespace(params=params, seen=row_seen, counts=counts, generator=generator))
+        rows.append(SimpleNamespace(params=params, seen=row_seen, counts=counts, generator=generator, matcher=None))
     return rows
 
 
@@ -302,3 +304,126 @@ def test_python_api_generates_with_every_accepted_extreme(gptj, options):
 def test_python_api_tiny_temperature_equals_greedy(gptj, t):
     greedy = gptj.generate("Hello there", max_new_tokens=6, temperature=0, stop_at_eos=False)
     assert gptj.generate("Hello there", max_new_tokens=6, temperature=t, seed=1, stop_at_eos=False) == greedy
+
+
+# ---- min-p, typical-p and logit_bias (issue 15) ----
+
+def transformers_chain(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor:
+    """Returns the distribution transformers samples from: its warpers in _get_logits_processor's order."""
+    warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+    warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1.0 else []
+    warpers += [MinPLogitsWarper(p.min_p)] if p.min_p else []
+    warpers += [TypicalLogitsWarper(p.typical_p)] if p.typical_p < 1.0 else []
+    scores = logits.clone()
+    for warper in warpers:
+        scores = warper(None, scores)
+    return scores.softmax(-1)
+
+
+MIXED = [dict(temperature=1.0, min_p=0.05), dict(temperature=0.7, min_p=0.3), dict(temperature=1.0, min_p=1.0),
+         dict(temperature=1.0, typical_p=0.2), dict(temperature=1.3, typical_p=0.9),
+         dict(temperature=1.0, typical_p=0.5),
+         dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.1, typical_p=0.8), dict(temperature=1.0),
+         dict(temperature=2.0, top_p=0.6, typical_p=0.95), dict(temperature=0.9, top_k=5, min_p=0.2)]
+
+
+@pytest.mark.parametrize("options", MIXED, ids=lambda o: ",".join(f"{k}={v:g}" for k, v in o.items()))
+def test_min_p_and_typical_p_match_transformers(monkeypatch, options):
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(7)) * 3
+    params = GenerationParams(**options)
+    probs = sampled_distribution(monkeypatch, params, logits)
+    ref = transformers_chain(logits, params)
+    assert torch.equal(probs > 0, ref > 0)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=0)
+
+
+def test_a_batch_mixing_warper_settings_gives_each_row_its_own_distribution():
+    """One sampling_probs call over rows with min-p, typical-p, both or neither: each row's distribution is
+    transformers' for that row alone, so rows with a knob off are untouched by it."""
+    g = torch.Generator().manual_seed(11)
+    params = [GenerationParams(**o) for o in MIXED]
+    logits = torch.randn(len(params), 500, generator=g) * 4
+    probs = sampling_probs(logits, params)
+    for i, p in enumerate(params):
+        ref = transformers_chain(logits[i : i + 1], p)
+        assert torch.equal(probs[i : i + 1] > 0, ref > 0), p
+        torch.testing.assert_close(probs[i : i + 1], ref, atol=1e-6, rtol=0)
+
+
+def test_warper_edge_cases_keep_a_token_and_stay_finite():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)) * 5
+    best = logits.argmax(-1)
+    one_hot = torch.nn.functional.one_hot(best, 64).float()
+    # min_p=1 keeps the best token only (no ties here); a tiny typical_p keeps the one most typical token.
+    assert torch.equal(sampling_probs(logits, [GenerationParams(temperature=1.0, min_p=1.0)] * 3), one_hot)
+    tiny = sampling_probs(logits, [GenerationParams(temperature=1.0, typical_p=5e-324)] * 3)
+    assert ((tiny > 0).sum(-1) == 1).all() and torch.allclose(tiny.sum(-1), torch.ones(3))
+    # min_p=1 keeps every token tied with the best, as transformers does.
+    ties = torch.tensor([[2.0, 5.0, 5.0, 1.0]])
+    assert (sampling_probs(ties, [GenerationParams(temperature=1.0, min_p=1.0)]) > 0).tolist() == \
+        [[False, True, True, False]]
+    # Huge and tiny temperatures with both warpers: finite distributions over usable tokens.
+    for t in (1e300, FLOAT32_MAX * 10, 1e-5):
+        probs = sampling_probs(logits, [GenerationParams(temperature=t, min_p=0.5, typical_p=0.5)] * 3)
+        assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+    # min_p=0 and typical_p=1 are off: the same distribution as without them.
+    assert torch.equal(sampling_probs(logits, [GenerationParams(temperature=0.7, min_p=0.0, typical_p=1.0)] * 3),
+                       sampling_probs(logits, [GenerationParams(temperature=0.7)] * 3))
+
+
+def test_logit_bias_is_added_before_the_penalties_and_reaches_greedy_rows():
+    logits, seen = logits_and_seen(batch=2)
+    bias = {3: 2.5, 10: -1.0, 0: 100.0}
+    p = GenerationParams(repetition_penalty=1.3, logit_bias=bias).validated()
+    biased = logits.clone()
+    for token, value in bias.items():
+        biased[:, token] += value
+    ref = torch.cat([RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([ids]), biased[r : r + 1].clone())
+                     for r, ids in enumerate(seen_lists(seen))])
+    torch.testing.assert_close(penalize(logits, seen, None, p), ref)
+    # Alone (no penalty state), penalize still applies the bias: the Sampler's rows with a bias go through it.
+    torch.testing.assert_close(penalize(logits, None, None, GenerationParams(logit_bias=bias).validated()), biased)
+    assert penalize(logits, None, None, GenerationParams()) is logits
+
+
+def test_logit_bias_plus_100_is_always_chosen_and_minus_100_never_greedily():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2)) * 5
+    logits[:, USABLE:] = float("-inf")
+    best = logits.argmax(-1).tolist()
+    for temperature in (0.0, 0.5, 1.0):
+        forced = GenerationParams(temperature=temperature, logit_bias={17: 100}).validated()
+        rows = sampler_rows(forced, 4, V, None, [1, 2, 3, 4])
+        assert Sampler(USABLE).select(rows, logits.clone()).to_host()[0] == [17] * 4
+    banned = GenerationParams(temperature=0, logit_bias={t: -100 for t in best}).validated()
+    tokens = Sampler(USABLE).select(sampler_rows(banned, 4, V, None, [0] * 4), logits.clone()).to_host()[0]
+    assert all(t not in best for t in tokens)
+    plain = GenerationParams(temperature=0)
+    mixed = [sampler_rows(banned, 1, V, None, [0])[0], sampler_rows(plain, 1, V, None, [0])[0]]
+    tokens = Sampler(USABLE).select(mixed, logits[:2].clone()).to_host()[0]
+    assert tokens[0] != best[0] and tokens[1] == best[1]  # the bias is that row's only
+
+
+@pytest.mark.parametrize("name, value", [("min_p", -0.1), ("min_p", 1.5), ("min_p", math.nan), ("typical_p", 0.0),
+                                         ("typical_p", 1.01), ("typical_p", math.inf), ("min_p", True)])
+def test_warper_values_out_of_range_are_refused_naming_the_field(name, value):
+    with pytest.raises(GenerationError, match=name):
+        GenerationParams(**{name: value}).validated()
+
+
+@pytest.mark.parametrize("bias", [{"-1": 1}, {-1: 1}, {"a": 1}, {"1.5": 1}, {1.5: 1}, {True: 1}, {"²": 1},
+                                  {1: 101}, {1: -100.5}, {1: math.nan}, {1: "1"}, {1: True}, {"5": 1, 5: 2},
+                                  {i: 1 for i in range(301)}, [1, 2]])
+def test_bad_logit_bias_is_refused_naming_the_field(bias):
+    with pytest.raises(GenerationError, match="logit_bias"):
+        GenerationParams(logit_bias=bias).validated()
+
+
+def test_logit_bias_takes_json_string_keys_and_checks_the_vocabulary(gptj):
+    p = GenerationParams(logit_bias={"50": -100, 7: 100.0, "0": 0}).validated()
+    assert p.logit_bias == {50: -100.0, 7: 100.0, 0: 0.0}
+    assert GenerationParams(logit_bias={i: 1 for i in range(300)}).validated()
+    out = gptj.complete("Hello there", max_new_tokens=5, temperature=0, stop_at_eos=False, logit_bias={"314": 100})
+    assert out[0].token_ids == [314] * 5
+    with pytest.raises(GenerationError, match="logit_bias"):
+        gptj.generate("Hello", max_new_tokens=2, logit_bias={50257: 5})  # a padding row of GPT-J's embedding

@@ -82,7 +82,19 @@ class GenerationParams:
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop sequences must be non-empty strings")
+        self._check_warpers()
         return self
+
+    def _check_warpers(self) -> None:
+        """Checks min_p, typical_p and logit_bias (whose digit-string keys, as JSON sends them, become ints)."""
+        for name, low_open in (("min_p", False), ("typical_p", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise GenerationError(f"{name}={value!r} must be a finite number")
+            if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+                raise GenerationError(f"{name}={value!r} must be in {'(0' if low_open else '[0'}, 1]")
+        if self.logit_bias is not None:
+            self.logit_bias = checked_logit_bias(self.logit_bias)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationParams":
@@ -94,10 +106,39 @@ class GenerationParams:
         return cls(**{k: v for k, v in kwargs.items() if v is not None}).validated()
 
 
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI's API
+
+
+def checked_logit_bias(bias: object) -> dict[int, float]:
+    """Returns OpenAI's logit_bias as {token id: bias}; raises GenerationError naming logit_bias for a bad entry.
+
+    Keys are token ids >= 0, as ints or as digit strings (JSON object keys are strings); values are finite numbers
+    in [-100, 100]; at most 300 entries. Whether an id is inside the vocabulary is the engine's check (it knows it).
+    """
+    if not isinstance(bias, dict):
+        raise GenerationError(f"logit_bias={bias!r} must be a mapping of token ids to biases")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise GenerationError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        elif isinstance(key, numbers.Integral) and not isinstance(key, bool) and key >= 0:
+            token = int(key)
+        else:
+            raise GenerationError(f"logit_bias key {key!r} must be a token id (an integer >= 0)")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
+            raise GenerationError(f"logit_bias[{key!r}]={value!r} must be a number in [-100, 100]")
+        if token in out:
+            raise GenerationError(f"logit_bias names token {token} twice")
+        out[token] = float(value)
+    return out
+
+
 def penalize(scores: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
              p: GenerationParams) -> torch.Tensor:
-    """Returns scores (B, V) or (V,) after the repetition penalty on `seen` tokens and the presence and
-    frequency penalties on `counts`; scores itself when neither applies. The one definition both samplers use.
+    """Returns scores (B, V) or (V,) after p.logit_bias, the repetition penalty on `seen` tokens and the presence
+    and frequency penalties on `counts`; scores itself when none applies. The one definition both samplers use.
 
     transformers' (CTRL) repetition penalty divides a seen token's positive logit by the penalty and multiplies
     a negative one. A finite logit stays finite whatever the penalty: 1e-300 reaches float32 as 0 (x / 0 = inf)
@@ -105,8 +146,12 @@ def penalize(scores: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tens
     a penalized token then wins (or loses) against every other, the limit those penalties tend to. -inf
     (masked vocabulary) stays -inf.
     """
-    if seen is None and counts is None:
+    if seen is None and counts is None and not p.logit_bias:
         return scores
+    if p.logit_bias:  # OpenAI's: added to the model's logits before every other adjustment
+        ids = torch.tensor(list(p.logit_bias), device=scores.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype, device=scores.device)
+        scores = scores.index_add(-1, ids, bias.expand(*scores.shape[:-1], len(ids)))
     if seen is not None:
         rp = min(max(p.repetition_penalty, FLOAT32_TINY), FLOAT32_MAX)
         penalized = torch.where(scores < 0, scores * rp, scores / rp).clamp(-FLOAT32_MAX, FLOAT32_MAX)
@@ -117,36 +162,87 @@ def penalize(scores: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tens
 
 
 def sampling_probs(scores: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
-    """Returns each row's sampling distribution (B, V) after temperature, top-k and top-p, row i under params[i].
+    """Returns each row's sampling distribution (B, V) after top-k, temperature, top-p, min-p and typical-p,
+    row i under params[i]; a row whose knob is off is not touched by that warper.
 
-    Each row is first shifted so that its best score is 0: softmax does not change, and dividing by the
-    temperature can then only push scores towards -inf, never overflow to +inf or NaN (a penalized score near
-    float32's limit, or a temperature near GREEDY_TEMPERATURE). Temperatures are clamped to float32's finite
-    range, so a huge one (1e300 reaches float32 as inf, and -inf / inf is NaN) gives the uniform distribution
-    over the tokens top-k keeps (top-k picks before the temperature flattens the scores: the same tokens, as
-    dividing by a temperature keeps their order). The best token is always kept, so every row has one to sample.
+    The order is transformers' (_get_logits_processor: temperature, top-k, top-p, min-p, typical), except that
+    top-k picks before the temperature: the same tokens, as dividing by a temperature keeps their order, but a
+    huge temperature may flatten the scores to ties. Each row is first shifted so that its best score is 0:
+    softmax does not change, and dividing by the temperature can then only push scores towards -inf, never
+    overflow to +inf or NaN (a penalized score near float32's limit, or a temperature near GREEDY_TEMPERATURE).
+    Temperatures are clamped to float32's finite range, so a huge one (1e300 reaches float32 as inf, and
+    -inf / inf is NaN) gives the uniform distribution over the tokens top-k keeps. Every warper keeps at least one
+    token (transformers' min_tokens_to_keep=1), so every row has one to sample.
     """
-    device = scores.device
     scores = scores - scores.amax(dim=-1, keepdim=True)
-    ks = [p.top_k for p in params]
-    if any(ks):  # before the temperature, which keeps the order but may flatten it (a huge one to all zeros)
-        kmax = min(max(ks), scores.shape[-1])
-        top = torch.topk(scores, kmax, dim=-1).values
-        kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=device))
-        kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    scores = _top_k(scores, [p.top_k for p in params])
     temps = torch.tensor([min(max(p.temperature, GREEDY_TEMPERATURE), FLOAT32_MAX) for p in params],
-                         dtype=torch.float32, device=device)
+                         dtype=torch.float32, device=scores.device)
     scores = scores / temps[:, None]
-    tps = [p.top_p for p in params]
-    if any(tp < 1.0 for tp in tps):
-        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - torch.tensor(tps, dtype=torch.float64, device=device)).float()[:, None]
-        remove[torch.tensor([tp >= 1.0 for tp in tps], device=device)] = False
-        remove[:, -1] = False  # always keep the most likely token
-        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    scores = _top_p(scores, [p.top_p for p in params])
+    scores = _min_p(scores, [p.min_p for p in params])
+    scores = _typical_p(scores, [p.typical_p for p in params])
     return scores.softmax(dim=-1)
+
+
+def _rows(values: list, device: torch.device) -> torch.Tensor:
+    """Returns a (B, 1) bool tensor: which rows `values` marks (a list of bools)."""
+    return torch.tensor(values, device=device)[:, None]
+
+
+def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Returns scores with each row's tokens below its k-th best at -inf (ties with it kept, as transformers)."""
+    if not any(ks):
+        return scores
+    kmax = min(max(ks), scores.shape[-1])
+    top = torch.topk(scores, kmax, dim=-1).values
+    kth = top.gather(1, torch.tensor([[min(k, kmax) - 1 if k else 0] for k in ks], device=scores.device))
+    kth = kth.masked_fill(_rows([k == 0 for k in ks], scores.device), float("-inf"))
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, tps: list[float]) -> torch.Tensor:
+    """Returns scores with the least likely tokens outside each row's top_p mass at -inf (TopPLogitsWarper)."""
+    if all(tp >= 1.0 for tp in tps):
+        return scores
+    device = scores.device
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - torch.tensor(tps, dtype=torch.float64, device=device)).float()[:, None]
+    remove &= ~_rows([tp >= 1.0 for tp in tps], device)
+    remove[:, -1] = False  # always keep the most likely token
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def _min_p(scores: torch.Tensor, mps: list[float]) -> torch.Tensor:
+    """Returns scores with the tokens less likely than min_p x the best one's probability at -inf
+    (MinPLogitsWarper); min_p=0 removes nothing, min_p=1 keeps the best token and its ties."""
+    if not any(mps):
+        return scores
+    probs = scores.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(mps, dtype=probs.dtype, device=probs.device)[:, None]
+    remove = probs < threshold
+    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)  # the best token stays, whatever rounding did
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def _typical_p(scores: torch.Tensor, masses: list[float]) -> torch.Tensor:
+    """Returns scores with only each row's locally typical tokens finite (TypicalLogitsWarper): those whose
+    surprisal is closest to the distribution's entropy, up to typical_p of the probability mass."""
+    if all(m >= 1.0 for m in masses):
+        return scores
+    device = scores.device
+    normalized = torch.log_softmax(scores, dim=-1)
+    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)  # -inf x 0 is NaN: masked tokens
+    shifted = torch.abs(-normalized - entropy)
+    sorted_shifted, order = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    mass = torch.tensor(masses, dtype=cumulative.dtype, device=device)[:, None]
+    last = (cumulative < mass).sum(dim=1).clamp_(max=scores.shape[-1] - 1)
+    remove = sorted_shifted > sorted_shifted.gather(1, last[:, None])
+    remove[:, 0] = False  # the most typical token stays
+    remove &= ~_rows([m >= 1.0 for m in masses], device)
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
 class NumericalError(GenerationError):
