@@ -416,3 +416,96 @@ def test_a_private_engine_frees_its_cache_without_the_cycle_collector(lm):
         assert live_caches() == before
     finally:
         gc.enable()
+
+
+# ---- request priority (issue 15) ----
+
+def first_token_order(lm, submissions, max_batch=1, running_first=True):
+    """Submits (name, priority) requests to a caller-driven engine whose only row is busy (running_first);
+    returns the names in the order their first tokens came."""
+    eng = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=16)
+    order = []
+
+    def sink_for(name):
+        return lambda event: order.append(name) if name not in order else None
+
+    if running_first:
+        eng.submit([lm.tokenizer.encode("busy")], greedy(3), sink_for("busy"))
+        eng.step()  # it holds the batch's only row: the rest queue behind it
+    for name, priority in submissions:
+        eng.submit([lm.tokenizer.encode(name)], greedy(2), sink_for(name), priority=priority)
+    assert eng.stats.waiting == len(submissions)
+    eng.run_until_done()
+    return order
+
+
+def test_lower_priority_values_are_admitted_first(lm):
+    order = first_token_order(lm, [("low", 5), ("mid", 0), ("urgent", -3), ("mid2", 0), ("low2", 5), ("high", -1)])
+    assert order == ["busy", "urgent", "high", "mid", "mid2", "low", "low2"]
+
+
+def test_equal_priorities_keep_arrival_order(lm):
+    names = [f"r{i}" for i in range(6)]
+    assert first_token_order(lm, [(n, 0) for n in names]) == ["busy"] + names
+    assert first_token_order(lm, [(n, 7) for n in names], max_batch=2, running_first=False) == names
+
+
+def test_priority_orders_the_queue_of_the_engine_thread(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=1, max_queue=8).start()
+    try:
+        events = queue.Queue()
+        long = eng.submit([lm.tokenizer.encode("a")], greedy(60), events.put)
+        events.get(timeout=30)  # running: the rest wait for its row
+        order = []
+        reqs = [eng.submit([lm.tokenizer.encode(str(p))], greedy(1), lambda e, p=p: order.append(p), priority=p)
+                for p in (3, 1, 2, -5)]
+        eng.cancel(long)
+        deadline = time.monotonic() + 30
+        while not all(r.done for r in reqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order == [-5, 1, 2, 3]
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("bad", [1.5, "1", True, None, 2.0])
+def test_priority_must_be_an_integer(lm, bad):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=1)
+    with pytest.raises(GenerationError, match="priority"):
+        eng.submit([lm.tokenizer.encode("a")], greedy(1), lambda e: None, priority=bad)
+    assert not eng.has_work and eng.stats.requests == 0
+
+
+def test_a_cancelled_request_leaves_the_priority_queue(lm):
+    eng = Engine(lm.model, lm.tokenizer, max_batch=1, max_queue=8)
+    done = []
+    eng.submit([lm.tokenizer.encode("busy")], greedy(2), lambda e: None)
+    eng.step()
+    reqs = {p: eng.submit([lm.tokenizer.encode("x")], greedy(1), lambda e, p=p: done.append(p), priority=p)
+            for p in (2, 0, 1)}
+    eng.cancel(reqs[0])
+    assert eng.stats.waiting == 2
+    eng.run_until_done()
+    assert done == [1, 2]  # the cancelled one was dropped from the queue before it started: no event
+
+
+def test_latency_histograms_count_requests_and_tokens(lm):
+    """Staggered arrivals into a two-row batch, one request of two sequences: one first-token, queue and e2e
+    observation per request, one inter-token observation per token after each sequence's first."""
+    eng = Engine(lm.model, lm.tokenizer, max_batch=2, max_queue=16)
+    reqs = []
+    for i, n in enumerate([3, 1, 6, 2, 4]):
+        params = greedy(n, num_return_sequences=2 if i == 2 else 1)
+        reqs.append(eng.submit([lm.tokenizer.encode(PROMPTS[i])], params, lambda event: None))
+        eng.step()
+    eng.run_until_done()
+    seqs = [s for r in reqs for s in r.seqs]
+    tokens = sum(len(s.token_ids) for s in seqs)
+    lat = eng.stats.latency
+
+    def count(timings):
+        return sum(timings.snapshot()[0])
+
+    assert count(lat.ttft) == count(lat.e2e) == count(lat.queue) == len(reqs)
+    assert count(lat.itl) == tokens - len(seqs) and eng.stats.generated_tokens == tokens
+    assert all(total >= 0 for total in (lat.ttft.total, lat.itl.total, lat.e2e.total, lat.queue.total))

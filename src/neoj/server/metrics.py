@@ -1,4 +1,31 @@
-"""Prometheus metrics in the text exposition format (0.0.4), without a client library."""
+"""Prometheus metrics in the text exposition format (0.0.4), without a client library.
+
+neoj's own series (`neoj_` prefix, Prometheus' naming conventions):
+    neoj_http_requests_total{route,status}        counter    HTTP requests answered
+    neoj_request_duration_seconds{route}          histogram  submit -> last token, seen by the server
+    neoj_time_to_first_token_seconds{route}       histogram  submit -> first token, seen by the server
+    neoj_queue_rejected_total                     counter    requests answered 503 (queue full)
+    neoj_queue_depth, neoj_running_sequences      gauges     requests waiting, sequences decoding
+    neoj_max_batch, neoj_max_queue                gauges     the engine's limits
+    neoj_requests_total, neoj_prompt_tokens_total, neoj_generated_tokens_total, neoj_decode_steps_total,
+    neoj_sequences_finished_total{reason}         counters
+
+The names dashboards and autoscalers made for other servers query, with those servers' meanings, read from the
+engine (EngineStats and its latency histograms, recorded by the model thread):
+    vLLM (docs/design/metrics.md, vllm/v1/metrics/loggers.py; its bucket bounds too):
+    vllm:time_to_first_token_seconds     histogram  submit -> first token, per request (queueing included)
+    vllm:inter_token_latency_seconds     histogram  between consecutive tokens of a sequence
+    vllm:time_per_output_token_seconds   histogram  the same observations under vLLM's older name (before 0.11)
+    vllm:e2e_request_latency_seconds     histogram  submit -> last token, per request that produced a token
+    vllm:request_queue_time_seconds      histogram  submit -> leaving the queue for a batch row, per request
+    vllm:num_requests_waiting            gauge      requests waiting for a row
+    vllm:num_requests_running            gauge      sequences in the running batch
+    vllm:prompt_tokens_total, vllm:generation_tokens_total   counters
+    TGI (text-generation-inference's router): tgi_queue_size (gauge, requests waiting) and
+    tgi_batch_current_size (gauge, sequences in the running batch): the two its autoscaling guides watch.
+The `vllm:` names keep vLLM's colon, which Prometheus' conventions reserve for recording rules: a dashboard
+finds a series only under its exact name. They carry vLLM's model_name label when Metrics is given one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +33,7 @@ import bisect
 import threading
 
 from ..engine import Engine
+from ..engine.request import Timings
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -75,7 +103,8 @@ class Histogram:
 class Metrics:
     """The server's metrics: HTTP requests and latencies here, token and queue figures read from the engine."""
 
-    def __init__(self):
+    def __init__(self, model_name: str | None = None):
+        self.model_name = model_name  # vLLM's model_name label on the vllm: series, when given
         self.requests = Counter("neoj_http_requests_total", "HTTP requests answered, by route and status code.",
                                 ("route", "status"))
         self.latency = Histogram("neoj_request_duration_seconds",
@@ -105,4 +134,47 @@ class Metrics:
                   "# TYPE neoj_sequences_finished_total counter"]
         for reason in ("eos", "stop", "length", "time", "cancelled", "error"):
             lines.append(f'neoj_sequences_finished_total{{reason="{reason}"}} {s.finished.get(reason, 0)}')
+        lines += self._compatible(engine)
         return "\n".join(lines) + "\n"
+
+    def _compatible(self, engine: Engine) -> list[str]:
+        """Returns the vLLM and TGI series (see the module's docstring), read from the engine."""
+        s, lat = engine.stats, engine.stats.latency
+        labels = _labels(("model_name",), (self.model_name,)) if self.model_name else ""
+        lines = []
+        for name, help, timings in [
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", lat.ttft),
+            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", lat.itl),
+            ("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds (the same "
+             "observations as vllm:inter_token_latency_seconds, under vLLM's older name).", lat.itl),
+            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", lat.e2e),
+            ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", lat.queue),
+        ]:
+            lines += render_timings(name, help, timings, labels)
+        for name, kind, help, value in [
+            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", s.waiting),
+            ("vllm:num_requests_running", "gauge", "Number of sequences in the running batch.", s.running),
+            ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s.prompt_tokens),
+            ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", s.generated_tokens),
+            ("tgi_queue_size", "gauge", "Requests waiting in the queue.", s.waiting),
+            ("tgi_batch_current_size", "gauge", "Sequences in the running batch.", s.running),
+        ]:
+            series = labels if name.startswith("vllm:") else ""
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{series} {value}"]
+        return lines
+
+
+def render_timings(name: str, help: str, timings: Timings, labels: str = "") -> list[str]:
+    """Returns the exposition lines of an engine histogram: cumulative buckets, +Inf, _sum and _count, all from
+    one snapshot, so that _count always equals the +Inf bucket."""
+    counts, total = timings.snapshot()
+    extra = labels[1:-1] + "," if labels else ""
+    out = [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
+    cumulative = 0
+    for bound, n in zip(timings.bounds, counts):
+        cumulative += n
+        out.append(f'{name}_bucket{{{extra}le="{bound:g}"}} {cumulative}')
+    cumulative += counts[-1]
+    out.append(f'{name}_bucket{{{extra}le="+Inf"}} {cumulative}')
+    out += [f"{name}_sum{labels} {total!r}", f"{name}_count{labels} {cumulative}"]
+    return out
