@@ -6,6 +6,7 @@ prefer_sleeping_openmp_threads()  # before anything imports torch: see neoj/thre
 
 from .api import LanguageModel, from_config, load
 from .config import PRESETS, ModelConfig, load_config, preset
+from .constraint import Constraint, ConstraintError
 from .errors import CheckpointError, ConfigError, ContextLengthError, GenerationError, NeojError
 from .generate import Completion, Score
 from .sampling import GenerationParams
@@ -15,6 +16,7 @@ from . import tasks  # neoj.tasks.summarize(lm, text), ask, translate, classify,
 __version__ = "0.1.0"
 
 __all__ = [
+    "Constraint", "ConstraintError",
     "load", "from_config", "LanguageModel", "ModelConfig", "PRESETS", "preset", "load_config", "Tokenizer",
     "GenerationParams", "Completion", "Score", "NeojError", "ConfigError", "CheckpointError",
     "ContextLengthError", "GenerationError", "tasks",

@@ -5,7 +5,9 @@ model they name. Both cli.py and tasks/cli.py build on this module, so neither i
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from pathlib import Path
 
 from .checks import decode_escapes
 from .errors import GenerationError, NeojError
@@ -52,6 +54,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off; default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction of the most likely one's probability (0 = off)")
+    g.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling's mass (1 = off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' penalty (1 = off)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
@@ -66,7 +71,68 @@ def sampling_options(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                 num_return_sequences=args.num_return_sequences, truncate=args.truncate,
-                stop_at_eos=not args.ignore_eos)
+                stop_at_eos=not args.ignore_eos, min_p=args.min_p, typical_p=args.typical_p)
+
+
+# The structured-output options that name files (kept as the shell's bytes, not checked as UTF-8 text).
+CONSTRAINT_FILE_ARGUMENTS = frozenset({"json_schema", "grammar"})
+
+
+def add_constraint_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the structured-output group: --json-schema FILE, --json, --regex RE, --choice TEXT, --grammar FILE."""
+    g = parser.add_argument_group("structured output (at most one)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON valid under the JSON schema in FILE")
+    g.add_argument("--json", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", metavar="RE", default=None, help="the whole output matches the regular expression RE")
+    g.add_argument("--choice", metavar="TEXT", action="append", default=None,
+                   help="the output is exactly one of the --choice texts (repeat it for each)")
+    g.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output derives from the grammar in FILE: llguidance's Lark syntax (rule start), or "
+                   "llama.cpp's GBNF (rule root) when FILE ends in .gbnf")
+
+
+def constraint_from_args(args):
+    """Returns the Constraint the structured-output options of `args` ask for (None without one); raises
+    NeojError naming the option and the input that is unreadable or invalid."""
+    from .constraint import Constraint, ConstraintError
+
+    try:
+        if getattr(args, "json", False):
+            return Constraint("json")
+        if getattr(args, "regex", None) is not None:
+            return Constraint("regex", args.regex)
+        if getattr(args, "choice", None):
+            return Constraint("choice", list(args.choice))
+    except ConstraintError as exc:
+        option = "--regex" if getattr(args, "regex", None) is not None else "--choice"
+        raise NeojError(f"{option}: {exc}") from None
+    for option, path in (("--json-schema", getattr(args, "json_schema", None)),
+                         ("--grammar", getattr(args, "grammar", None))):
+        if path is not None:
+            return _constraint_file(option, Path(path))
+    return None
+
+
+def _constraint_file(option: str, path: Path):
+    """Returns the Constraint of a --json-schema or --grammar file; raises NeojError naming the file."""
+    from .constraint import Constraint, ConstraintError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise NeojError(f"{option} {path}: cannot read it: {reason}") from None
+    try:
+        if option == "--json-schema":
+            try:
+                schema = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise NeojError(f"{option} {path}: not JSON: {exc}") from None
+            return Constraint("json_schema", schema)
+        return Constraint("gbnf" if path.suffix.lower() == ".gbnf" else "lark", text)
+    except ConstraintError as exc:
+        raise NeojError(f"{option} {path}: {exc}") from None
 
 
 def add_task_args(parser: argparse.ArgumentParser, max_new_tokens: int | str | None, temperature: float = 0.0,
@@ -99,7 +165,7 @@ def task_sampling_options(args) -> dict:
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed",
-                      "num_return_sequences")
+                      "num_return_sequences", "min_p", "typical_p")
 
 
 def check_generation_options(args) -> None:

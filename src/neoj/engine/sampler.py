@@ -1,7 +1,8 @@
 """The one sampler: next tokens for a batch whose rows each keep their own parameters and generator.
 
-Semantics are transformers' for every knob (sampling.penalize: the CTRL repetition penalty and OpenAI's
-presence and frequency penalties; sampling.sampling_probs: top-k, temperature, top-p). Rows that share
+Semantics are transformers' for every knob (sampling.penalize: OpenAI's logit bias, the CTRL repetition
+penalty and OpenAI's presence and frequency penalties; sampling.sampling_probs: top-k, temperature, top-p,
+min-p, typical-p). A constrained row's disallowed tokens go to -inf first (constraint_matcher). Rows that share
 their parameters (a request's sequences) are penalized together, every sampled row's distribution comes
 from one vectorized call, and each row draws from its own generator, so a seeded row's tokens never
 depend on its batch mates. The tokens stay on the device until the caller asks for them (Selection.to_host),
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constraint_matcher import apply_masks
 from ..sampling import check_logits, penalize, sampling_probs
 from .sequence import Sequence
 
@@ -61,8 +63,15 @@ class Sampler:
         return logits
 
     def select(self, seqs: list[Sequence], logits: torch.Tensor) -> Selection:
-        """Chooses every row's next token and records it in the rows' penalty state; returns the Selection."""
+        """Chooses every row's next token and records it in the rows' penalty state; returns the Selection.
+
+        A row with a constraint chooses among the tokens it allows (the others at -inf before penalties,
+        greedy and sampling alike); the caller commits the chosen token to its matcher (Sequence.accept).
+        """
         logits = self.mask_vocab(logits)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            apply_masks(logits, constrained, [seqs[i].matcher for i in constrained])
         scores = self._penalize(seqs, logits)
         # One pass gives every greedy row its token (argmax's first-maximum rule) and, when all maxima are
         # finite, shows that no row holds NaN (max propagates it) or +inf and each has a finite logit.

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from ..constraint_matcher import Matcher
 from ..sampling import GenerationParams
 from ..tokenizer import StreamDecoder, Tokenizer
 
@@ -114,6 +115,9 @@ class Sequence:
             self.seen[torch.tensor(prompt_ids, device=device)] = True
         if params.presence_penalty != 0 or params.frequency_penalty != 0:
             self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        # Structured output: compiled here, when the request is submitted, so a grammar llguidance refuses
+        # fails the submission (ConstraintError) rather than the generation.
+        self.matcher = Matcher(params.constraint, tokenizer) if params.constraint is not None else None
         self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
         self.scanner = StopScanner(params.stop)
         self.token_ids: list[int] = []
@@ -138,22 +142,35 @@ class Sequence:
             self.logprobs.append(logprob)
         if self.top_logprobs is not None:
             self.top_logprobs.append(top)
-        text, reason = self._text_and_finish(token, now)
+        text, reason, error = self._text_and_finish(token, now)
         self.text += text
-        return Event(self, text, token, logprob, top, reason)
+        if reason is None and self.matcher is not None:
+            self.matcher.prefetch()  # with constraint_matcher.PREFETCH, the next mask starts now
+        return Event(self, text, token, logprob, top, reason, error)
 
-    def _text_and_finish(self, token: int, now: float) -> tuple[str, str | None]:
+    def _text_and_finish(self, token: int, now: float) -> tuple[str, str | None, str | None]:
+        """Returns (text now safe to show, finish reason or None, error or None) after `token`."""
         if self.params.stop_at_eos and token == self.eos_token_id:
-            return self._drain(), "eos"
+            error = self.matcher.error if self.matcher is not None else ""  # EOS forced by a broken matcher
+            return self._drain(), "error" if error else "eos", error or None
+        allowed = self.matcher is None or self.matcher.commit(token)
         text, hit = self.scanner.feed(self.decoder.push(token))
         if hit:
-            return text, "stop"
+            return text, "stop", None
+        if not allowed:
+            return text + self._drain(), "error", f"the constraint refused token {token}: {self.matcher.error}"
+        if self.matcher is not None and self.matcher.done:  # complete, and nothing else may follow
+            return text + self._drain(), "stop", None
+        return self._limits(text, now)
+
+    def _limits(self, text: str, now: float) -> tuple[str, str | None, str | None]:
+        """Returns (text, "length" or "time" when max_new_tokens or max_time ends the row here, None)."""
         deadline = self.request.deadline
         if len(self.token_ids) >= self.params.max_new_tokens:
-            return text + self._drain(), "length"
+            return text + self._drain(), "length", None
         if deadline is not None and now >= deadline:
-            return text + self._drain(), "time"
-        return text, None
+            return text + self._drain(), "time", None
+        return text, None, None
 
     def _drain(self) -> str:
         """Returns the text still held back when the row ends (a stop string in it still cuts it)."""
