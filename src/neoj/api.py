@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .adapters import AdapterInfo, adapter_names, load_adapter
 from .config import PRESETS, ModelConfig, preset
 from .errors import ConfigError, NeojError
 from . import linear, weights
@@ -142,6 +143,21 @@ class LanguageModel:
         quant = f", {self.quantization.scheme}" if self.quantization else ""
         return f"LanguageModel({self.name!r}, {self.config.model_type}, {self.dtype}{quant}, {self.device})"
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """Returns the names of the LoRA adapters served over this model (load_adapter), in loading order."""
+        return adapter_names(self.model)
+
+    def load_adapter(self, name: str, directory: str | os.PathLike) -> AdapterInfo:
+        """Serves the PEFT LoRA adapter in `directory` as `name`; returns what was loaded.
+
+        Nothing is merged: generations with adapter=name add the adapter's low-rank product to the base
+        layers' outputs, and other rows of the same batch keep the base (or their own adapter). Adapters of
+        different ranks and target modules coexist; quantized models take them too. A name already used, the
+        model's own name, or an adapter made for another shape is refused with the model left as it was.
+        """
+        return load_adapter(self.model, name, directory, base=self.name or "the base model", reserved=(self.name,))
+
     def complete(self, prompts: str | list[str], **options) -> list[Completion]:
         """Returns a Completion (text, tokens, logprobs, finish reason) per prompt and return sequence."""
         params = GenerationParams.from_kwargs(**options)
@@ -153,7 +169,7 @@ class LanguageModel:
 
         With num_return_sequences=N > 1 each prompt gives a list of N texts.
         Options are GenerationParams fields: max_new_tokens, temperature (0 = greedy), top_k, top_p,
-        repetition_penalty, stop, seed, num_return_sequences, truncate, ...
+        repetition_penalty, stop, seed, num_return_sequences, truncate, adapter (a load_adapter name), ...
         """
         completions = self.complete(prompt, **options)
         n = options.get("num_return_sequences") or 1

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from . import __version__
 from .checks import check_utf8_text, prepare_output_dir, read_stdin
-from .cli_options import (add_model_args, add_quantize_args, add_sampling_args, check_generation_options,
-                          load_from_args, sampling_options)
+from .cli_options import (CONSTRAINT_FILE_ARGUMENTS, add_constraint_args, add_model_args, add_quantize_args,
+                          add_sampling_args, check_generation_options, constraint_from_args, load_from_args,
+                          sampling_options)
 from .errors import NeojError
 from .threads import set_thread_count
 
@@ -39,7 +40,7 @@ def check_text_args(args) -> None:
     arguments that name files or models (PATH_ARGUMENTS) may hold any bytes and are not checked.
     """
     for name, value in sorted(vars(args).items()):
-        if name in PATH_ARGUMENTS or name == "func":
+        if name in PATH_ARGUMENTS or name in CONSTRAINT_FILE_ARGUMENTS or name == "func":
             continue
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str):
@@ -51,8 +52,9 @@ def cmd_generate(args) -> int:
     if args.prompt is None:
         raise NeojError("give a PROMPT, or - to read it from standard input")
     check_generation_options(args)
+    constraint = constraint_from_args(args)  # a bad schema or grammar fails before the model loads
     prompt = read_stdin() if args.prompt == "-" else args.prompt
-    options = sampling_options(args)
+    options = {**sampling_options(args), "constraint": constraint}
     lm = load_from_args(args)
     out = sys.stdout
     if args.num_return_sequences == 1:
@@ -159,17 +161,21 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .adapters import split_adapter_specs
     from .server import serve
     from .server.listen import bind_listening_socket
 
     api_key = args.api_key or os.environ.get("NEOJ_API_KEY") or None
+    # --adapter DIR merges one adapter into the weights; --adapter NAME=DIR serves it as model NAME.
+    args.adapter, adapters = split_adapter_specs(args.adapter or [])
     sock = bind_listening_socket(args.host, args.port)  # a bad or busy port fails now, not after loading
     lm = load_from_args(args)
     # Clients name the model by its Hub id, or by the directory's name (a served path is not disclosed).
     model = args.model
     model_id = args.model_id or (Path(model).name if model and Path(model).exists() else model) or lm.name
     serve(lm, host=args.host, port=args.port, api_key=api_key, model_id=model_id, max_batch=args.max_batch,
-          max_queue=args.max_queue, chat_template=args.chat_template, sock=sock)
+          max_queue=args.max_queue, chat_template=args.chat_template, sock=sock, adapters=adapters,
+          allow_origins=args.allow_origin or ())
     return 0
 
 
@@ -192,6 +198,7 @@ def _add_generate_command(sub) -> None:
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     add_model_args(parser)
     add_sampling_args(parser)
+    add_constraint_args(parser)
     parser.set_defaults(func=cmd_generate)
 
 
@@ -203,14 +210,18 @@ def _add_serve_command(sub) -> None:
                             "a playground page at /. Binds 127.0.0.1 unless --host says otherwise.",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--adapter", default=None,
-                        help="LoRA adapter directory (PEFT format) applied to the model for every request")
+    parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                        help="LoRA adapter directory (PEFT format): DIR is merged into the model for every request; "
+                        "NAME=DIR (repeatable) is served as model NAME, its requests batched with the base model's")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint "
                         "but /health (or set NEOJ_API_KEY)")
     parser.add_argument("--model-id", default=None, help="the id clients name the model by (default: --model)")
+    parser.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                        help="let web pages from ORIGIN (e.g. https://lite.koboldai.net, or *) call the server from "
+                             "a browser (CORS; repeatable). Default: none")
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond the batch before new ones get 503 (default 64)")

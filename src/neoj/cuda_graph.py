@@ -8,14 +8,20 @@ are written at a slot held in a device tensor, and attention reads all `max_len`
 
 `DecodeStep.for_cache` returns the graphed step on CUDA and the plain one elsewhere (or with
 NEOJ_CUDA_GRAPHS=0); both are called the same way and give the same logits.
+
+With LoRA adapters served (neoj.adapters), a step with adapter rows replays a second graph, recorded with
+the wrappers reading the routing's fixed per-row slot buffer: one graph for any mix of adapters. A step
+without adapter rows replays the base graph, which has no adapter work in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
+from .adapters import served_adapters
 from .kv_cache import KVCache
 
 
@@ -59,27 +65,29 @@ class GraphedDecodeStep(DecodeStep):
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # this step's own: a cache may have several
         cache.slot = self.slot
         self.capture = capture
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        # A recorded graph and its logits buffer per adapter state: None (no adapter row) or the routing's
+        # version (adapter rows; a newer version means new adapter stacks, which the old graph does not read).
+        self.graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _static_step(self) -> torch.Tensor:
         """One forward on the fixed buffers (the model leaves a static cache's length to __call__)."""
         return self.model.logits(self.model(self.tokens, self.positions, self.cache)[:, -1])
 
-    def _record(self) -> None:
+    def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         with torch.cuda.device(self.cache.k.device):  # streams and the graph on the model's GPU (cuda:N too)
-            self._record_here()
+            return self._record_here()
 
-    def _record_here(self) -> None:
+    def _record_here(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_RUNS):  # writes this step's own keys and values: the replay rewrites them
                 self._static_step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._static_step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._static_step()
+        return graph, logits
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.cache.length >= self.cache.max_len:
@@ -88,13 +96,19 @@ class GraphedDecodeStep(DecodeStep):
         self.positions.copy_(positions.view(-1, 1))
         self.cache.slot = self.slot
         self.slot.fill_(self.cache.length)
-        if not self.capture:
-            logits = self._static_step()
-        else:
-            if self.graph is None:
-                self._record()
-            self.graph.replay()
-            logits = self.logits
+        served = served_adapters(self.model)
+        routing = served.routing if served is not None and served.routing.active else None
+        key = routing.version if routing is not None else None
+        with routing.static() if routing is not None else contextlib.nullcontext():
+            if not self.capture:
+                logits = self._static_step()
+            else:
+                if key not in self.graphs:
+                    if key is not None:  # stale adapter graphs (older stacks) go
+                        self.graphs = {k: v for k, v in self.graphs.items() if k is None}
+                    self.graphs[key] = self._record()
+                graph, logits = self.graphs[key]
+                graph.replay()
         self.cache.length += 1
         return logits
 

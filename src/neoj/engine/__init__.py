@@ -11,8 +11,9 @@ a long job one piece per round.
 
     sequence.py     Sequence, Event, Completion, StopScanner: per-token bookkeeping and finish reasons
     events.py       drain, Countdown, failure: waiting on a request's events until its sequences finish
-    request.py      Request, Prefill, Job, QueueFull, EngineStats: what the engine queues
-    sampler.py      Sampler: next tokens under per-row parameters and generators
+    request.py      Request, Prefill, WaitingQueue (priority, then arrival), Job, QueueFull, EngineStats and
+                    Latencies (time to first token, inter-token, end-to-end, queue): what the engine queues
+    sampler.py      Sampler: next tokens under per-row parameters, generators and constraints
     prefill.py      prefill: new prompts through the model before they join the batch
     running.py      RunningBatch: the rows being decoded, their decode steps (CUDA graphs), run-ahead
     batch_cache.py  BatchCache: the running rows' keys and values

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import routed
 from ..kv_cache import KVCache
 from ..model import Transformer, positions_from_valid
 from ..model_utils import left_pad, token_logprobs
@@ -35,7 +36,8 @@ def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCach
     cache = cache if cache is not None else KVCache.for_model(model, len(rows), width)
     padded = any(len(r) != width for r in rows)
     positions = positions_from_valid(valid) if padded else None
-    hidden = model(ids, positions, cache, valid if padded else None)
+    with routed(model, [seq.params.adapter for seq in seqs]):  # each prompt's LoRA adapter, if any
+        hidden = model(ids, positions, cache, valid if padded else None)
     last = model.logits(hidden[:, -1])
     out = []
     for i, seq in enumerate(seqs):

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..adapters import routed
 from ..cuda_graph import DecodeSteps
 from ..model import Transformer
 from .batch_cache import BatchCache
@@ -86,7 +87,8 @@ class RunningBatch:
         if tokens is None:
             tokens = torch.tensor([s.next_input for s in seqs], device=self.device)
         positions = torch.tensor([s.pos for s in seqs], device=self.device)
-        logits = self.decode_step(tokens, positions)
+        with routed(self.model, [s.params.adapter for s in seqs]):  # each row's LoRA adapter, if any
+            logits = self.decode_step(tokens, positions)
         for s in seqs:
             s.pos += 1
         self.stats.steps += 1

@@ -8,7 +8,6 @@ next piece of each pending job, admission of waiting sequences (prefill, first t
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import queue
@@ -19,6 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..adapters import check_adapter_request
 from ..cuda_graph import DecodeStep
 from ..errors import GenerationError, NeojError
 from ..model import Transformer
@@ -27,7 +27,7 @@ from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
 from .prefill import prefill, prefill_groups
 from .events import Countdown, drain
-from .request import EngineStats, Job, QueueFull, Request
+from .request import EngineStats, Job, QueueFull, Request, WaitingQueue
 from .running import RunningBatch
 from .sampler import Sampler
 from .sequence import Event, Sequence
@@ -55,7 +55,7 @@ class Engine:
         self.stats = EngineStats()
         self.batch = RunningBatch(model, max_batch, self.sampler, make_step, self.stats, self._finish)
         self.raise_errors = True  # until start(): the caller drives the rounds and sees the exceptions
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting = WaitingQueue()  # in (priority, arrival) order
         self._jobs: list[Job] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -101,15 +101,17 @@ class Engine:
             self._thread = None
 
     def submit(self, prompts: list[list[int]], params: GenerationParams, sink: Callable[[Event], None],
-               max_time: float | None = None, prompt_logprobs: int | None = None) -> Request:
-        """Queues prompts x num_return_sequences sequences; returns the Request.
+               max_time: float | None = None, prompt_logprobs: int | None = None, priority: int = 0) -> Request:
+        """Queues prompts x num_return_sequences sequences; returns the Request. Lower priorities are admitted
+        first, equal ones in arrival order (vLLM's priority policy, without preempting running rows); a full
+        queue refuses any new request, whatever its priority.
 
         Raises ContextLengthError or GenerationError for bad input and QueueFull when max_queue requests
         are already waiting beyond the free rows of the batch. `sink` receives every Event on the model thread
         and must not block (see on_events to pass events on in bursts).
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
-        req = self._request(prompts, params, sink, max_time, prompt_logprobs)
+        req = self._request(prompts, params, sink, max_time, prompt_logprobs, priority)
         with self._cv:
             if self._stopping:
                 raise NeojError("the engine is shutting down")
@@ -126,9 +128,10 @@ class Engine:
         return req
 
     def _request(self, prompts: list[list[int]], params: GenerationParams, sink: Callable[[Event], None],
-                 max_time: float | None, prompt_logprobs: int | None) -> Request:
+                 max_time: float | None, prompt_logprobs: int | None, priority: int = 0) -> Request:
         """Returns a Request of checked, context-fitted prompts, each repeated num_return_sequences times."""
         params.validated()
+        check_adapter_request(self.model, params.adapter)  # a LoRA adapter the model does not serve
         if max_time is not None and not max_time > 0:
             raise GenerationError(f"max_time={max_time!r} must be > 0 seconds")
         if prompt_logprobs is not None and not 0 <= prompt_logprobs <= 20:
@@ -140,7 +143,9 @@ class Engine:
             bad = [t for t in ids if not 0 <= t < usable]
             if bad:
                 raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {usable})")
-        req = Request(params, sink, max_time, prompt_logprobs)
+        if any(t >= usable for t in params.logit_bias or ()):
+            raise GenerationError(f"logit_bias names a token id outside the vocabulary [0, {usable})")
+        req = Request(params, sink, max_time, prompt_logprobs, priority)
         n = params.num_return_sequences
         for i, ids in enumerate(fitted):
             for j in range(n):  # unseeded: a seed from torch's generator, so torch.manual_seed repeats a run
@@ -225,8 +230,10 @@ class Engine:
         if self.batch.ahead is None:  # else the queued step covers only the rows running now: admit after it
             with self._cv:
                 seqs = self._take_waiting()
+        taken_at, before = time.monotonic(), len(self.running)
         with torch.inference_mode():
             self._admit(seqs)
+            self.stats.latency.admitted(seqs, self.running[before:], taken_at, time.monotonic())
             self.batch.drop_cancelled()
         self._flush()  # first tokens go out now, not after the next step
         return len(seqs)
@@ -235,9 +242,11 @@ class Engine:
         """Advances every running sequence by one token (nothing when none runs)."""
         if not self.running:
             return
+        seqs = list(self.running)  # the step removes the rows that end
         try:
             with torch.inference_mode():
                 self.batch.step(may_run_ahead=not self._waiting)
+            self.stats.latency.stepped(seqs, time.monotonic())
         except Exception as exc:
             failed = self.running
             self.batch.reset()
@@ -288,20 +297,7 @@ class Engine:
 
     def _take_waiting(self) -> list[Sequence]:
         """Pops the sequences to admit this round: free rows, and a prompt-token budget (at least one)."""
-        out, budget = [], self.prefill_tokens
-        free = self.max_batch - len(self.running)
-        while self._waiting and len(out) < free:
-            req = self._waiting[0]
-            seq = req.seqs[req.next_admit]
-            new_prompt = seq.prompt_index not in req.prefills
-            if out and new_prompt and budget < len(seq.prompt_ids):
-                break
-            if new_prompt:
-                budget -= len(seq.prompt_ids)
-            out.append(seq)
-            req.next_admit += 1
-            if req.next_admit == len(req.seqs):
-                self._waiting.popleft()
+        out = self._waiting.take(self.max_batch - len(self.running), self.prefill_tokens)
         self.stats.waiting = len(self._waiting)
         self._admitting = len(out)
         return out
@@ -390,8 +386,9 @@ class Engine:
         req.finished += 1
         self.stats.finished[event.finish_reason] += 1
         if req.done:
-            age = time.monotonic() - (req.first_token_at or req.submitted)
-            self._seq_seconds = 0.9 * self._seq_seconds + 0.1 * age
+            now = time.monotonic()
+            self.stats.latency.finished(req, now)
+            self._seq_seconds = 0.9 * self._seq_seconds + 0.1 * (now - (req.first_token_at or req.submitted))
         try:
             req.sink(event)
         except Exception:  # a sink that fails must not take the model thread down
