@@ -47,7 +47,17 @@ GUARDED = [("GET", "/"), ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST"
            ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("POST", "/models/EleutherAI/gpt-neo-125m"),
            ("POST", "/"), ("POST", "/generate"), ("POST", "/generate_stream"), ("GET", "/info"), ("GET", "/metrics"),
            ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/no-such-route"), ("POST", "/embed"),
-           ("POST", "/pipeline/feature-extraction/x"), ("POST", "/models/x/pipeline/feature-extraction")]
+           ("POST", "/pipeline/feature-extraction/x"), ("POST", "/models/x/pipeline/feature-extraction"),
+           ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/api/v1/model"), ("POST", "/api/v1/generate"),
+           ("POST", "/api/extra/generate/stream"), ("POST", "/api/extra/abort"), ("GET", "/api/extra/version"),
+           ("POST", "/api/extra/tokencount")]
+
+
+def error_message(path: str, body: dict) -> str:
+    """Returns the message of an error body in the shape of the path's API family."""
+    if path.startswith("/v1"):
+        return body["error"]["message"]
+    return body["detail"]["msg"] if path.startswith("/api") else body["error"]
 
 
 @pytest.mark.parametrize("method,path", GUARDED)
@@ -55,7 +65,7 @@ def test_every_endpoint_but_health_needs_the_key(server, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic !!"}):
         r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x", "inputs": "x"})
         assert r.status_code == 401, (path, headers, r.text)
-        assert "API key" in (r.json()["error"]["message"] if path.startswith("/v1") else r.json()["error"])
+        assert "API key" in error_message(path, r.json())
         assert r.headers["WWW-Authenticate"]
 
 
@@ -105,7 +115,13 @@ OUT_OF_RANGE = [
     ("/v1/completions", {"prompt": "x", "presence_penalty": 5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"not-an-id": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "x", "priority": "high"}, "priority"),
     ("/v1/completions", {"prompt": [[1, 99999999]]}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 99}, "top_logprobs"),
@@ -115,6 +131,10 @@ OUT_OF_RANGE = [
     ("/generate", {"inputs": "x", "parameters": {"top_k": -1}}, "top_k"),
     ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": -5}}, "max_new_tokens"),
     ("/generate", {"inputs": "x", "parameters": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ("/generate", {"inputs": "x", "parameters": {"typical_p": 0}}, "typical_p"),
+    ("/generate", {"inputs": "x", "parameters": {"best_of": 2}}, "best_of"),  # needs sampling
+    ("/generate_stream", {"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}}, "best_of"),
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "x"}}}, "grammar"),
     ("/models/EleutherAI/gpt-neo-125m", {"inputs": "x", "parameters": {"max_time": -1}}, "max_time"),
     ("/models/EleutherAI/gpt-neo-125m", {"inputs": "x", "parameters": {"num_return_sequences": 1000}},
      "num_return_sequences"),
@@ -179,7 +199,6 @@ def test_unsupported_options_are_explained(http):
     msg = openai_error(http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), 422)
     assert "tools" in msg
-    assert "typical_p" in hf_error(http.post("/generate", json={"inputs": "x", "parameters": {"typical_p": 0.5}}), 422)
     assert http.get("/v1/completions").status_code == 405
 
 

@@ -129,3 +129,41 @@ def test_tgi_generate_and_info(lm, http):
     assert info["max_input_tokens"] == 127 and info["model_device_type"] == "cpu"
     bad = http.post("/generate", json={"inputs": ["a", "b"]})
     assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
+
+
+def test_tgi_typical_p_and_best_of(lm, http):
+    params = {"max_new_tokens": 6, "typical_p": 0.5, "seed": 4}
+    r = http.post("/generate", json={"inputs": "Hi", "parameters": params})
+    assert r.json()["generated_text"] == lm.generate("Hi", max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                                     typical_p=0.5, seed=4)
+    params = {"max_new_tokens": 5, "do_sample": True, "best_of": 3, "seed": 2, "details": True}
+    body = http.post("/generate", json={"inputs": "Hi", "parameters": params}).json()
+    samples = lm.complete("Hi", max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2, num_return_sequences=3,
+                          logprobs=0)
+    ranked = sorted(samples, key=lambda c: -sum(c.logprobs) / len(c.logprobs))
+    assert body["generated_text"] == ranked[0].text
+    others = body["details"]["best_of_sequences"]
+    assert [o["generated_text"] for o in others] == [c.text for c in ranked[1:]]
+    assert all(o["generated_tokens"] == len(o["tokens"]) for o in others)
+    assert http.get("/info").json()["max_best_of"] >= 3
+
+
+def test_tgi_unknown_adapter_is_404(http):
+    r = http.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "nope"}})
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_tgi_grammar_regex_and_json(hub, http):
+    import re
+
+    for seed in range(3):
+        out = hub.text_generation("Call", max_new_tokens=30, seed=seed, do_sample=True,
+                                  grammar={"type": "regex", "value": r"\d{3}-\d{4}"})
+        assert re.fullmatch(r"\d{3}-\d{4}", out), out
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    body = http.post("/generate", json={"inputs": "x", "parameters": {
+        "max_new_tokens": 30, "grammar": {"type": "json", "value": json.dumps(schema)}}}).json()
+    assert isinstance(json.loads(body["generated_text"])["ok"], bool)
+    bad = http.post("/generate", json={"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(("}}})
+    assert bad.status_code == 400 and "grammar" in bad.json()["error"]

@@ -135,3 +135,71 @@ def test_embeddings(lm, client):
     floats = client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")
     assert floats.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-6)
     assert floats.usage.prompt_tokens == 2
+
+
+def test_logit_bias_min_p_typical_p_and_priority(lm, client):
+    kw = dict(model=MODEL, prompt="The cat", max_tokens=6, temperature=0)
+    forced = client.completions.create(logit_bias={"464": 100}, extra_body={"ignore_eos": True}, **kw)
+    assert forced.choices[0].text == lm.tokenizer.decode([464] * 6)  # +100 always wins, as in OpenAI's API
+    greedy = lm.complete("The cat", max_new_tokens=6, temperature=0)[0].token_ids
+    banned = client.completions.create(logit_bias={str(greedy[0]): -100}, **kw).choices[0].text
+    assert banned == lm.generate("The cat", max_new_tokens=6, temperature=0, logit_bias={greedy[0]: -100})
+    assert lm.tokenizer.encode(banned)[:1] != greedy[:1]
+    sampled = dict(model=MODEL, prompt="The cat", max_tokens=8, temperature=1.0, seed=5)
+    for extra in ({"min_p": 0.05}, {"typical_p": 0.5}, {"priority": -3}):
+        r = client.completions.create(extra_body=extra, **sampled)
+        ref_options = {k: v for k, v in extra.items() if k != "priority"}
+        ref = lm.generate("The cat", max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5, **ref_options)
+        assert r.choices[0].text == ref, extra
+
+
+def test_best_of_returns_the_most_likely_of_its_samples(lm, client):
+    r = client.completions.create(model=MODEL, prompt=["The cat", "A dog"], max_tokens=6, temperature=1.0, seed=9,
+                                  n=2, best_of=4)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and all(c.logprobs is None for c in r.choices)
+    samples = lm.complete(["The cat", "A dog"], max_new_tokens=6, temperature=1.0, top_p=1.0, seed=9,
+                          num_return_sequences=4, logprobs=0)
+    for prompt_index in range(2):
+        group = [c for c in samples if c.prompt_index == prompt_index]
+        best = sorted(group, key=lambda c: -sum(c.logprobs) / len(c.logprobs))[:2]
+        assert [c.text for c in r.choices[2 * prompt_index : 2 * prompt_index + 2]] == [c.text for c in best]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def check_person(text: str) -> None:
+    import json
+
+    value = json.loads(text)
+    assert set(value) == {"name", "age", "tags"} and isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 150 and not isinstance(value["age"], bool)
+    assert len(value["tags"]) <= 3 and set(value["tags"]) <= {"a", "b"}
+
+
+def test_response_format_json_schema_on_chat_and_completions(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(3):  # a random model emits garbage unless constrained: every reply must still validate
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who?"}],
+                                           response_format=fmt, max_tokens=100, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        check_person(r.choices[0].message.content)
+    r = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=100, temperature=0.9, n=3, seed=1,
+                                  extra_body={"response_format": fmt})
+    for choice in r.choices:
+        check_person(choice.text)
+    chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who?"}],
+                                            response_format=fmt, max_tokens=100, temperature=0, stream=True)
+    check_person("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+
+
+def test_a_schema_the_library_refuses_is_a_400_naming_it(client):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], response_format=bad)
+    assert "response_format" in str(err.value)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.completions.create(model=MODEL, prompt="x", extra_body={"response_format": {"type": "yaml"}})

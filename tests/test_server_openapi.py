@@ -5,7 +5,7 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from neoj.server import schemas, tasks
+from neoj.server import kobold_schemas, schemas, tasks
 
 KEY = "docs-key"
 MODEL = "EleutherAI/gpt-neo-125m"
@@ -24,7 +24,18 @@ BODIES = {
     "/v1/tasks/summarize": [tasks.SummarizeRequest], "/v1/tasks/ask": [tasks.AskRequest],
     "/v1/tasks/translate": [tasks.TranslateRequest], "/v1/tasks/classify": [tasks.ClassifyRequest],
     "/v1/tasks/complete-code": [tasks.CodeRequest], "/v1/tasks/chat": [tasks.ChatTaskRequest],
+    "/tokenize": [schemas.TokenizeRequest], "/detokenize": [schemas.DetokenizeRequest],
+    "/api/v1/generate": [kobold_schemas.KoboldGenerateRequest],
+    "/api/latest/generate": [kobold_schemas.KoboldGenerateRequest],
+    "/api/extra/generate/stream": [kobold_schemas.KoboldGenerateRequest],
+    "/api/extra/abort": [kobold_schemas.KoboldGenkeyRequest],
+    "/api/extra/generate/check": [kobold_schemas.KoboldGenkeyRequest],
+    "/api/extra/tokencount": [kobold_schemas.KoboldTokenCountRequest],
 }
+# POSTs that never wait for the model thread: no 503
+MODEL_FREE_POSTS = {"/tokenize", "/detokenize", "/api/extra/abort", "/api/extra/generate/check",
+                    "/api/extra/tokencount"}
+EVENTS_ONLY = {"/generate_stream", "/api/extra/generate/stream"}  # 200 is only ever server-sent events
 # Where 200 may be server-sent events; /generate_stream answers nothing else.
 STREAMING = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/models/{model_id}"),
              ("post", "/"), ("post", "/generate_stream")}
@@ -97,12 +108,13 @@ def test_every_post_documents_its_request_model(server, spec):
 def test_error_responses_and_content_types(server, spec):
     for method, path, route in operations(server):
         responses = spec["paths"][path][method]["responses"]
-        error_model = "OpenAIError" if path.startswith("/v1") else "HFError"
+        error_model = "OpenAIError" if path.startswith("/v1") else "KoboldError" if path.startswith("/api") \
+            else "HFError"
         expected = set()
         if path != "/health":
             expected.add("401")  # the API key
         if method == "post":
-            expected |= {"400", "413", "422", "503"}
+            expected |= {"400", "413", "422"} | (set() if path in MODEL_FREE_POSTS else {"503"})
         names_a_model = "{model_id}" in path or any("model" in m.model_fields for m in BODIES.get(path, []))
         if names_a_model:
             expected.add("404")
@@ -114,8 +126,8 @@ def test_error_responses_and_content_types(server, spec):
             assert list(content) == ["application/json"], (method, path, code)
             assert content["application/json"]["schema"]["$ref"] == REF + error_model
         types = set(responses["200"]["content"])
-        if path == "/generate_stream":
-            assert types == {"text/event-stream"}
+        if path in EVENTS_ONLY:
+            assert types == {"text/event-stream"}, path
         elif (method, path) in STREAMING:
             assert types == {"application/json", "text/event-stream"}, path
         elif path == "/metrics":

@@ -46,6 +46,11 @@ class Tokenizer:
         """Returns the token ids of `text` (no BOS is added, as for GPT-2)."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """Returns (token id, start, end) per token: the character span of `text` each token came from."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return [(tid, start, end) for tid, (start, end) in zip(encoding.ids, encoding.offsets)]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Returns token ids for several texts, encoded in parallel."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]

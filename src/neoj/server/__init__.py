@@ -44,6 +44,8 @@ the samplers keep huge temperatures and extreme repetition penalties finite; NaN
 
 Model ids: the served id (model_id), its last path component, and the Hub id in config.json, compared
 case-insensitively; anything else is 404. Nothing a request names is ever loaded or opened.
+LoRA adapters (serve(..., adapters={name: dir}), `neoj serve --adapter NAME=DIR`) are loaded at start and
+named like models: rows of every adapter and of the base decode in one batch (see neoj.adapters).
 
 Errors are JSON in the family's shape ({"error": {"message", "type", "param", "code"}} under /v1, else
 {"error": message, "error_type": kind}): 400 malformed JSON or a prompt too long for the context (naming
@@ -84,7 +86,8 @@ def _is_loopback(host: str) -> bool:
 def serve(model: LanguageModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_id: str | None = None, aliases: list[str] | None = None, max_batch: int = 32, max_queue: int = 64,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | ChatTemplate = "plain",
-          log_level: str = "info", sock: socket.socket | None = None) -> None:
+          log_level: str = "info", sock: socket.socket | None = None, adapters: dict[str, str] | None = None,
+          allow_origins: list[str] | tuple[str, ...] = ()) -> None:
     """Serves `model` over HTTP until interrupted (Ctrl+C); returns after a graceful shutdown.
 
     Binds 127.0.0.1 unless told otherwise; on any other address without an api_key, logs a warning. `sock`, a
@@ -97,7 +100,8 @@ def serve(model: LanguageModel, host: str = "127.0.0.1", port: int = 8000, api_k
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(pass api_key / --api-key or NEOJ_API_KEY)", host)
     app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, max_batch=max_batch,
-                     max_queue=max_queue, max_body_bytes=max_body_bytes, chat_template=chat_template)
+                     max_queue=max_queue, max_body_bytes=max_body_bytes, chat_template=chat_template,
+                     adapters=adapters, allow_origins=allow_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 

@@ -12,10 +12,12 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..adapters import load_adapters
 from ..api import LanguageModel
 from ..engine import Engine
 from .chat import ChatTemplate, get_template
@@ -53,7 +55,12 @@ def _route_label(path: str) -> str:
 
 
 def error_body(path: str, err: APIError) -> dict:
-    """Returns the error in the API family's shape: OpenAI's {"error": {...}} under /v1, else HF/TGI's."""
+    """Returns the error in the API family's shape: OpenAI's {"error": {...}} under /v1, KoboldAI's
+    {"detail": {"msg", "type"}} under /api (types as KoboldAI and koboldcpp name them), else HF/TGI's."""
+    if path == "/api" or path.startswith("/api/"):
+        kind = {400: "bad_input", 413: "bad_input", 422: "bad_input", 401: "unauthorized",
+                503: "service_unavailable"}.get(err.status, f"generic.error_{err.status}")
+        return {"detail": {"msg": err.message, "type": kind}}
     if path.startswith("/v1"):
         code = {401: "invalid_api_key", 404: "model_not_found" if err.param == "model" else "not_found",
                 503: "overloaded", 413: "request_too_large"}.get(err.status)
@@ -138,20 +145,27 @@ class Gate:
 def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[str] | tuple[str, ...] | None = None,
                api_key: str | None = None, max_batch: int = 32, max_queue: int = 64,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | ChatTemplate = "plain",
-               prefill_tokens: int = 2048) -> FastAPI:
+               prefill_tokens: int = 2048, adapters: dict[str, str] | None = None,
+               allow_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
     """Returns the FastAPI app serving `lm` (its engine thread starts with the app and stops with it).
 
     model_id: the id clients name (default: the model's load name); aliases: other accepted names
     (default: the id's last component and the Hub id in config.json). api_key: when set, every route but
     /health needs "Authorization: Bearer KEY". max_batch: sequences decoded together; max_queue: requests
     that may wait before new ones get 503. chat_template: "plain" or "dolly" (see neoj.server.chat).
+    adapters: {name: PEFT LoRA directory} loaded onto lm (lm.load_adapter) before serving; each name is a
+    model id of its own (lm.adapter_names), and its rows share every batch with the base model's.
+    allow_origins: web origins (or "*") whose pages may call the server from a browser (CORS), as KoboldAI
+    Lite's page does; none by default, so no other site's page can read what the server answers.
     """
     model_id = model_id or lm.name or lm.config.model_type
+    aliases = tuple(aliases) if aliases is not None else default_aliases(lm, model_id)
+    if adapters:
+        load_adapters(lm.model, adapters, base=model_id, reserved=(model_id, *aliases))
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens)
-    state = ServerState(lm=lm, engine=engine, model_id=model_id,
-                        aliases=tuple(aliases) if aliases is not None else default_aliases(lm, model_id),
+    state = ServerState(lm=lm, engine=engine, model_id=model_id, aliases=aliases,
                         api_key=api_key or None, max_body_bytes=max_body_bytes,
-                        chat_template=get_template(chat_template), metrics=Metrics())
+                        chat_template=get_template(chat_template), metrics=Metrics(model_name=model_id))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -173,6 +187,9 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     app.add_exception_handler(Exception, _internal_error)
     install_openapi(app)
     app.add_middleware(Gate, state=state)
+    if allow_origins:  # added last, so outermost: a browser's preflight (OPTIONS) never meets the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
 
 

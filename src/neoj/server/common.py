@@ -64,16 +64,33 @@ class ServerState:
         """Returns the model's context length in tokens."""
         return self.lm.config.n_positions
 
-    def check_model(self, name: str | None) -> None:
-        """Raises 404 unless `name` is None or the served id or one of its aliases (case-insensitive).
+    @property
+    def adapter_names(self) -> list[str]:
+        """Returns the names of the LoRA adapters served over the base model (each is a model id)."""
+        return list(getattr(self.lm, "adapter_names", ()))
+
+    def check_model(self, name: str | None) -> str | None:
+        """Returns the adapter `name` picks: None for the base model (None, the served id or one of its aliases,
+        case-insensitive), or a served adapter's name; else raises 404.
 
         The name is only ever compared: the server never loads a model or opens a path a request names.
         """
         if name is None or name.lower() in {a.lower() for a in (self.model_id, *self.aliases)}:
-            return
+            return None
+        if name in self.adapter_names:
+            return name
+        adapters = f"; adapters: {', '.join(repr(a) for a in self.adapter_names)}" if self.adapter_names else ""
         raise APIError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}"
-                       + (f" (also reachable as {', '.join(repr(a) for a in self.aliases)})" if self.aliases else ""),
-                       param="model")
+                       + (f" (also reachable as {', '.join(repr(a) for a in self.aliases)})" if self.aliases else "")
+                       + adapters, param="model")
+
+
+    def check_base_model(self, name: str | None, what: str) -> None:
+        """Raises 404 unless `name` names the base model, and 422 when it names an adapter: `what` (embeddings,
+        the tasks) runs on the base model only."""
+        if self.check_model(name) is not None:
+            raise APIError(422, f"{what} run on the base model only; model {name!r} is a LoRA adapter "
+                           f"(use {self.model_id!r})", param="model")
 
 
 def default_aliases(lm: LanguageModel, model_id: str) -> tuple[str, ...]:
@@ -195,7 +212,8 @@ class Generation:
     """An engine request seen from the event loop: the model thread's events arrive on an asyncio.Queue."""
 
     def __init__(self, state: ServerState, prompts: list[list[int]], params: GenerationParams,
-                 max_time: float | None = None, prompt_logprobs: int | None = None, route: str = ""):
+                 max_time: float | None = None, prompt_logprobs: int | None = None, route: str = "",
+                 priority: int = 0):
         self.state, self.route = state, route
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.started = time.perf_counter()
@@ -204,8 +222,8 @@ class Generation:
                            f"the {MAX_SEQUENCES} sequences one request may ask for; split the request")
 
         try:
-            self.req = state.engine.start().submit(prompts, params, state.relay().sink(self.queue),
-                                                   max_time=max_time, prompt_logprobs=prompt_logprobs)
+            self.req = state.engine.start().submit(prompts, params, state.relay().sink(self.queue), max_time=max_time,
+                                                   prompt_logprobs=prompt_logprobs, priority=priority)
         except QueueFull as exc:
             state.metrics.rejected.inc()
             raise APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None

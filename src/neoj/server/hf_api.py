@@ -25,7 +25,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..constraint import Constraint
 from ..engine import Sequence
+from ..errors import GenerationError
 from ..sampling import GenerationParams
 from ..engine.events import failure
 from .bodies import parse, read_json
@@ -33,7 +35,7 @@ from .common import (APIError, ClientGone, EventStream, Generation, ServerState,
                      room_for, sse)
 from .embeddings import MAX_INPUTS, check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
-from .schemas import FeatureExtractionRequest, HFParameters, HFRequest
+from .schemas import MAX_N, FeatureExtractionRequest, HFParameters, HFRequest
 
 router = APIRouter()
 TGI_FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length", "time": "length",
@@ -70,12 +72,13 @@ class Job:
     full_text: bool
     details: bool
     top_n: int
+    best_of: int = 1
 
 
-def _job(st: ServerState, body: HFRequest, flavor: Flavor) -> Job:
+def _job(st: ServerState, body: HFRequest, flavor: Flavor, adapter: str | None = None) -> Job:
     options: HFParameters = body.parameters
-    if options.typical_p not in (None, 1.0):
-        raise APIError(422, "typical_p is not supported by neoj", param="typical_p")
+    if options.adapter_id is not None:
+        adapter = st.check_model(options.adapter_id)
     prompts, texts = encode_prompts(st, body.inputs, "inputs")
     if isinstance(options.truncate, int) and not isinstance(options.truncate, bool):
         prompts = [ids[-options.truncate :] for ids in prompts]
@@ -91,25 +94,61 @@ def _job(st: ServerState, body: HFRequest, flavor: Flavor) -> Job:
     else:
         max_new, param = room_for(st, prompts, flavor.max_new_tokens), "max_new_tokens"
     check_context(st, prompts, max_new, fit, param, truncate_hint='"truncate" to a token count')
-    sampling_given = any(v is not None for v in (options.temperature, options.top_k, options.top_p)) and not (
-        options.temperature in (None, 1.0) and not options.top_k and options.top_p in (None, 1.0))
+    sampling_given = any(v is not None for v in (options.temperature, options.top_k, options.top_p,
+                                                 options.typical_p)) and not (
+        options.temperature in (None, 1.0) and not options.top_k and options.top_p in (None, 1.0)
+        and options.typical_p in (None, 1.0))
     do_sample = options.do_sample if options.do_sample is not None else (
         flavor.do_sample if flavor.do_sample is not None else sampling_given)
     temperature = (1.0 if options.temperature is None else options.temperature) if do_sample else 0.0
     stop = options.stop if options.stop is not None else options.stop_sequences
     details = bool(options.details)
     top_n = options.top_n_tokens or 0
+    best_of = _best_of(options, do_sample)
     params = GenerationParams(
         max_new_tokens=max_new, temperature=temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0,
-        repetition_penalty=options.repetition_penalty or options.penalty or 1.0, frequency_penalty=options.frequency_penalty or 0.0,
-        stop=[stop] if isinstance(stop, str) else list(stop or []), seed=options.seed,
-        num_return_sequences=options.num_return_sequences or 1, logprobs=top_n if (details or top_n) else None,
-        truncate=fit)
+        typical_p=options.typical_p or 1.0, repetition_penalty=options.repetition_penalty or options.penalty or 1.0,
+        frequency_penalty=options.frequency_penalty or 0.0, stop=[stop] if isinstance(stop, str) else list(stop or []),
+        seed=options.seed, num_return_sequences=best_of * (options.num_return_sequences or 1),
+        logprobs=top_n if (details or top_n or best_of > 1) else None, truncate=fit,
+        constraint=_grammar(options), adapter=adapter)
     full = options.return_full_text if options.return_full_text is not None else (
         not options.remove_input if options.remove_input is not None else flavor.return_full_text)
     texts = [t if t is not None else st.lm.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
-    return Job(prompts, texts, params, options.max_time, 0 if options.decoder_input_details else None, full, bool(options.details),
-               top_n)
+    return Job(prompts, texts, params, options.max_time, 0 if options.decoder_input_details else None, full,
+               bool(options.details), top_n, best_of)
+
+
+def _best_of(options: HFParameters, do_sample: bool) -> int:
+    """Returns TGI's best_of (sequences sampled per input, the best returned), checked as TGI checks it."""
+    best_of = options.best_of or 1
+    if best_of > 1 and not do_sample:
+        raise APIError(422, "best_of > 1 needs sampling: set do_sample or a sampling parameter", param="best_of")
+    if best_of > 1 and (options.num_return_sequences or 1) > 1:
+        raise APIError(422, "best_of and num_return_sequences cannot be combined", param="best_of")
+    return best_of
+
+
+def _grammar(options: HFParameters) -> Constraint | None:
+    """Returns the constraint TGI's "grammar" parameter asks for, or a 400 naming what is wrong with it."""
+    if options.grammar is None:
+        return None
+    try:
+        return Constraint.from_tgi_grammar(options.grammar.model_dump())
+    except GenerationError as exc:
+        raise APIError(400, f"grammar: {exc}", param="grammar") from None
+
+
+def _ranked(job: Job, seqs: list[Sequence]) -> list[tuple[Sequence, list[Sequence]]]:
+    """Returns (the sequence to answer, the other best_of candidates) per answer: with best_of, the sample with
+    the highest mean token log-probability of its input's candidates, as TGI picks it."""
+    if job.best_of == 1:
+        return [(s, []) for s in seqs]
+    out = []
+    for first in range(0, len(seqs), job.best_of):
+        group = sorted(seqs[first : first + job.best_of], key=lambda s: -sum(s.logprobs) / max(len(s.logprobs), 1))
+        out.append((group[0], group[1:]))
+    return out
 
 
 def _token(tok, tid: int, lp: float | None, text: str | None = None) -> dict:
@@ -117,7 +156,7 @@ def _token(tok, tid: int, lp: float | None, text: str | None = None) -> dict:
             "special": tid == tok.eos_token_id}
 
 
-def _details(st: ServerState, job: Job, seq: Sequence) -> dict:
+def _details(st: ServerState, job: Job, seq: Sequence, others: list[Sequence] = ()) -> dict:
     tok = st.lm.tokenizer
     out = {"finish_reason": TGI_FINISH[seq.finish_reason], "generated_tokens": len(seq.token_ids),
            "seed": seq.seed if not seq.params.greedy else None,
@@ -128,6 +167,10 @@ def _details(st: ServerState, job: Job, seq: Sequence) -> dict:
     out["tokens"] = [_token(tok, t, lp) for t, lp in zip(seq.token_ids, lps)]
     if job.top_n and seq.top_logprobs is not None:
         out["top_tokens"] = [[_token(tok, t, v) for t, v in (top or {}).items()] for top in seq.top_logprobs]
+    if others:
+        out["best_of_sequences"] = [{"generated_text": _generated(job, o), **_details(st, job, o)} for o in others]
+        for other in out["best_of_sequences"]:
+            del other["best_of_sequences"]
     return out
 
 
@@ -146,10 +189,10 @@ async def _run(st: ServerState, request: Request, job: Job, route: str) -> list[
 def _outputs(st: ServerState, job: Job, seqs: list[Sequence], nested: bool):
     """Returns [{"generated_text"}, ...] per prompt (a list of those lists when `nested`)."""
     per_prompt: list[list[dict]] = [[] for _ in job.prompts]
-    for seq in seqs:
+    for seq, others in _ranked(job, seqs):
         item = {"generated_text": _generated(job, seq)}
         if job.details:
-            item["details"] = _details(st, job, seq)
+            item["details"] = _details(st, job, seq, others)
         per_prompt[seq.prompt_index].append(item)
     return per_prompt if nested else per_prompt[0]
 
@@ -199,7 +242,7 @@ async def inference_api_features(model_id: str, request: Request):
     """The Inference API's feature extraction: {"inputs": str | [str], "normalize"?, "truncate"?} ->
     [[float, ...]] one mean-pooled vector per input (huggingface_hub's URL for a model id)."""
     st = _state(request)
-    st.check_model(model_id)
+    st.check_base_model(model_id, "embeddings")
     return await _features(st, request, await read_json(request))
 
 
@@ -208,7 +251,7 @@ async def inference_api_features(model_id: str, request: Request):
 async def pipeline_features(model_id: str, request: Request):
     """The older Inference API URL of feature extraction; the same as /models/{id}/pipeline/feature-extraction."""
     st = _state(request)
-    st.check_model(model_id)
+    st.check_base_model(model_id, "embeddings")
     return await _features(st, request, await read_json(request))
 
 
@@ -228,14 +271,15 @@ async def inference_api(model_id: str, request: Request):
     at the top level and no "parameters" (e.g. {"inputs", "normalize"}) gets embeddings instead.
     """
     st = _state(request)
-    st.check_model(model_id)
+    adapter = st.check_model(model_id)
     data = await read_json(request)
     if wants_features(data, bare_is_features=False):
+        st.check_base_model(model_id, "embeddings")
         return await _features(st, request, data)
     body = parse(HFRequest, data)
     if body.stream:
-        return await _stream(st, request, body, "/models/{model_id}")
-    job = _job(st, body, INFERENCE_API)
+        return await _stream(st, request, body, "/models/{model_id}", adapter)
+    job = _job(st, body, INFERENCE_API, adapter)
     seqs = await _run(st, request, job, "/models/{model_id}")
     return seqs if isinstance(seqs, Response) else _outputs(st, job, seqs, nested=isinstance(body.inputs, list))
 
@@ -274,9 +318,10 @@ async def generate(request: Request):
     seqs = await _run(st, request, job, "/generate")
     if isinstance(seqs, Response):
         return seqs
-    out = {"generated_text": _generated(job, seqs[0])}
+    (best, others), = _ranked(job, seqs)
+    out = {"generated_text": _generated(job, best)}
     if job.details:
-        out["details"] = _details(st, job, seqs[0])
+        out["details"] = _details(st, job, best, others)
     return out
 
 
@@ -297,9 +342,11 @@ def _single(body: HFRequest) -> None:
                        param="num_return_sequences")
 
 
-async def _stream(st: ServerState, request: Request, body: HFRequest, route: str):
+async def _stream(st: ServerState, request: Request, body: HFRequest, route: str, adapter: str | None = None):
     _single(body)
-    job = _job(st, body, TGI if route != "/models/{model_id}" else INFERENCE_API)
+    if (body.parameters.best_of or 1) > 1:
+        raise APIError(422, "best_of > 1 cannot be streamed", param="best_of")
+    job = _job(st, body, TGI if route != "/models/{model_id}" else INFERENCE_API, adapter)
     job.params.logprobs = job.top_n  # every streamed token carries its logprob, as TGI's do
     gen = Generation(st, job.prompts, job.params, job.max_time, job.prompt_logprobs, route=route)
     tok = st.lm.tokenizer
@@ -339,7 +386,7 @@ async def info(request: Request):
     eng = st.engine
     return {"model_id": st.model_id, "model_sha": None, "model_dtype": str(st.lm.dtype).replace("torch.", ""),
             "model_device_type": st.lm.device.type, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": eng.max_batch + eng.max_queue, "max_best_of": 1,
+            "max_concurrent_requests": eng.max_batch + eng.max_queue, "max_best_of": MAX_N,
             "max_stop_sequences": 16, "max_input_tokens": st.n_positions - 1, "max_input_length": st.n_positions - 1,
             "max_total_tokens": st.n_positions, "max_batch_size": eng.max_batch, "max_queue": eng.max_queue,
             "validation_workers": 1, "max_client_batch_size": MAX_INPUTS, "router": "neoj", "version": __version__,

@@ -10,7 +10,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..constraint import Constraint
 from ..engine import OPENAI_FINISH_REASONS, Sequence
+from ..errors import GenerationError
 from ..sampling import GenerationParams
 from .chat import get_template
 from ..engine.events import failure
@@ -36,13 +38,27 @@ def _unsupported(body, **names) -> None:
             raise APIError(422, f"{name} is not supported: {why}", param=name)
 
 
-def _params(body, max_new: int, n: int, logprobs: int | None, stops: list[str]) -> GenerationParams:
+def _params(body, adapter: str | None, max_new: int, n: int, logprobs: int | None,
+            stops: list[str]) -> GenerationParams:
     return GenerationParams(
         max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0, typical_p=1.0 if body.typical_p is None else body.typical_p,
         repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, stop=stops, stop_at_eos=not body.ignore_eos,
-        seed=body.seed, num_return_sequences=n, logprobs=logprobs, truncate=bool(body.truncate))
+        seed=body.seed, num_return_sequences=n, logprobs=logprobs, truncate=bool(body.truncate),
+        logit_bias=body.logit_bias, constraint=_response_format(body.response_format),
+        adapter=adapter)
+
+
+def _response_format(value: dict | None) -> Constraint | None:
+    """Returns the constraint OpenAI's response_format asks for (None for plain text), or a 400 naming why not."""
+    if not value:
+        return None
+    try:
+        return Constraint.from_openai_response_format(value)
+    except GenerationError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format") from None
 
 
 def _stops(stop) -> list[str]:
@@ -59,20 +75,26 @@ def _usage(seqs: list[Sequence]) -> dict:
 async def list_models(request: Request):
     """Returns the served model (OpenAI's model list)."""
     st = _state(request)
-    return {"object": "list", "data": [_model_card(st)]}
+    return {"object": "list", "data": [_model_card(st)] + [_adapter_card(st, name) for name in st.adapter_names]}
 
 
 @router.get("/v1/models/{model_id:path}", **describe("/v1/models", errors=(401, 404)))
 async def get_model(model_id: str, request: Request):
     """Returns the served model if model_id names it, else 404."""
     st = _state(request)
-    st.check_model(model_id)
-    return _model_card(st)
+    adapter = st.check_model(model_id)
+    return _model_card(st) if adapter is None else _adapter_card(st, adapter)
 
 
 def _model_card(st: ServerState) -> dict:
     return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "neoj",
             "max_model_len": st.n_positions, "aliases": list(st.aliases)}
+
+
+def _adapter_card(st: ServerState, name: str) -> dict:
+    """A served LoRA adapter, as vLLM lists one: its own id, with the base model as its parent."""
+    return {"id": name, "object": "model", "created": st.created, "owned_by": "neoj", "root": name,
+            "parent": st.model_id, "max_model_len": st.n_positions}
 
 
 # ---- /v1/completions ----
@@ -121,17 +143,18 @@ async def completions(request: Request):
     """Returns a text completion per prompt and n, or streams them as server-sent events."""
     st = _state(request)
     body = parse(CompletionRequest, await read_json(request))
-    st.check_model(body.model)
-    _unsupported(body, suffix="GPT-Neo and GPT-J cannot insert text", logit_bias="not implemented by neoj")
+    adapter = st.check_model(body.model)
+    _unsupported(body, suffix="GPT-Neo and GPT-J cannot insert text")
     n = body.n or 1
-    if body.best_of not in (None, n):
-        raise APIError(422, "best_of is not supported: use n to get several completions", param="best_of")
+    best_of = _best_of(body, n)
     prompts, texts = encode_prompts(st, body.prompt)
     max_new = body.max_tokens if body.max_tokens is not None else room_for(st, prompts, COMPLETION_DEFAULT_MAX_TOKENS)
     check_context(st, prompts, max_new, bool(body.truncate), "max_tokens")
-    params = _params(body, max_new, n, body.logprobs, _stops(body.stop))
+    ranked = body.logprobs if body.logprobs is not None or best_of == n else 0  # best_of ranks by logprobs
+    params = _params(body, adapter, max_new, best_of, ranked, _stops(body.stop))
     echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
-    gen = Generation(st, prompts, params, max_time=body.max_time, prompt_logprobs=echo_lp, route="/v1/completions")
+    gen = Generation(st, prompts, params, max_time=body.max_time, prompt_logprobs=echo_lp, route="/v1/completions",
+                     priority=body.priority or 0)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return EventStream(_stream_completions(st, gen, body, cid, created, texts, prompts), gen)
@@ -140,7 +163,7 @@ async def completions(request: Request):
     except ClientGone:
         return Response(status_code=499)
     choices = []
-    for seq in seqs:
+    for index, seq in _best(seqs, n, best_of):
         text, logprobs = seq.text, None
         builder = _CompletionLogprobs(st.lm.tokenizer)
         if body.echo:
@@ -148,7 +171,7 @@ async def completions(request: Request):
         if body.logprobs is not None:
             entries = (_prompt_entries(seq) if body.echo else []) + _token_entries(seq)
             logprobs = builder.build(entries)
-        choices.append({"text": text, "index": seq.index, "logprobs": logprobs,
+        choices.append({"text": text, "index": index, "logprobs": logprobs,
                         "finish_reason": OPENAI_FINISH_REASONS[seq.finish_reason]})
     return {"id": cid, "object": "text_completion", "created": created, "model": st.model_id,
             "choices": choices, "usage": _usage(seqs)}
@@ -183,6 +206,30 @@ async def _stream_completions(st, gen: Generation, body: CompletionRequest, cid,
     yield sse("[DONE]")
 
 
+def _best_of(body: CompletionRequest, n: int) -> int:
+    """Returns how many completions to generate per prompt: best_of (at least n), checked as OpenAI does."""
+    best_of = body.best_of or n
+    if best_of < n:
+        raise APIError(422, f"best_of={best_of} must be at least n={n}", param="best_of")
+    if best_of > n and body.stream:
+        raise APIError(422, "best_of cannot be used with stream: the best completions are known only at the end",
+                       param="best_of")
+    return best_of
+
+
+def _best(seqs: list[Sequence], n: int, best_of: int) -> list[tuple[int, Sequence]]:
+    """Returns (choice index, sequence): per prompt, the n of best_of sequences with the highest mean token
+    log-probability (OpenAI's "best"), in that order; every sequence when best_of == n."""
+    if best_of == n:
+        return [(s.index, s) for s in seqs]
+    out = []
+    for first in range(0, len(seqs), best_of):
+        group = seqs[first : first + best_of]
+        ranked = sorted(group, key=lambda s: -sum(s.logprobs) / max(len(s.logprobs), 1))
+        out += [(first // best_of * n + j, s) for j, s in enumerate(ranked[:n])]
+    return out
+
+
 # ---- /v1/chat/completions ----
 
 def _chat_logprob(tok, tid: int, lp: float, top: dict | None) -> dict:
@@ -213,10 +260,8 @@ async def chat_completions(request: Request):
     """Returns the assistant's reply to the messages (rendered by the chat template), or streams it."""
     st = _state(request)
     body = parse(ChatRequest, await read_json(request))
-    st.check_model(body.model)
-    _unsupported(body, tools="base models have no tool calling", logit_bias="not implemented by neoj")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(422, "response_format is not supported: only plain text", param="response_format")
+    adapter = st.check_model(body.model)
+    _unsupported(body, tools="base models have no tool calling")
     try:
         template = get_template(body.chat_template) if body.chat_template else st.chat_template
     except ValueError as exc:
@@ -228,8 +273,9 @@ async def chat_completions(request: Request):
     max_new = asked if asked is not None else room_for(st, prompts, CHAT_DEFAULT_MAX_TOKENS)
     check_context(st, prompts, max_new, bool(body.truncate), "max_tokens")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _params(body, max_new, n, logprobs, list(template.stop) + _stops(body.stop))
-    gen = Generation(st, prompts, params, max_time=body.max_time, route="/v1/chat/completions")
+    params = _params(body, adapter, max_new, n, logprobs, list(template.stop) + _stops(body.stop))
+    gen = Generation(st, prompts, params, max_time=body.max_time, route="/v1/chat/completions",
+                     priority=body.priority or 0)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return EventStream(_stream_chat(st, gen, body, cid, created), gen)
@@ -288,7 +334,7 @@ async def embeddings(request: Request):
     """
     st = _state(request)
     body = parse(EmbeddingRequest, await read_json(request))
-    st.check_model(body.model)
+    st.check_base_model(body.model, "embeddings")
     check_dimensions(st, body.dimensions)
     check_count(body.input, "input")
     inputs, _ = encode_prompts(st, body.input, "input")

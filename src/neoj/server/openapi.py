@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from ..errors import NeojError
-from .schemas import HFError, OpenAIError
+from .schemas import HFError, KoboldError, OpenAIError
 
 REF = "#/components/schemas/{model}"
 SSE = "text/event-stream"
@@ -39,6 +39,14 @@ def _schema(model: type[BaseModel]) -> tuple[dict, dict]:
     return {"$ref": REF.format(model=model.__name__)}, defs
 
 
+def error_model(path: str) -> type[BaseModel]:
+    """Returns the error body of the API family a path belongs to: OpenAI's under /v1, KoboldAI's under /api,
+    else Hugging Face's (app.error_body builds them)."""
+    if path.startswith("/v1"):
+        return OpenAIError
+    return KoboldError if path.startswith("/api") else HFError
+
+
 def describe(path: str, *, body: type[BaseModel] | tuple[type[BaseModel], ...] | None = None,
              errors: tuple[int, ...] = (401,), stream: bool = False, summary: str | None = None) -> dict:
     """Returns the route decorator's keyword arguments that document it in /openapi.json.
@@ -57,7 +65,7 @@ def describe(path: str, *, body: type[BaseModel] | tuple[type[BaseModel], ...] |
             components.update(defs)
         extra["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}}
-    error_ref, defs = _schema(OpenAIError if path.startswith("/v1") else HFError)
+    error_ref, defs = _schema(error_model(path))
     components.update(defs)
     responses: dict = {code: {"description": ERRORS[code], "content": {"application/json": {"schema": error_ref}}}
                        for code in errors}

@@ -26,6 +26,10 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 # A prompt: text, texts, token ids, or lists of token ids (as lm-eval's local-completions sends).
 PromptInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOPS)], None]
+MinP = Annotated[float, Field(ge=0, le=1)]
+# OpenAI's logit_bias: token id (a JSON key, so a string) -> bias in [-100, 100], at most 300 entries.
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)]
+Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1, strict=True)]
 
 
 class Strict(BaseModel):
@@ -62,13 +66,18 @@ class CompletionRequest(Strict):
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     suffix: StrictStr | None = None
     user: StrictStr | None = None
-    # neoj extensions
+    response_format: dict | None = None  # as on chat (vLLM accepts it on completions too)
+    # extensions (vLLM's names)
     top_k: TopK | None = None
+    min_p: MinP | None = None
+    typical_p: TopP | None = None
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: StrictBool | None = None
+    priority: Priority | None = None
+    # neoj extensions
     truncate: StrictBool | None = None
     max_time: MaxTime | None = None
 
@@ -110,14 +119,18 @@ class ChatRequest(Strict):
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     tools: list | None = None
     response_format: dict | None = None
     user: StrictStr | None = None
-    # neoj extensions
+    # extensions (vLLM's names)
     top_k: TopK | None = None
+    min_p: MinP | None = None
+    typical_p: TopP | None = None
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: StrictBool | None = None
+    priority: Priority | None = None
+    # neoj extensions
     truncate: StrictBool | None = None
     max_time: MaxTime | None = None
     chat_template: StrictStr | None = None
@@ -133,6 +146,13 @@ class EmbeddingRequest(Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1, strict=True)] | None = None
     user: StrictStr | None = None
+
+
+class TGIGrammar(Strict):
+    """TGI's structured output: a JSON schema (or a JSON string of one) or a regular expression."""
+
+    type: Literal["json", "json_object", "regex"]
+    value: Union[dict, StrictStr]
 
 
 class HFParameters(Strict):
@@ -159,10 +179,10 @@ class HFParameters(Strict):
     details: StrictBool | None = None
     decoder_input_details: StrictBool | None = None
     top_n_tokens: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
-    best_of: Annotated[int, Field(ge=1, le=1, strict=True)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
     watermark: Literal[False] | None = None
-    grammar: None = None
-    adapter_id: None = None
+    grammar: TGIGrammar | None = None
+    adapter_id: StrictStr | None = None
 
     _stop = field_validator("stop", "stop_sequences")(check_stop)
 
@@ -199,6 +219,26 @@ class FeatureExtractionRequest(Strict):
     options: HFOptions = Field(default_factory=HFOptions)
 
 
+class TokenizeRequest(Strict):
+    """POST /tokenize in vLLM's shape (a prompt or chat messages) or TGI's ({"inputs": ...})."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool | None = None  # GPT-2's tokenizer adds none either way
+    add_generation_prompt: StrictBool | None = None
+    return_token_strs: StrictBool | None = None
+    inputs: StrictStr | None = None  # TGI
+    parameters: dict | None = None  # TGI sends generation parameters; tokenizing ignores them
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize (vLLM)."""
+
+    model: StrictStr | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(max_length=1_000_000)]
+
+
 # ---- error bodies, for the OpenAPI schema (the handlers build them as dicts, see app.error_body) ----
 
 class OpenAIErrorDetail(BaseModel):
@@ -219,3 +259,15 @@ class HFError(BaseModel):
 
     error: str
     error_type: str
+
+
+class KoboldErrorDetail(BaseModel):
+    msg: str
+    type: str
+
+
+class KoboldError(BaseModel):
+    """Errors under /api, in KoboldAI's shape: {"detail": {"msg", "type"}} (SillyTavern shows detail.msg; Lite
+    offers to abort on type "service_unavailable")."""
+
+    detail: KoboldErrorDetail

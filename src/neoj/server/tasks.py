@@ -145,7 +145,7 @@ def _state(request: Request) -> ServerState:
 async def _run(request: Request, body: TaskRequest, fn: Callable[[Runner, Prompts | None, dict], dict]):
     """Returns fn(runner, prompts, options), run in a worker thread; errors become API errors, a gone client 499."""
     st = _state(request)
-    st.check_model(body.model)
+    st.check_base_model(body.model, "the tasks")
     prompts = body.prompt_set()
     app_state = request.app.state
     busy = getattr(app_state, "neoj_tasks_busy", 0)  # only the event loop's thread counts: no lock needed
