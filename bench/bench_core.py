@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib
 import json
 import os
 import platform
@@ -35,9 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SECTION_BEGIN = "<!-- bench_core:begin -->"
-SECTION_END = "<!-- bench_core:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_core`
+from report import REPO, cpu_flags, cpu_model, git_rev, loadavg, logger, package_version  # noqa: E402
+from report import section_markers, write_section  # noqa: E402
+
+SECTION_BEGIN, SECTION_END = section_markers("bench_core")
 RESULT_TAG = "BENCH_RESULT "
 IMPLS = ("neoj", "transformers")
 DTYPES = ("float32", "bfloat16")
@@ -51,10 +54,10 @@ SHAPES = {
 }
 COMMON_SHAPE = {"vocab_size": 50257, "max_position_embeddings": 2048, "window_size": 256}
 CHECKPOINT_STAMP = "neoj-bench-shape.json"
+# The CPU features the Machine line lists.
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
-
-def log(msg: str) -> None:
-    print(f"[bench_core {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_core")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +250,15 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    # Imported now, for their side effect only: their import time and memory stay out of the load time and sit
+    # in the pre-load RSS baseline.
     if spec["impl"] == "neoj":
-        import neoj  # noqa: F401  (imports excluded from load time and the pre-load RSS baseline)
-        import neoj.generate  # noqa: F401
+        importlib.import_module("neoj.generate")
     else:
-        import transformers  # noqa: F401
-        from transformers import AutoTokenizer, GPTNeoForCausalLM  # noqa: F401
-        from transformers.generation.streamers import BaseStreamer  # noqa: F401
+        transformers = importlib.import_module("transformers")
+        for name in ("AutoTokenizer", "GPTNeoForCausalLM"):  # transformers imports these lazily: import them now
+            getattr(transformers, name)
+        importlib.import_module("transformers.generation.streamers")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -327,18 +332,13 @@ def run_worker(spec: dict, timeout: float) -> dict:
 # Machine description
 
 
-def cpu_description() -> dict:
-    info: dict = {}
+def machine_description() -> dict:
+    """Returns the machine for the section: CPU model, its features of FLAGS, cache, CPUs, memory."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    info["model"] = m.group(1).strip() if m else platform.processor() or "unknown"
-    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    flags = set(m.group(1).split()) if m else set()
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"]
-    info["flags"] = [f for f in wanted if f in flags]
+    info: dict = {"model": cpu_model() or platform.processor() or "unknown", "flags": cpu_flags(FLAGS)}
     m = re.search(r"^cache size\s*:\s*(.+)$", text, re.M)
     info["cache"] = m.group(1).strip() if m else "?"
     info["logical_cpus"] = text.count("processor\t:") or os.cpu_count()
@@ -372,30 +372,10 @@ def copy_bandwidth_gbs(threads: int) -> float:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "neoj"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "?"
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True).stdout.strip()
-        out["git"] = rev + (" with uncommitted changes in src/" if dirty else "") if rev else "?"
-    except OSError:
-        out["git"] = "?"
-    return out
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    """Returns {"python", "torch", "transformers", "neoj": version, "git": revision}."""
+    return {"python": platform.python_version(),
+            **{pkg: package_version(pkg) for pkg in ("torch", "transformers", "neoj")},
+            "git": git_rev(" with uncommitted changes in src/")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,22 +539,6 @@ def render(meta: dict, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: str, section: str) -> None:
-    if out == "-":
-        sys.stdout.write(section)
-        return
-    path = Path(out)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before, rest = text.split(SECTION_BEGIN, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    log(f"wrote section to {path}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -650,7 +614,7 @@ def main(argv=None) -> None:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python " + shlex.join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else
                                                "bench/bench_core.py"] + (argv if argv is not None else sys.argv[1:])),
-            "cpu": cpu_description(), "versions": versions(), "loadavg_start": la_start}
+            "cpu": machine_description(), "versions": versions(), "loadavg_start": la_start}
     log(f"machine: {meta['cpu']['model']}, nproc {meta['cpu']['nproc']}, load average {la_start}")
     if la_start != "?" and float(la_start.split()[0]) > 0.5:
         log("warning: the machine is busy (load average > 0.5); timings will be noisy")
@@ -700,7 +664,7 @@ def main(argv=None) -> None:
                     "prefill_repeats_desc": (f"{prefill_repeats(args, '1.3b')} on 1.3B"
                                              if "1.3b" in args.shapes and prefill_repeats(args, "1.3b") < args.repeats
                                              else "same")}
-    write_section(args.out, render(meta, results))
+    write_section(args.out, render(meta, results), SECTION_BEGIN, SECTION_END, log)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k != "args"},
                                                "args": {k: v for k, v in vars(args).items()},

@@ -14,18 +14,20 @@ Rounds are interleaved; medians reported.
 
 from __future__ import annotations
 
-import datetime
 import statistics
-import subprocess
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m bench.bench_f32_kernel`
+from bench_int8_kernel import command_options, machine_line, markers, median_time, run_kernel_bench  # noqa: E402
+from report import date_line  # noqa: E402
 
-from bench_int8_kernel import command_options, machine_line, markers, median_time, run_kernel_bench
-from neoj.linear import blocked_matvec
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_f32_kernel:begin -->"
-SECTION_END = "<!-- bench_f32_kernel:end -->"
+from neoj.linear import blocked_matvec  # noqa: E402
+
+NAME = "bench_f32_kernel"  # its section's markers: markers(NAME, isa)
 ROWS = (1, 2, 4, 8, 16, 32)
 
 
@@ -56,11 +58,10 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
 
 
 def section(results: list, args, load: str, kernels) -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    begin, end = markers(SECTION_BEGIN, SECTION_END, args.isa)
+    begin, end = markers(NAME, args.isa)
     lines = [begin, f"## fp32 few-row kernel: neoj ({kernels.name}) vs oneDNN's linear and F.linear (CPU)", "",
              f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
-             f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
+             date_line(),
              f"- Command: `python bench/bench_f32_kernel.py{command_options(args)}`",
              f"- GB/s of fp32 weights per product, weights out of cache (copies rotated past {args.cold_mb} MB), "
              f"median of {args.rounds} interleaved rounds. `sum` is a plain read of the same bytes. Speed-up: neoj "
@@ -81,8 +82,7 @@ def section(results: list, args, load: str, kernels) -> str:
 
 
 def main(argv=None) -> None:
-    run_kernel_bench(argv, __doc__, "fp32", measure, lambda r: r["neoj"] / r["before"], section, SECTION_BEGIN,
-                     SECTION_END)
+    run_kernel_bench(argv, __doc__, "fp32", measure, lambda r: r["neoj"] / r["before"], section, NAME)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -30,10 +31,11 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_gpu`
+from report import REPO, logger, section_markers, write_section  # noqa: E402
 
-import neoj  # noqa: E402,F401  (before torch: neoj sets the OpenMP policy)
+sys.path.insert(0, str(REPO / "src"))
+importlib.import_module("neoj")  # before torch: importing neoj sets the OpenMP policy
 import torch  # noqa: E402
 
 from neoj.api import prepare_for_inference  # noqa: E402
@@ -44,14 +46,12 @@ from neoj.sampling import GenerationParams  # noqa: E402
 from neoj.tokenizer import Tokenizer  # noqa: E402
 from neoj.weights import random_model  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_gpu:begin -->"
-SECTION_END = "<!-- bench_gpu:end -->"
+SECTION_BEGIN, SECTION_END = section_markers("bench_gpu")
 DATASHEET_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
 PROMPT = 128
 
 
-def log(msg: str) -> None:
-    print(f"[bench_gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_gpu")
 
 
 def copy_bandwidth() -> float:
@@ -298,16 +298,6 @@ def render(info: dict, bw: float, decode: list[dict], layers: list[dict], comman
     return "\n".join(lines + ["", SECTION_END, ""])
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before, rest = text.split(SECTION_BEGIN, 1)
-        text = before + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file whose bench_gpu section is written")
@@ -332,7 +322,8 @@ def main(argv=None) -> int:
     decode += [] if "transformers" in skip else hf_rows(cfg, args, bw)
     command = "python bench/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = render(info, bw, decode, layers, command.strip())
-    write_section(Path(args.out), section)
+    if args.out != "-":  # "-": the print below is the section
+        write_section(args.out, section, SECTION_BEGIN, SECTION_END)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=info, copy_bandwidth=bw, decode=decode, layers=layers),
                                               indent=1))

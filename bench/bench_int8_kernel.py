@@ -14,20 +14,20 @@ the relative error of each against the exact (fp64) product. Rounds are interlea
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_int8_kernel`
+from report import REPO, cpu_flags, cpu_model, date_line, loadavg, section_markers, write_section  # noqa: E402
 
-from neoj import rowmatmul
+import torch  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_int8_kernel:begin -->"
-SECTION_END = "<!-- bench_int8_kernel:end -->"
+from neoj import rowmatmul  # noqa: E402
+
+NAME = "bench_int8_kernel"  # its section's markers: section_markers(NAME), or markers(NAME, isa)
 SHAPES = [  # (model, layer, out, in)
     ("125M", "q/k/v/out_proj", 768, 768), ("125M", "fc_in", 3072, 768), ("125M", "fc_out", 768, 3072),
     ("125M", "lm_head", 50257, 768), ("1.3B", "q/k/v/out_proj", 2048, 2048), ("1.3B", "fc_in", 8192, 2048),
@@ -79,11 +79,10 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
 
 
 def section(results: list, args, load: str, kernels) -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    begin, _ = markers(SECTION_BEGIN, SECTION_END, args.isa)
+    begin, end = markers(NAME, args.isa)
     lines = [begin, f"## int8 decode kernel: neoj ({kernels.name}) vs aten._weight_int8pack_mm (CPU)", "",
              f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
-             f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
+             date_line(),
              f"- Command: `python bench/bench_int8_kernel.py{command_options(args)}`",
              "- GB/s of int8 weights per product, weights out of cache (copies rotated past "
              f"{args.cold_mb} MB), median of {args.rounds} interleaved rounds. `sum` is a plain read of the same "
@@ -99,26 +98,20 @@ def section(results: list, args, load: str, kernels) -> str:
                          f"{x['neoj_gbs'] / x['int8pack_gbs']:.2f}x | {x['sum_gbs']:.1f} | {x['int8pack_err']:.1e} | "
                          f"{x['neoj_err']:.1e} |")
     lines += ["", "Which product neoj runs for each row count and ISA: `neoj.linear.RULES` (rowmatmul_int8 rules).",
-              markers(SECTION_BEGIN, SECTION_END, args.isa)[1]]
+              end]
     return "\n".join(lines) + "\n"
 
 
-def markers(begin: str, end: str, isa: str | None) -> tuple[str, str]:
-    """Returns the section markers: the plain ones for this CPU's best variant, one pair per forced ISA."""
-    if not isa:
-        return begin, end
-    return begin.replace(":begin", f"[{isa}]:begin"), end.replace(":end", f"[{isa}]:end")
+def markers(name: str, isa: str | None) -> tuple[str, str]:
+    """Returns a kernel benchmark's section markers: the plain ones for this CPU's best variant, one pair per
+    forced ISA (`<!-- NAME[avx2]:begin -->`)."""
+    return section_markers(name, f"[{isa}]" if isa else "")
 
 
 def machine_line() -> str:
     """Returns the CPU model and its SIMD features, for a section's Machine line."""
-    model = platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "asimd", "asimddp")
-    return f"{model} ({', '.join(f for f in wanted if f in rowmatmul.cpu_features())})"
+    return f"{cpu_model() or platform.machine()} ({', '.join(cpu_flags(wanted))})"
 
 
 def command_options(args) -> str:
@@ -128,30 +121,17 @@ def command_options(args) -> str:
     return opts + (f" --threads {args.threads}" if args.threads != 2 else "")
 
 
-def write_section(out: str, text: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
-    """Replaces the section between the begin and end markers in `out`, or appends it."""
-    path = Path(out)
-    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if begin in doc and end in doc:
-        before, rest = doc.split(begin, 1)
-        doc = before + text.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
-
-
-def run_kernel_bench(argv, doc: str, kind: str, measure, speedup, section, begin: str = SECTION_BEGIN,
-                     end: str = SECTION_END) -> None:
+def run_kernel_bench(argv, doc: str, kind: str, measure, speedup, section, name: str = NAME) -> None:
     """The command line shared by the kernel benchmarks: measure every shape with one kernel variant (--isa,
     else this CPU's best), print speed-ups per row count (speedup(result of one row count)), write
-    section(results, args, load, kernels) between begin and end (markers of its own for a forced ISA)."""
+    section(results, args, load, kernels) between markers(name, isa) (markers of its own for a forced ISA)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--isa", choices=[v.name for v in rowmatmul.VARIANTS],
                    help="measure this kernel variant (NEOJ_ISA's names) instead of this CPU's best")
     p.add_argument("--cold-mb", type=int, default=160, help="bytes of weight copies rotated per shape")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section to (- prints it)")
     args = p.parse_args(argv)
     try:
         kernels = rowmatmul.load(args.isa) if args.isa else rowmatmul.kernels()
@@ -160,15 +140,15 @@ def run_kernel_bench(argv, doc: str, kind: str, measure, speedup, section, begin
     if kernels is None:
         sys.exit(f"neoj's {kind} kernel is not available here (no variant for this CPU, or no C compiler)")
     torch.set_num_threads(args.threads)
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    load = loadavg()
     results = []
     for shape in SHAPES:
         r = measure(kernels, shape[2], shape[3], args.rounds, args.cold_mb << 20)
         print(shape, {m: round(speedup(v), 2) for m, v in r.items() if isinstance(m, int)}, flush=True)
         results.append((shape, r))
-    begin, end = markers(begin, end, args.isa)
-    write_section(args.out, section(results, args, load, kernels), begin, end)
-    print(f"wrote {args.out}")
+    write_section(args.out, section(results, args, load, kernels), *markers(name, args.isa))
+    if args.out != "-":
+        print(f"wrote {args.out}")
 
 
 def main(argv=None) -> None:

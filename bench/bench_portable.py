@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,12 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from bench_int8_kernel import write_section  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_portable`
+from report import REPO, cpu_description, git_rev, loadavg, logger, section_markers, software_line  # noqa: E402
+from report import write_section  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_portable:begin -->"
-SECTION_END = "<!-- bench_portable:end -->"
 RESULT_TAG = "BENCH_RESULT "
 GPTJ = {"model_type": "gptj", "vocab_size": 50400, "n_positions": 2048, "n_embd": 2048, "n_layer": 16,
         "n_head": 16, "rotary_dim": 64}
@@ -48,8 +45,7 @@ NEO125 = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings
           "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]], "window_size": 256}
 
 
-def log(msg: str) -> None:
-    print(f"[bench_portable {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_portable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,43 +267,10 @@ def prepare_checkpoints(work: Path, quick: bool) -> None:
     ensure(work / "gpt-neo-125m-int8", "neoj_quantized", neo, "int8")
 
 
-def cpu_line() -> tuple[str, str]:
-    from neoj import rowmatmul
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "asimddp")
-    flags = [f for f in wanted if f in rowmatmul.cpu_features()]
-    return model, ", ".join(flags)
-
-
 def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = [f"python {platform.python_version()}"]
-    for pkg in ("torch", "transformers", "ctranslate2"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} ?")
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
-                           text=True).stdout.strip()
-    return ", ".join(parts) + f", neoj git {rev}{' with uncommitted changes in src/' if dirty else ''}"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    """Returns the Versions part of the Date line: Python, the engines, neoj's revision."""
+    return software_line(("torch", "transformers", "ctranslate2"), python=True,
+                         rev=git_rev(" with uncommitted changes in src/"))
 
 
 def medians(results: dict) -> dict:
@@ -349,7 +312,7 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
     cmd = "python bench/bench_portable.py" + "".join(
         f" --{k} {getattr(args, k)}" for k in ("rounds", "repeats", "tokens", "threads")
         if getattr(args, k) != DEFAULTS[k])
-    begin, end = section_markers(args)
+    begin, end = markers(args)
     lines = [begin, f"## Portable decode: neoj per ISA vs CTranslate2 and transformers (CPU, {args.threads} "
              f"thread{'s' if args.threads > 1 else ''})", "",
              f"- Machine: {model}; ISA flags: {flags}; {os.cpu_count()} logical CPUs, {args.threads} threads per "
@@ -380,12 +343,9 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def section_markers(args) -> tuple[str, str]:
+def markers(args) -> tuple[str, str]:
     """Returns the section markers: the plain ones at the default thread count, one pair per other count."""
-    if args.threads == DEFAULTS["threads"]:
-        return SECTION_BEGIN, SECTION_END
-    tag = f"[threads={args.threads}]"
-    return SECTION_BEGIN.replace(":begin", tag + ":begin"), SECTION_END.replace(":end", tag + ":end")
+    return section_markers("bench_portable", "" if args.threads == DEFAULTS["threads"] else f"[threads={args.threads}]")
 
 
 DEFAULTS = {"rounds": 2, "repeats": 2, "tokens": 16, "prompt": 16, "threads": 2}
@@ -418,7 +378,8 @@ def main(argv=None) -> None:
     from neoj import rowmatmul
 
     start = time.time()
-    meta = {"load_start": loadavg(), "cpu": cpu_line(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    meta = {"load_start": loadavg(), "cpu": cpu_description(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "versions": versions()}
     work = Path(args.workdir)
     prepare_checkpoints(work, args.quick)
@@ -434,12 +395,10 @@ def main(argv=None) -> None:
             results[spec["name"]].append(run_worker(spec, timeout=1800))
     meta["load_end"], meta["minutes"] = loadavg(), (time.time() - start) / 60
     section = render(specs, medians(results), meta, args)
-    if args.out == "-":
-        sys.stdout.write(section)
-    else:
-        write_section(args.out, section, *section_markers(args))
+    write_section(args.out, section, *markers(args))
+    if args.out != "-":
         log(f"wrote {args.out}")
-    print(section if args.out != "-" else "", end="")
+        print(section, end="")
 
 
 if __name__ == "__main__":

@@ -34,19 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, bench_core.py, also under python -m
 import bench_core  # noqa: E402  (checkpoints of the GPT-Neo shapes, machine description, versions)
+from report import REPO, loadavg, logger, section_markers, write_section  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_quant:begin -->"
-SECTION_END = "<!-- bench_quant:end -->"
+SECTION_BEGIN, SECTION_END = section_markers("bench_quant")
 RESULT_TAG = "BENCH_RESULT "
 GPTJ_DIRS = {"bfloat16": "gpt-j-6b-bf16", "float32": "gpt-j-6b-fp32"}
 PROMPTS = ["The list type", "To open a file for reading,", "def fibonacci(n):", "The following example shows"]
 
 
-def log(msg: str) -> None:
-    print(f"[bench_quant {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_quant")
 
 
 def vm_kb(field: str) -> int:
@@ -332,21 +330,6 @@ def render(meta: dict, results: dict, qual: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: str, section: str) -> None:
-    if out == "-":
-        sys.stdout.write(section)
-        return
-    path = Path(out)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before, rest = text.split(SECTION_BEGIN, 1)
-        text = before + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    log(f"wrote section to {path}")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="125m,1.3b,6b", help="comma-separated: 125m, 1.3b, 6b")
@@ -371,11 +354,11 @@ def main(argv=None) -> None:
     shapes = ["125m"] if args.quick else args.shapes.split(",")
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    cpu = bench_core.cpu_description()
+    cpu = bench_core.machine_description()
     meta = {"cpu": f"{cpu.get('model', platform.processor())} ({', '.join(cpu.get('flags', []))})",
             "threads": args.threads,
             "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "loadavg": bench_core.loadavg(),
+            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "loadavg": loadavg(),
             "command": "python bench/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "versions": ", ".join(f"{k} {v}" for k, v in bench_core.versions().items()),
             "read_bandwidth_gbs": read_bandwidth_gbs(args.threads)}
@@ -414,7 +397,7 @@ def main(argv=None) -> None:
     qual = None if args.no_quality or args.quick else quality(Path(args.data), args.eval_tokens, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "quality": qual}, indent=2))
-    write_section("-" if args.quick else args.out, render(meta, results, qual))
+    write_section("-" if args.quick else args.out, render(meta, results, qual), SECTION_BEGIN, SECTION_END, log)
 
 
 if __name__ == "__main__":

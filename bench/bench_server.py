@@ -39,9 +39,10 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-SECTION_BEGIN = "<!-- bench_server:begin -->"
-SECTION_END = "<!-- bench_server:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_server`
+from report import REPO, git_rev, loadavg, logger, package_version, section_markers, write_section  # noqa: E402
+
+SECTION_BEGIN, SECTION_END = section_markers("bench_server")
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 # What `neoj generate --temperature 0 --ignore-eos` does per request, timed on each line read from stdin.
@@ -66,8 +67,7 @@ for _ in sys.stdin:
 """
 
 
-def log(msg: str) -> None:
-    print(f"[bench_server {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_server")
 
 
 def free_port() -> int:
@@ -244,39 +244,11 @@ def section(args, levels: list[dict], pair: dict, load: str) -> str:
         lines.append(f"Eight clients: **{eight['tokens_per_s'] / one['tokens_per_s']:.2f}x** the single-client "
                      "aggregate throughput (target: at least 4x).")
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average at "
-              f"start {load}. Date: {_dt.date.today().isoformat()}; torch {torch_version()}, neoj git {git_rev()}.",
+              f"start {load}. Date: {_dt.date.today().isoformat()}; torch {package_version('torch')}, neoj git "
+              f"{git_rev('+local changes', paths=('src', 'bench'), untracked=False)}.",
               f"Command: `{' '.join(['python', 'bench/bench_server.py'] + [shlex.quote(a) for a in sys.argv[1:]])}`",
               SECTION_END, ""]
     return "\n".join(lines)
-
-
-def torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                         text=True)
-    return out.stdout.strip() or "?"
-
-
-def git_rev() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return (out.stdout.strip() or "?") + ("+local changes" if dirty else "")
-
-
-def write_section(out: str, text: str) -> None:
-    if out == "-":
-        sys.stdout.write(text)
-        return
-    path = Path(out)
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in old and SECTION_END in old:
-        before, rest = old.split(SECTION_BEGIN, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        old = before + text + ("\n" + after if after else "")
-    else:
-        old = old.rstrip("\n") + "\n\n" + text
-    path.write_text(old)
-    log(f"wrote section to {path}")
 
 
 def main(argv=None) -> int:
@@ -300,7 +272,7 @@ def main(argv=None) -> int:
     args.pairs = args.pairs or (2 if q else 6)
     args.rounds = args.rounds or (1 if q else 3)
     args.out = args.out or ("-" if q else str(REPO / "BENCHMARKS.md"))
-    load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "n/a"
+    load = loadavg("n/a")
 
     levels_wanted = [int(c) for c in args.clients.split(",")]
     server = Server(args.model, args.threads, args.max_batch)
@@ -325,7 +297,7 @@ def main(argv=None) -> int:
     finally:
         gen.stop()
         server.stop()
-    write_section(args.out, section(args, levels, pair, load))
+    write_section(args.out, section(args, levels, pair, load), SECTION_BEGIN, SECTION_END, log)
     return 0
 
 

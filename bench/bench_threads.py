@@ -14,7 +14,6 @@ each measurement in a fresh process (OMP_* variables are read once, when the Ope
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -24,9 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+# report.py (also under `python -m bench.bench_threads`); it imports neither neoj nor torch, so the worker still
+# imports neoj first.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import cpu_flags, date_line, section_markers, write_section  # noqa: E402
 
-SECTION_BEGIN = "<!-- bench_threads:begin -->"
-SECTION_END = "<!-- bench_threads:end -->"
+SECTION_BEGIN, SECTION_END = section_markers("bench_threads")
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")  # listed on the Machine line
 # name -> environment of the measuring process
 SETTINGS = {
     "1 thread": {"OMP_NUM_THREADS": "1"},
@@ -34,15 +37,6 @@ SETTINGS = {
     "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "neoj's default": {},
 }
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.machine()
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"]
-    return " ".join(f for f in wanted if f in flags.split())
 
 
 def worker(model: str, tokens: int) -> None:
@@ -91,14 +85,11 @@ def run(args) -> dict:
 
 
 def section(results: dict, args) -> str:
-    import torch
-
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     quick = " --quick" if args.quick else ""
     lines = [SECTION_BEGIN, "## Threads on a shared machine: decode tokens/s by thread setting (CPU)", "",
-             f"- Machine: {platform.machine()}, {os.cpu_count()} cores, ISA: {cpu_flags()}; "
-             f"load average at start {os.getloadavg()[0]:.2f}",
-             f"- Date: {datetime.date.today()}; torch {torch.__version__}; neoj git {rev}",
+             f"- Machine: {platform.machine()}, {os.cpu_count()} cores, ISA: "
+             f"{' '.join(cpu_flags(FLAGS)) or platform.machine()}; load average at start {os.getloadavg()[0]:.2f}",
+             date_line(),
              f"- Command: `python bench/bench_threads.py{quick}`",
              f"- Greedy decode of {args.tokens} tokens (float32), each in a fresh process, median of {args.rounds} "
              f"interleaved rounds; 'busy' = {args.busy} plain Python loop(s) running beside it, as another "
@@ -134,15 +125,7 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.models, args.tokens, args.rounds = ["builtin"], 16, 1
-    text = section(run(args), args)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        # Imported here, not at the top: it imports torch, and the worker must import neoj first.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_int8_kernel import write_section
-
-        write_section(args.out, text, SECTION_BEGIN, SECTION_END)
+    write_section(args.out, section(run(args), args), SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":

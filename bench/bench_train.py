@@ -26,16 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SECTION_BEGIN = "<!-- bench_train:begin -->"
-SECTION_END = "<!-- bench_train:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_train`
+from report import REPO, logger, section_markers, write_section  # noqa: E402
+
+SECTION_BEGIN, SECTION_END = section_markers("bench_train")
 RESULT_TAG = "BENCH_RESULT "
 SHAPE = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 768,
          "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]], "window_size": 256}
 
 
-def log(msg: str) -> None:
-    print(f"[bench_train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_train")
 
 
 def peak_rss() -> int:
@@ -181,22 +181,6 @@ def section(cfg: dict, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: str, text: str) -> None:
-    if out == "-":
-        sys.stdout.write(text)
-        return
-    path = Path(out)
-    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in doc and SECTION_END in doc:
-        before, rest = doc.split(SECTION_BEGIN, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        doc = before + text + ("\n" + after if after else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
-    log(f"wrote section to {path}")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (prints the section)")
@@ -221,7 +205,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg["tmp"] = tmp
         results = {impl: run_worker(impl, cfg) for impl in ("neoj", "transformers")}
-    write_section(args.out or ("-" if q else str(REPO / "BENCHMARKS.md")), section(cfg, results))
+    write_section(args.out or ("-" if q else str(REPO / "BENCHMARKS.md")), section(cfg, results), SECTION_BEGIN,
+                  SECTION_END, log)
 
 
 if __name__ == "__main__":
