@@ -317,3 +317,22 @@ def test_cli_bad_constraints_are_one_line_naming_the_input(tmp_path, capsys):
         assert main(["generate", "-m", "builtin", "x", *extra]) != 0
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_objects_listing_properties_allow_no_others_unless_the_schema_says_so(builtin):
+    from neoj.constraint import closed_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}}},
+              "$defs": {"e": {"properties": {"f": {}}, "additionalProperties": True}}, "anyOf": [{"properties": {}}]}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and "additionalProperties" not in schema  # a copy
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["e"]["additionalProperties"] is True and closed["anyOf"][0]["additionalProperties"] is False
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # any object: keys stay free
+    ok = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for seed in range(3):
+        text = builtin.generate("JSON:", constraint=Constraint("json_schema", ok), max_new_tokens=30, seed=seed,
+                                temperature=1.0)
+        assert list(json.loads(text)) == ["ok"], text

@@ -33,7 +33,8 @@ class Constraint:
     """What the generated text must match. kind and value:
 
     - "json": any JSON object (value None);
-    - "json_schema": a JSON value valid under the schema (value: the schema, a dict);
+    - "json_schema": a JSON value valid under the schema (value: the schema, a dict; an object that lists
+      `properties` and says nothing of `additionalProperties` allows no other keys: see closed_objects);
     - "regex": the whole text matches the regular expression (value: str);
     - "choice": the text is exactly one of the strings (value: list[str]);
     - "lark": the text derives from the grammar's `start` rule (value: a grammar in llguidance's Lark syntax);
@@ -102,7 +103,7 @@ def _grammar(kind: str, value: Any) -> str:
         if not isinstance(value, dict):
             raise ConstraintError(f"a JSON schema must be an object, not {type(value).__name__}")
         try:
-            return LLMatcher.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(closed_objects(value), defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise ConstraintError(f"invalid JSON schema: {_one_line(str(exc))}") from None
     if kind == "choice":
@@ -116,6 +117,39 @@ def _grammar(kind: str, value: Any) -> str:
     if kind == "gbnf":
         value = _gbnf_to_lark(value)
     return LLMatcher.grammar_from_lark(value)
+
+
+# Where subschemas sit in a JSON schema: keys whose value is one schema, and keys holding a list or map of them.
+_ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_MANY_SCHEMAS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """Returns a copy of the schema in which every object schema that lists `properties` and says nothing of
+    `additionalProperties` allows no others (the caller's schema is not changed).
+
+    JSON Schema allows unlisted keys by default, and a model then free to add keys can spend every token on
+    one more; XGrammar's strict mode (vLLM's default) and OpenAI's strict structured outputs close such objects
+    too. A schema that wants other keys says so with "additionalProperties".
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _MANY_SCHEMAS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed_objects(out["additionalProperties"])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _gbnf_to_lark(text: str) -> str:
