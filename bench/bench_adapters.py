@@ -121,8 +121,9 @@ def section(results: dict[str, list[float]], args, load: float) -> str:
         best, mid = max(values), statistics.median(values)
         lines.append(f"| {name} | {best:.1f} | {mid:.1f} [{min(values):.1f}-{best:.1f}] | {best / base:.2f}x |")
     lines += ["", "Rows with no adapter cost nothing extra: the wrappers return the base layer's output when no row "
-              "of the step has an adapter. Each adapter present adds, per wrapped layer, a gather of its rows and "
-              "two rank-r products (neoj.adapters).", SECTION_END]
+              "of the step has an adapter. With one adapter in the step, each wrapped layer adds two rank-r products "
+              "on its rows; with several, one gather of every row's A and B and two batched products (neoj.adapters).",
+              SECTION_END]
     return "\n".join(lines) + "\n"
 
 

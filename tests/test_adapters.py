@@ -107,6 +107,19 @@ def test_rows_joining_a_running_batch_keep_their_adapter(tiny, adapter_dirs, ser
         assert req.seqs[0].completion().token_ids == ref.token_ids, name
 
 
+def test_one_adapter_beside_base_rows_equals_the_merged_model(tiny, adapter_dirs, served):
+    """One adapter on some rows of a batch (the gather-and-add path; several adapters take the stacked one)."""
+    rows = ["one", None, "one", None]
+    engine = Engine(served.model, served.tokenizer, max_batch=8)
+    requests = [engine.submit([served.tokenizer.encode(PROMPTS[i])], greedy(name), lambda e: None)
+                for i, name in enumerate(rows)]
+    engine.run_until_done()
+    for i, (name, req) in enumerate(zip(rows, requests)):
+        ref = merged_model(tiny, adapter_dirs, name).complete(PROMPTS[i], max_new_tokens=12, temperature=0,
+                                                              stop_at_eos=False)[0]
+        assert req.seqs[0].completion().token_ids == ref.token_ids, (i, name)
+
+
 def test_fixed_buffer_step_equals_eager(served):
     """The graph-safe path (per-row slots in a fixed buffer, rank-padded stacks) gives the eager path's tokens."""
     static = mixed_batch(served, make_step=lambda m, c: GraphedDecodeStep(m, c, capture=False))
