@@ -67,7 +67,7 @@ class ServerState:
     @property
     def adapter_names(self) -> list[str]:
         """Returns the names of the LoRA adapters served over the base model (each is a model id)."""
-        return list(getattr(self.lm, "adapter_names", ()))
+        return self.lm.adapter_names
 
     def check_model(self, name: str | None) -> str | None:
         """Returns the adapter `name` picks: None for the base model (None, the served id or one of its aliases,
@@ -107,6 +107,16 @@ def default_aliases(lm: LanguageModel, model_id: str) -> tuple[str, ...]:
         if n and n.lower() != model_id.lower() and n.lower() not in (o.lower() for o in out):
             out.append(n)
     return tuple(out)
+
+
+def best_first(seqs: list[Sequence], per_prompt: int) -> list[list[Sequence]]:
+    """Returns each prompt's `per_prompt` sequences (seqs holds them prompt by prompt), best first: by the mean
+    log-probability of their tokens, how OpenAI and TGI pick the best of best_of samples."""
+    def mean_logprob(seq: Sequence) -> float:
+        return sum(seq.logprobs) / max(len(seq.logprobs), 1)
+
+    return [sorted(seqs[first : first + per_prompt], key=mean_logprob, reverse=True)
+            for first in range(0, len(seqs), per_prompt)]
 
 
 def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[list[list[int]], list[str | None]]:

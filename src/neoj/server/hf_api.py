@@ -31,8 +31,8 @@ from ..errors import GenerationError
 from ..sampling import GenerationParams
 from ..engine.events import failure
 from .bodies import parse, read_json
-from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
-                     room_for, sse)
+from .common import (APIError, ClientGone, EventStream, Generation, ServerState, best_first, check_context,
+                     encode_prompts, room_for, sse)
 from .embeddings import MAX_INPUTS, check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import MAX_N, FeatureExtractionRequest, HFParameters, HFRequest
@@ -144,11 +144,7 @@ def _ranked(job: Job, seqs: list[Sequence]) -> list[tuple[Sequence, list[Sequenc
     the highest mean token log-probability of its input's candidates, as TGI picks it."""
     if job.best_of == 1:
         return [(s, []) for s in seqs]
-    out = []
-    for first in range(0, len(seqs), job.best_of):
-        group = sorted(seqs[first : first + job.best_of], key=lambda s: -sum(s.logprobs) / max(len(s.logprobs), 1))
-        out.append((group[0], group[1:]))
-    return out
+    return [(ranked[0], ranked[1:]) for ranked in best_first(seqs, job.best_of)]
 
 
 def _token(tok, tid: int, lp: float | None, text: str | None = None) -> dict:

@@ -17,8 +17,8 @@ from ..sampling import GenerationParams
 from .chat import get_template
 from ..engine.events import failure
 from .bodies import parse, read_json
-from .common import (APIError, ClientGone, EventStream, Generation, ServerState, check_context, encode_prompts,
-                     room_for, sse)
+from .common import (APIError, ClientGone, EventStream, Generation, ServerState, best_first, check_context,
+                     encode_prompts, room_for, sse)
 from .embeddings import check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -222,12 +222,8 @@ def _best(seqs: list[Sequence], n: int, best_of: int) -> list[tuple[int, Sequenc
     log-probability (OpenAI's "best"), in that order; every sequence when best_of == n."""
     if best_of == n:
         return [(s.index, s) for s in seqs]
-    out = []
-    for first in range(0, len(seqs), best_of):
-        group = seqs[first : first + best_of]
-        ranked = sorted(group, key=lambda s: -sum(s.logprobs) / max(len(s.logprobs), 1))
-        out += [(first // best_of * n + j, s) for j, s in enumerate(ranked[:n])]
-    return out
+    return [(prompt * n + j, s) for prompt, ranked in enumerate(best_first(seqs, best_of))
+            for j, s in enumerate(ranked[:n])]
 
 
 # ---- /v1/chat/completions ----
