@@ -8,6 +8,7 @@ from .api import LanguageModel, from_config, load
 from .config import PRESETS, ModelConfig, load_config, preset
 from .constraint import Constraint, ConstraintError
 from .errors import CheckpointError, ConfigError, ContextLengthError, GenerationError, NeojError
+from .engine import PrefixCache, Speculative
 from .generate import Completion, Score
 from .sampling import GenerationParams
 from .tokenizer import Tokenizer
@@ -16,7 +17,7 @@ from . import tasks  # neoj.tasks.summarize(lm, text), ask, translate, classify,
 __version__ = "0.1.0"
 
 __all__ = [
-    "Constraint", "ConstraintError",
+    "Constraint", "ConstraintError", "PrefixCache", "Speculative",
     "load", "from_config", "LanguageModel", "ModelConfig", "PRESETS", "preset", "load_config", "Tokenizer",
     "GenerationParams", "Completion", "Score", "NeojError", "ConfigError", "CheckpointError",
     "ContextLengthError", "GenerationError", "tasks",

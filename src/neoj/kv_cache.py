@@ -20,6 +20,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        # Each slot's token position. Slots are in position order within a row, but a row may skip slots
+        # (left padding, a speculative step's rejected tokens), so local-window distances are measured here.
+        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         self.length = 0
         self.padded = False  # set once any slot holds padding, so unpadded decode skips mask building
@@ -31,10 +34,15 @@ class KVCache:
         w = model.wte.weight
         return cls(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, max_len, w.dtype, w.device)
 
-    def mark_valid(self, start: int, valid: torch.Tensor | None, T: int) -> torch.Tensor:
-        """Records which of the T new slots are real tokens; returns the validity of all slots."""
+    def mark_valid(self, start: int, valid: torch.Tensor | None, T: int, positions: torch.Tensor) -> torch.Tensor:
+        """Records which of the T new slots are real tokens and their positions (B, T); returns the validity
+        of all slots."""
+        if self.slot is not None:
+            self.key_pos.index_copy_(1, self.slot, positions[:, -1:])
+            return self.key_valid
         if start + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; cannot write {T} more at position {start}")
+        self.key_pos[:, start : start + T] = positions
         if valid is not None:
             valid = valid[:, -T:]
             self.key_valid[:, start : start + T] = valid
@@ -52,9 +60,10 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def static_masks(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the (B, 1, 1, max_len) global and local masks of a one-token step writing at `slot`:
-        real tokens up to the slot, and for local layers only the last `window` of them."""
-        distance = self.slot - torch.arange(self.max_len, device=self.k.device)  # slot - key index
-        seen = self.key_valid & (distance >= 0)
-        return seen[:, None, None], (seen & (distance < window))[:, None, None]
+    def static_masks(self, window: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the (B, 1, 1, max_len) global and local masks of a one-token step writing at `slot`, for
+        queries at `positions` (B, 1): real tokens up to the slot, and for local layers only those fewer
+        than `window` positions back."""
+        seen = self.key_valid & (torch.arange(self.max_len, device=self.k.device) <= self.slot)
+        near = (positions - self.key_pos) < window
+        return seen[:, None, None], (seen & near)[:, None, None]

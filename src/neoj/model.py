@@ -160,15 +160,17 @@ class ForwardContext:
         self.is_local_slice = False
         self.fixed_shape = cache is not None and cache.slot is not None
         if self.fixed_shape:  # a graphed decode step: masks from the slot tensor
-            global_mask, local_mask = cache.static_masks(self.window)
+            cache.mark_valid(self.start, None, T, positions)
+            global_mask, local_mask = cache.static_masks(self.window, positions)
             dtype = attention_dtype(cache.k.dtype, cache.k.device)
             self.global_mask = (additive_mask(global_mask, dtype), False)
             self.local_mask = (additive_mask(local_mask, dtype), False)
             return
         L = self.start + T
+        key_pos = positions
         if cache is not None:
-            key_valid = cache.mark_valid(self.start, key_valid, T)
-            padded = cache.padded
+            key_valid = cache.mark_valid(self.start, key_valid, T, positions)
+            padded, key_pos = cache.padded, cache.key_pos[:, :L]
         else:
             padded = key_valid is not None and not bool(key_valid.all())
         if not padded and T == 1:
@@ -178,26 +180,34 @@ class ForwardContext:
             self.local_mask = (None, False)
         elif not padded and self.start == 0:
             self.global_mask = (None, True)
-            self.local_mask = (None, True) if T <= self.window else (self._mask(T, L, None, True, positions), False)
+            self.local_mask = (None, True) if T <= self.window else \
+                (self._mask(T, L, None, None, positions, True), False)
         else:
             valid = key_valid[:, :L] if padded else None
-            self.global_mask = (self._mask(T, L, valid, False, positions), False)
-            self.local_mask = (self._mask(T, L, valid, True, positions), False)
+            self.global_mask = (self._mask(T, L, valid, None, positions, local=False), False)
+            self.local_mask = (self._mask(T, L, valid, key_pos if padded else None, positions, local=True), False)
 
-    def _mask(self, T: int, L: int, valid: torch.Tensor | None, local: bool, positions: torch.Tensor):
-        """Returns a boolean mask (B or 1, 1, T, L), True where a query may attend to a key."""
+    def _mask(self, T: int, L: int, valid: torch.Tensor | None, key_pos: torch.Tensor | None,
+              positions: torch.Tensor, local: bool):
+        """Returns a boolean mask (B or 1, 1, T, L), True where a query may attend to a key.
+
+        A local layer's query sees keys fewer than window positions back. With key_pos (B, L) given (a row
+        that skips slots: padding, rolled-back speculation) the distance is measured in positions; else
+        slot distance is token distance.
+        """
         device = positions.device
         q_idx = torch.arange(self.start, self.start + T, device=device)[:, None]
         k_idx = torch.arange(L, device=device)[None, :]
-        allowed = k_idx <= q_idx
-        if local:
+        allowed = (k_idx <= q_idx)[None]
+        if local and key_pos is not None:
+            allowed = allowed & (positions[:, :, None] - key_pos[:, None, :] < self.window)
+        elif local:
             # Query i sees keys j with 0 <= i - j < window: itself and the window - 1 before it.
-            # Cache index distance equals token distance because padding is only ever on the left.
-            allowed = allowed & (q_idx - k_idx < self.window)
+            allowed = allowed & (q_idx - k_idx < self.window)[None]
         if valid is None:
-            return allowed[None, None]
+            return allowed[:, None]
         # A padding query sees only itself, so its row is never empty (an empty row would give NaN).
-        return ((allowed[None] & valid[:, None, :]) | (k_idx == q_idx)[None])[:, None]
+        return ((allowed & valid[:, None, :]) | (k_idx == q_idx)[None])[:, None]
 
 
 class Transformer(nn.Module):

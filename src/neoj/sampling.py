@@ -47,6 +47,7 @@ class GenerationParams:
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias added to its logit, in [-100, 100]
     constraint: "Constraint | None" = None  # structured output: the text must match it (neoj.constraint)
     adapter: str | None = None  # the LoRA adapter (by its served name) this generation runs with; None: the base
+    speculative: bool = True  # False: never speculate for this request, even where the engine does
 
     @property
     def greedy(self) -> bool:

@@ -17,15 +17,19 @@ a long job one piece per round.
     prefill.py      prefill: new prompts through the model before they join the batch
     running.py      RunningBatch: the rows being decoded, their decode steps (CUDA graphs), run-ahead
     batch_cache.py  BatchCache: the running rows' keys and values
+    prefix_cache.py PrefixCache: keys and values of recent prompts in blocks, reused by later prompts
+    speculation.py  Speculative and the proposers (prompt lookup, draft model): guesses verified in one step
     scheduler.py    Engine: the queue, admission, rounds on its thread or the caller's
 """
 
 from .batch_cache import BatchCache
+from .prefix_cache import PrefixCache
+from .speculation import Speculative
 from .request import EngineStats, Prefill, QueueFull, Request
 from .running import RunningBatch
 from .sampler import Sampler, Selection
 from .scheduler import Engine
 from .sequence import FINISH_REASONS, OPENAI_FINISH_REASONS, Completion, Event, Sequence, StopScanner
 
-__all__ = ["Engine", "EngineStats", "Event", "QueueFull", "Request", "Prefill", "Sequence", "BatchCache", "RunningBatch", "Sampler",
+__all__ = ["PrefixCache", "Speculative", "Engine", "EngineStats", "Event", "QueueFull", "Request", "Prefill", "Sequence", "BatchCache", "RunningBatch", "Sampler",
            "Selection", "Completion", "StopScanner", "FINISH_REASONS", "OPENAI_FINISH_REASONS"]

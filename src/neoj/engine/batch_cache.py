@@ -23,7 +23,8 @@ class BatchCache(KVCache):
         self.max_rows, self.limit = max_rows, cfg.n_positions
         self.starts: list[int] = []
         self.length = 0
-        self._k = self._v = self._valid = None
+        self.holes = False  # some row skips slots after its start (rolled-back speculation)
+        self._k = self._v = self._valid = self._pos = None
         self._allocate(0, 0)
 
     @property
@@ -63,18 +64,22 @@ class BatchCache(KVCache):
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         valid = torch.ones(row_cap, len_cap, dtype=torch.bool, device=self.device)
+        pos = torch.zeros(row_cap, len_cap, dtype=torch.long, device=self.device)
         n, L = self.rows, self.length
         if n and L:
             k[:, :n, :, :L] = self._k[:, :n, :, :L]
             v[:, :n, :, :L] = self._v[:, :n, :, :L]
             valid[:n, :L] = self._valid[:n, :L]
-        self._k, self._v, self._valid, self.max_len = k, v, valid, len_cap
+            pos[:n, :L] = self._pos[:n, :L]
+        self._k, self._v, self._valid, self._pos, self.max_len = k, v, valid, pos, len_cap
         self._sync()
 
     def _sync(self) -> None:
         n = self.rows
-        self.k, self.v, self.key_valid = self._k[:, :n], self._v[:, :n], self._valid[:n]
-        self.padded = any(s > 0 for s in self.starts)
+        self.k, self.v, self.key_valid, self.key_pos = self._k[:, :n], self._v[:, :n], self._valid[:n], self._pos[:n]
+        if not self.starts:
+            self.holes = False
+        self.padded = self.holes or any(s > 0 for s in self.starts)
 
     def _reserve(self, rows: int, length: int) -> None:
         row_cap, len_cap = self._k.shape[1], self._k.shape[3]
@@ -96,12 +101,14 @@ class BatchCache(KVCache):
             for t in (self._k, self._v):
                 t[:, :n, :, d : d + L] = t[:, :n, :, :L].clone()
             self._valid[:n, d : d + L] = self._valid[:n, :L].clone()
+            self._pos[:n, d : d + L] = self._pos[:n, :L].clone()
             self._valid[:n, :d] = False
         else:
             d0 = -d
             for t in (self._k, self._v):
                 t[:, :n, :, : L - d0] = t[:, :n, :, d0:L].clone()
             self._valid[:n, : L - d0] = self._valid[:n, d0:L].clone()
+            self._pos[:n, : L - d0] = self._pos[:n, d0:L].clone()
             self._valid[:n, L - d0 :] = True
         self.starts = [s + d for s in self.starts]
         self.length += d
@@ -113,9 +120,12 @@ class BatchCache(KVCache):
             self._shift(-min(self.starts))
 
     def ensure_room(self, T: int = 1) -> None:
-        """Makes room to write T more tokens at the shared index, compacting before growing."""
+        """Makes room to write T more tokens at the shared index, compacting before growing (and closing
+        holes before growing past the context)."""
         if self.length + T <= self.max_len:
             return
+        if self.holes and self.length + T > self.limit:
+            self.repack()
         if self.starts and (min(self.starts) >= self.max_len // 4 or self.max_len >= self.limit):
             self.compact()
         self._reserve(self.rows, self.length + T)
@@ -134,6 +144,7 @@ class BatchCache(KVCache):
         i, L = self.rows, self.length
         self._k[:, i, :, L - p : L] = src.k[:, row, :, end - p : end]
         self._v[:, i, :, L - p : L] = src.v[:, row, :, end - p : end]
+        self._pos[i, L - p : L] = torch.arange(p, device=self.device)
         self._valid[i, : L - p] = False
         self._valid[i, L - p :] = True
         self.starts.append(L - p)
@@ -147,8 +158,41 @@ class BatchCache(KVCache):
             self._k[:, i, :, :L] = self._k[:, last, :, :L]
             self._v[:, i, :, :L] = self._v[:, last, :, :L]
             self._valid[i] = self._valid[last]
+            self._pos[i] = self._pos[last]
             self.starts[i] = self.starts[last]
         self.starts.pop()
         if not self.starts:
             self.length = 0
+        self._sync()
+
+    def keep_written(self, written: int, keep: list[int]) -> None:
+        """Rolls back a multi-token step: of the `written` slots just written, row i keeps its first keep[i]
+        (a speculative step's accepted tokens) and the rest become holes; the write index moves back to the end
+        of the longest row kept."""
+        start = self.length - written
+        for i, n in enumerate(keep):
+            if n < written:
+                self._valid[i, start + n : start + written] = False
+        self.length = start + max(keep, default=0)
+        self.holes = self.holes or min(keep, default=written) < max(keep, default=0)
+        self._sync()
+
+    def repack(self) -> None:
+        """Moves each row's valid slots together (right-aligned), closing the holes rolled-back steps left."""
+        n, L = self.rows, self.length
+        if not n or not self.holes:
+            return
+        valid = self._valid[:n, :L]
+        counts = valid.sum(dim=1)
+        width = int(counts.max())
+        # Row i's j-th valid slot goes to width - counts[i] + j: sort slots valid-last, keeping their order.
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, L - width :]  # (n, width)
+        for t in (self._k, self._v):
+            index = order[None, :, None, :, None].expand(t.shape[0], n, t.shape[2], width, t.shape[4])
+            t[:, :n, :, :width] = t[:, :n, :, :L].gather(3, index)
+        self._pos[:n, :width] = self._pos[:n, :L].gather(1, order)
+        self._valid[:n, :width] = self._valid[:n, :L].gather(1, order)
+        self._valid[:n, width:L] = True
+        self.length, self.holes = width, False
+        self.starts = [width - int(c) for c in counts.tolist()]
         self._sync()

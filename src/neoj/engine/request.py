@@ -242,5 +242,10 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found (their keys and values reused, not prefilled)
+    spec_steps: int = 0  # decode steps that verified guesses
+    spec_drafted_tokens: int = 0  # guesses proposed and verified
+    spec_accepted_tokens: int = 0  # guesses accepted
     finished: collections.Counter = field(default_factory=collections.Counter)
     latency: Latencies = field(default_factory=Latencies)

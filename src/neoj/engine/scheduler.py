@@ -26,6 +26,8 @@ from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
 from .prefill import prefill, prefill_groups
+from .prefix_cache import PrefixCache
+from .speculation import Speculative
 from .events import Countdown, drain
 from .request import EngineStats, Job, QueueFull, Request, WaitingQueue
 from .running import RunningBatch
@@ -41,13 +43,19 @@ class Engine:
     `start()` runs rounds on a background thread (the server); without it, the caller drives rounds with
     `step()`, or `admit()` and `decode()`, and failures raise instead of ending the rows with an error.
     `make_step(model, cache)` builds the decode step (default: a CUDA graph on GPUs, eager elsewhere).
+    `prefix_cache` (shared between engines of one model) lets prompts reuse the keys and values of earlier
+    prompts' common prefixes; `speculative` makes decode steps verify guessed tokens (per request opt-out:
+    GenerationParams.speculative=False).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 32, max_queue: int = 64,
-                 prefill_tokens: int = 2048, make_step=DecodeStep.for_cache):
+                 prefill_tokens: int = 2048, make_step=DecodeStep.for_cache, prefix_cache: PrefixCache | None = None,
+                 speculative: Speculative | None = None):
         if max_batch < 1 or max_queue < 0:
             raise NeojError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache = prefix_cache  # reused prompt prefixes (None: off)
+        self.speculative = speculative  # how decode steps guess ahead (None: they do not)
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.device = model.wte.weight.device
         self.vocab = model.config.vocab_size

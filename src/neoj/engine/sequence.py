@@ -36,6 +36,14 @@ class Completion:
     finish_reason: str | None = None  # as the OpenAI API says it: "stop" (stop string or EOS) or "length"
     prompt_tokens: int = 0
     prompt_index: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    drafted_tokens: int = 0  # speculative guesses verified for this sequence
+    accepted_tokens: int = 0  # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Returns the share of speculative guesses accepted (None when none were made)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 @dataclass
@@ -128,6 +136,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.pos = 0  # tokens of this row in the cache = the position of the next token fed
         self.next_input = 0  # the last token chosen, fed to the model at the next step
+        self.cached_tokens = 0  # prompt tokens reused from the prefix cache
+        self.drafted_tokens = self.accepted_tokens = 0  # speculative guesses verified / accepted
 
     @property
     def last_token_due(self) -> bool:
@@ -181,4 +191,5 @@ class Sequence:
         """Returns the sequence as a Completion (finish reason as the OpenAI API names it)."""
         reason = OPENAI_FINISH_REASONS.get(self.finish_reason) if self.finish_reason else None
         return Completion(self.text, list(self.token_ids), self.logprobs, self.top_logprobs, reason,
-                          len(self.prompt_ids), self.prompt_index)
+                          len(self.prompt_ids), self.prompt_index, self.cached_tokens, self.drafted_tokens,
+                          self.accepted_tokens)
