@@ -266,3 +266,36 @@ def check_logits(logits: torch.Tensor) -> None:
             f"the model produced NaN/inf logits (batch rows {rows[:8] or 'all'}): its activations overflowed "
             "the compute dtype or the weights hold NaN/inf. GPT-Neo overflows float16 on long inputs; load with "
             "dtype bfloat16 or float32 (--dtype), and check the checkpoint")
+
+
+def speculative_accept(probs: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
+                       generator: torch.Generator | None) -> tuple[int, int]:
+    """Returns (guesses accepted, the token after them) for one row's guesses, by rejection sampling.
+
+    probs (k+1, V) is the model's sampling distribution after each of the k guesses' prefixes (row j: after
+    guesses 0..j-1); draft_probs (k, V) the distributions the guesses were drawn from, or None for guesses that
+    were certain (prompt lookup). Guess j is accepted with probability min(1, p(guess) / q(guess)); at the first
+    rejection the next token is drawn from max(0, p - q), normalized; if all are accepted, from probs[k]. Every
+    emitted token then has the model's own distribution (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    k = len(drafts)
+    device = probs.device
+    if k:
+        index = torch.tensor(drafts, device=device)[:, None]
+        p = probs[:k].gather(1, index)[:, 0]
+        q = draft_probs[:k].gather(1, index)[:, 0] if draft_probs is not None else torch.ones_like(p)
+        u = torch.rand(k, generator=generator, device=device)
+        rejected = (u * q >= p).tolist()  # accepted when u < p / q
+        accepted = rejected.index(True) if True in rejected else k
+    else:
+        accepted = 0
+    dist = probs[accepted]
+    if accepted < k:
+        if draft_probs is not None:
+            residual = (dist - draft_probs[accepted]).clamp(min=0)
+        else:
+            residual = dist.clone()
+            residual[drafts[accepted]] = 0
+        if float(residual.sum()) > 0:  # else p <= q everywhere: only rounding can get here
+            dist = residual
+    return accepted, int(torch.multinomial(dist, 1, generator=generator))

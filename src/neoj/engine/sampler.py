@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constraint_matcher import apply_masks
-from ..sampling import check_logits, penalize, sampling_probs
+from ..sampling import check_logits, penalize, sampling_probs, speculative_accept
 from .sequence import Sequence
 
 
@@ -84,6 +84,55 @@ class Sampler:
             tokens.index_copy_(0, torch.tensor(sampled, device=tokens.device), self._draw(seqs, sampled, scores))
         self._observe(seqs, tokens)
         return self._with_logprobs(seqs, logits, tokens, best)
+
+    def verify(self, seqs: list[Sequence], logits: torch.Tensor, drafts: list[list[int]],
+               draft_probs: list[torch.Tensor | None]) -> list[list[tuple[int, float | None, dict[int, float] | None]]]:
+        """Returns each row's emitted (token, logprob, top logprobs): the guesses it accepts, then one more token.
+
+        logits (B, T, V) are the model's after each row's last token and its guesses drafts[i] (T >= 1 + every
+        len(drafts[i])). A greedy row accepts guesses while they equal the model's argmax, then takes the argmax:
+        exactly the tokens greedy decoding gives. A sampled row accepts by rejection sampling against the
+        distribution each guess was drawn from (draft_probs[i] (k, V'), V' <= V, or None: certain guesses), so its
+        tokens keep the model's distribution. Rows that speculate have no constraint or penalties (only the static
+        logit bias), so their distributions at every guess are known from the logits alone.
+        """
+        B, T, V = logits.shape
+        logits = self.mask_vocab(logits.view(B * T, V)).view(B, T, V)
+        scores = torch.stack([penalize(logits[i], None, None, s.params) for i, s in enumerate(seqs)])
+        best = scores.max(dim=-1)
+        if not bool(torch.isfinite(best.values).all()):
+            check_logits(logits.view(B * T, V))
+        greedy = best.indices.tolist()
+        out = []
+        for i, s in enumerate(seqs):
+            d = drafts[i]
+            k = len(d)
+            if s.params.greedy:
+                accepted = next((j for j in range(k) if d[j] != greedy[i][j]), k)
+                tokens = d[:accepted] + [greedy[i][accepted]]
+            else:
+                probs = sampling_probs(scores[i, : k + 1], [s.params] * (k + 1))
+                q = draft_probs[i]
+                if q is not None and q.shape[-1] < V:  # a draft with fewer embedding rows (GPT-Neo for GPT-J)
+                    q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
+                accepted, token = speculative_accept(probs, d, q, s.generator)
+                tokens = d[:accepted] + [token]
+            out.append(self._emitted(s, logits[i], tokens))
+        return out
+
+    @staticmethod
+    def _emitted(seq: Sequence, logits: torch.Tensor, tokens: list[int]) -> list[tuple]:
+        """Returns (token, logprob, top logprobs) for tokens emitted at a row's successive positions."""
+        n = seq.params.logprobs
+        if n is None:
+            return [(t, None, None) for t in tokens]
+        logp = torch.log_softmax(logits[: len(tokens)], dim=-1)
+        values = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        tops = [None] * len(tokens)
+        if n:
+            top_v, top_i = torch.topk(logp, n, dim=-1)
+            tops = [dict(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+        return list(zip(tokens, values, tops))
 
     @staticmethod
     def _draw(seqs: list[Sequence], rows: list[int], scores: torch.Tensor) -> torch.Tensor:
