@@ -46,7 +46,8 @@ class BatchCache(KVCache):
 
     def begin(self, lengths: list[int]) -> "BatchCache":
         """Readies the empty batch for a left-padded prefill written from slot 0, one row per prompt length
-        (row i's tokens end up in its last lengths[i] slots of max(lengths)); returns self."""
+        (row i's tokens end up in its last lengths[i] slots of max(lengths)); returns self. A prefill that reuses
+        cached prefixes writes them into the first slots itself (prefill.load_prefixes), then runs the rest."""
         if self.starts:
             raise ValueError("a prefill in place needs an empty batch")
         width = max(lengths)
@@ -174,6 +175,7 @@ class BatchCache(KVCache):
             if n < written:
                 self._valid[i, start + n : start + written] = False
         self.length = start + max(keep, default=0)
+        self._valid[: self.rows, self.length : start + written] = True  # slots from length on are written valid
         self.holes = self.holes or min(keep, default=written) < max(keep, default=0)
         self._sync()
 

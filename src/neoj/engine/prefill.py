@@ -1,6 +1,14 @@
-"""Prefill: running new prompts through the model before their sequences join the running batch."""
+"""Prefill: running new prompts through the model before their sequences join the running batch.
+
+A prompt that starts with blocks of the prefix cache reuses their keys and values and runs only the rest.
+The rows of one prefill stay right-aligned (padding only on the left, as the running batch needs them): every
+row runs the same number T of new tokens, the most any of them needs beyond its cached prefix, so a row that
+needs fewer runs the last cached tokens again as ordinary input and reuses only the tokens before them.
+"""
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 
@@ -8,34 +16,64 @@ from ..adapters import routed
 from ..kv_cache import KVCache
 from ..model import Transformer, positions_from_valid
 from ..model_utils import left_pad, token_logprobs
+from .prefix_cache import PrefixHit
 from .request import Prefill
 from .sequence import Sequence
 
 
-def prefill_groups(seqs: list[Sequence], prefill_tokens: int) -> list[list[Sequence]]:
-    """Returns seqs in groups to prefill together: by length, each at most prefill_tokens once padded."""
+def prefill_groups(seqs: list[Sequence], prefill_tokens: int,
+                   cached: Mapping[Sequence, int] | None = None) -> list[list[Sequence]]:
+    """Returns seqs in groups to prefill together: by the tokens each must run (its prompt less the `cached`
+    prefix it can reuse), each group at most prefill_tokens once padded.
+
+    Every row of a group runs as many tokens as its longest run, so a row with a shorter run recomputes the end
+    of its cached prefix. A prompt joins a group only while every prompt there keeps at least half of its cached
+    prefix, so a long uncached prompt does not undo the cache hits of the short runs before it. Without cached
+    prefixes, groups are as long as the budget allows.
+    """
+    cached = cached or {}
+
+    def run(seq: Sequence) -> int:
+        return len(seq.prompt_ids) - cached.get(seq, 0)
+
+    def fits(group: list[Sequence], width: int) -> bool:
+        return (len(group) + 1) * width <= prefill_tokens and \
+            all(2 * (width - run(s)) <= cached.get(s, 0) for s in group if s in cached)
+
     groups: list[list[Sequence]] = []
-    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
-        if groups and (len(groups[-1]) + 1) * len(seq.prompt_ids) <= prefill_tokens:
+    for seq in sorted(seqs, key=run):
+        if groups and fits(groups[-1], run(seq)):
             groups[-1].append(seq)
         else:
             groups.append([seq])
     return groups
 
 
-def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCache | None = None) -> list[Prefill]:
+def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCache | None = None,
+            prefixes: list[PrefixHit | None] | None = None) -> list[Prefill]:
     """Runs the prompts of seqs in one left-padded forward; returns each one's Prefill (in the order of seqs).
 
     The keys and values go to `cache` (row i for seqs[i], from slot 0: the running batch's own cache, made
-    ready by BatchCache.begin) or to a new cache of their own. Each Prefill is shared by the copies of its
-    prompt (num_return_sequences), and with prompt logprobs asked for it holds (logprob, top N) per prompt token.
+    ready by BatchCache.begin) or to a new cache of their own. prefixes[i], when given, holds cached keys and
+    values of seqs[i]'s first tokens (ignored for a prompt whose logprobs are asked for: every position must
+    run); Prefill.cached_tokens says how many were reused. Each Prefill is shared by the copies of its prompt
+    (num_return_sequences), and with prompt logprobs asked for it holds (logprob, top N) per prompt token.
     """
-    rows = [seq.prompt_ids for seq in seqs]
-    ids, valid = left_pad(rows, pad_id, model.wte.weight.device)
+    prefixes = prefixes or [None] * len(seqs)
+    hits = [hit if seq.request.prompt_logprobs is None else None for seq, hit in zip(seqs, prefixes)]
+    reused = reused_tokens([len(seq.prompt_ids) for seq in seqs], [hit.tokens if hit else 0 for hit in hits])
+    start = max(reused)
+    rows = [seq.prompt_ids[u:] for seq, u in zip(seqs, reused)]
+    device = model.wte.weight.device
+    ids, valid = left_pad(rows, pad_id, device)
     width = ids.shape[1]
-    cache = cache if cache is not None else KVCache.for_model(model, len(rows), width)
+    cache = cache if cache is not None else KVCache.for_model(model, len(rows), start + width)
     padded = any(len(r) != width for r in rows)
     positions = positions_from_valid(valid) if padded else None
+    if start:
+        load_prefixes(cache, hits, reused, start)
+        offsets = torch.tensor(reused, device=device)[:, None]
+        positions = (positions if positions is not None else torch.arange(width, device=device)) + offsets
     with routed(model, [seq.params.adapter for seq in seqs]):  # each prompt's LoRA adapter, if any
         hidden = model(ids, positions, cache, valid if padded else None)
     last = model.logits(hidden[:, -1])
@@ -44,8 +82,31 @@ def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCach
         top_n = seq.request.prompt_logprobs
         plp = prompt_logprobs(model, hidden[i, width - len(seq.prompt_ids) : -1], seq.prompt_ids, top_n) \
             if top_n is not None else None
-        out.append(Prefill(cache, i, width, last[i : i + 1], plp, seq.params.num_return_sequences))
+        out.append(Prefill(cache, i, start + width, last[i : i + 1], plp, seq.params.num_return_sequences, reused[i]))
     return out
+
+
+def reused_tokens(lengths: list[int], cached: list[int]) -> list[int]:
+    """Returns how many cached tokens each prompt reuses when prefilled together: every row runs T tokens, the
+    most any prompt has beyond its cached prefix, so prompt i reuses its first max(0, lengths[i] - T)."""
+    run = max(n - c for n, c in zip(lengths, cached))
+    return [max(0, n - run) for n in lengths]
+
+
+def load_prefixes(cache: KVCache, hits: list[PrefixHit | None], reused: list[int], start: int) -> None:
+    """Writes each row's reused prefix into its cache row, right-aligned to end at slot `start` (positions from
+    0), marks the slots before it as padding and sets the cache to continue at `start`."""
+    device = cache.key_pos.device
+    for i, (hit, n) in enumerate(zip(hits, reused)):
+        cache.key_valid[i, : start - n] = False
+        cache.key_valid[i, start - n : start] = True
+        if n:
+            kv = hit.keys_values(n)
+            cache.k[:, i, :, start - n : start] = kv[0]
+            cache.v[:, i, :, start - n : start] = kv[1]
+            cache.key_pos[i, start - n : start] = torch.arange(n, device=device)
+    cache.length = start
+    cache.padded = cache.padded or min(reused) < start
 
 
 def prompt_logprobs(model: Transformer, hidden: torch.Tensor, ids: list[int], top_n: int) -> list:

@@ -37,6 +37,7 @@ class Prefill:
     logits: torch.Tensor  # (1, vocab): the next-token logits after the prompt
     prompt_logprobs: list | None
     copies_left: int
+    cached_tokens: int = 0  # of the prompt's first tokens, how many were reused from the prefix cache
 
 
 class Request:

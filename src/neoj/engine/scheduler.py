@@ -26,10 +26,10 @@ from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
 from .prefill import prefill, prefill_groups
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, PrefixHit
 from .speculation import Speculative
 from .events import Countdown, drain
-from .request import EngineStats, Job, QueueFull, Request, WaitingQueue
+from .request import EngineStats, Job, Prefill, QueueFull, Request, WaitingQueue
 from .running import RunningBatch
 from .sampler import Sampler
 from .sequence import Event, Sequence
@@ -61,7 +61,7 @@ class Engine:
         self.vocab = model.config.vocab_size
         self.sampler = Sampler(min(tokenizer.vocab_size, self.vocab))
         self.stats = EngineStats()
-        self.batch = RunningBatch(model, max_batch, self.sampler, make_step, self.stats, self._finish)
+        self.batch = RunningBatch(model, max_batch, self.sampler, make_step, self.stats, self._finish, speculative)
         self.raise_errors = True  # until start(): the caller drives the rounds and sees the exceptions
         self._waiting = WaitingQueue()  # in (priority, arrival) order
         self._jobs: list[Job] = []
@@ -311,7 +311,7 @@ class Engine:
         return out
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefills this round's new prompts (in padded groups) and starts their sequences."""
+        """Prefills this round's new prompts (in padded groups, reusing cached prefixes) and starts their sequences."""
         todo, fresh = [], {}
         for seq in seqs:
             req = seq.request
@@ -323,12 +323,14 @@ class Engine:
                 todo.append(seq)
                 if seq.prompt_index not in req.prefills:
                     fresh.setdefault((id(req), seq.prompt_index), seq)
-        groups = prefill_groups(list(fresh.values()), self.prefill_tokens)
+        prompts = list(fresh.values())
+        hits = self._look_up_prefixes(prompts)
+        groups = prefill_groups(prompts, self.prefill_tokens, {seq: hit.tokens for seq, hit in hits.items()})
         # Into an empty batch, one group of prompts each starting one sequence is prefilled in place: its
         # keys and values are written straight into the batch's cache (no second cache, no copy).
         in_place = not self.running and len(groups) == 1 and len(groups[0]) == len(todo) and \
             all(seq.params.max_new_tokens > 0 for seq in todo)
-        failed = self._prefill_all(groups, in_place)
+        failed = self._prefill_all(groups, in_place, hits)
         ready = []
         for seq in todo:
             error = failed.get((id(seq.request), seq.prompt_index))
@@ -339,16 +341,33 @@ class Engine:
         self._start(ready)
         self._admitting = 0
 
-    def _prefill_all(self, groups: list[list[Sequence]], in_place: bool) -> dict[tuple[int, int], str]:
+    def _look_up_prefixes(self, prompts: list[Sequence]) -> dict[Sequence, PrefixHit]:
+        """Returns the cached prefix each new prompt starts with, where it has one. Prompts whose logprobs are
+        asked for look up nothing: every prompt position must run to give them."""
+        hits: dict[Sequence, PrefixHit] = {}
+        if self.prefix_cache is None:
+            return hits
+        for seq in prompts:
+            if seq.request.prompt_logprobs is None:
+                hit = self.prefix_cache.lookup(seq.prompt_ids, seq.params.adapter)
+                if hit is not None:
+                    hits[seq] = hit
+        return hits
+
+    def _prefill_all(self, groups: list[list[Sequence]], in_place: bool,
+                     hits: dict[Sequence, PrefixHit]) -> dict[tuple[int, int], str]:
         """Prefills each group's prompts into their requests (in_place: the one group straight into the batch's
-        cache); returns the error of each prompt that failed."""
+        cache), reusing their `hits`, and stores their blocks in the prefix cache; returns the error of each
+        prompt that failed."""
         failed: dict[tuple[int, int], str] = {}
         for group in groups:
             try:
                 cache = self.cache.begin([len(seq.prompt_ids) for seq in group]) if in_place else None
-                for seq, done in zip(group, prefill(self.model, group, self.tokenizer.eos_token_id, cache)):
-                    seq.request.prefills[seq.prompt_index] = done
+                done = prefill(self.model, group, self.tokenizer.eos_token_id, cache, [hits.get(s) for s in group])
+                for seq, result in zip(group, done):
+                    seq.request.prefills[seq.prompt_index] = result
                     self.stats.prompt_tokens += len(seq.prompt_ids)
+                self._remember_prefixes(group, done)
             except Exception as exc:
                 if in_place:
                     self.batch.reset()
@@ -358,12 +377,29 @@ class Engine:
                 failed.update(((id(seq.request), seq.prompt_index), str(exc)) for seq in group)
         return failed
 
+    def _remember_prefixes(self, group: list[Sequence], done: list[Prefill]) -> None:
+        """Counts the prefix cache's use by a prefilled group (prompts that looked it up) and stores the full
+        blocks of every prompt, from its prefill's cache row, for the prompts that follow."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        for seq, result in zip(group, done):
+            n = len(seq.prompt_ids)
+            if seq.request.prompt_logprobs is None:
+                cache.record(n, result.cached_tokens)
+                self.stats.prefix_queried_tokens += n
+                self.stats.prefix_hit_tokens += result.cached_tokens
+            slots = slice(result.end - n, result.end)
+            cache.store(seq.prompt_ids, seq.params.adapter, result.cache.k[:, result.row, :, slots],
+                        result.cache.v[:, result.row, :, slots])
+
     def _start(self, seqs: list[Sequence]) -> None:
         """Starts prefilled sequences: their first token, then the running batch (unless that token ends them)."""
         started, prefills = [], []
         for seq in seqs:
             prefill = seq.request.take_prefill(seq)
             seq.prompt_logprobs = prefill.prompt_logprobs
+            seq.cached_tokens = prefill.cached_tokens
             if seq.params.max_new_tokens == 0:  # only the prompt's logprobs were asked for
                 self._finish(seq, Event(seq, "", finish_reason="length"))
             else:
