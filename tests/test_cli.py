@@ -83,3 +83,61 @@ def test_help_everywhere_and_python_dash_m():
         assert exit_.value.code == 0
     proc = subprocess.run([sys.executable, "-m", "neoj", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "generate" in proc.stdout and "download" in proc.stdout
+
+
+def test_generate_speculative_flags_keep_the_greedy_text(tiny_dir, capsys):
+    """--prompt-lookup, --draft-model (a checkpoint, or the model itself quantized) and --prefix-cache-mb 0
+    change the speed, never the greedy text."""
+    base = ["generate", "-m", str(tiny_dir), "a b c a b c a b c", "-n", "12", "-t", "0"]
+    assert main(base) == 0
+    expected = capsys.readouterr().out
+    for extra in (["--prompt-lookup"], ["--prompt-lookup", "--num-speculative-tokens", "2"],
+                  ["--draft-model", str(tiny_dir)], ["--draft-model", "self", "--draft-quantize", "int8"],
+                  ["--prefix-cache-mb", "0"]):
+        assert main(base + extra) == 0, extra
+        assert capsys.readouterr().out == expected, extra
+
+
+def test_generate_speculative_flag_errors(tiny_dir, tmp_path, capsys):
+    base = ["generate", "-m", str(tiny_dir), "hi", "-n", "2"]
+    assert main(base + ["--draft-model", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"neoj: error: --draft-model {tmp_path / 'nope'}: cannot load it: ") and err.count("\n") == 1
+    # int4 of a 32-wide model needs --group-size 32: the loader's reason, blamed on the draft.
+    assert main(base + ["--draft-model", "self"]) == 1
+    assert "--draft-model self: cannot load it: int4 needs" in capsys.readouterr().err
+    assert main(base + ["--draft-model", "self", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--prompt-lookup", "--num-speculative-tokens", "99"]) == 1
+    assert capsys.readouterr().err == "neoj: error: --num-speculative-tokens must be between 1 and 16 (got 99)\n"
+    with pytest.raises(SystemExit):
+        main(base + ["--prompt-lookup", "--draft-model", "builtin"])
+    assert "--draft-model: not allowed with argument --prompt-lookup" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "chat", "summarize", "ask", "translate", "complete-code",
+                                     "batch"])
+def test_generating_commands_take_the_speculative_options(command):
+    from neoj.cli import build_parser
+
+    required = {"batch": ["-i", "in.jsonl", "-o", "out.jsonl"], "translate": ["hi", "--to", "fr"],
+                "summarize": ["f.txt"], "ask": ["why?"], "complete-code": ["f.py"]}.get(command, [])
+    args = build_parser().parse_args([command, *required, "--prefix-cache-mb", "64", "--draft-model", "self",
+                                      "--draft-quantize", "int8", "--num-speculative-tokens", "3"])
+    assert (args.prefix_cache_mb, args.draft_model, args.draft_quantize, args.num_speculative_tokens) == \
+        (64, "self", "int8", 3)
+    assert build_parser().parse_args([command, *required, "--prompt-lookup"]).prompt_lookup
+
+
+def test_load_from_args_sets_the_prefix_cache_and_speculation(tiny_dir):
+    from neoj.cli import build_parser
+    from neoj.cli_options import load_from_args
+
+    args = build_parser().parse_args(["generate", "-m", str(tiny_dir), "hi", "--prefix-cache-mb", "1",
+                                      "--draft-model", str(tiny_dir), "--num-speculative-tokens", "2"])
+    lm = load_from_args(args)
+    assert lm.prefix_cache.max_bytes == 2**20
+    assert lm.speculative.method == "draft" and lm.speculative.num_tokens == 2
+    assert lm.speculative.draft.config == lm.config
+    lm = load_from_args(build_parser().parse_args(["generate", "-m", str(tiny_dir), "hi", "--prefix-cache-mb", "0"]))
+    assert lm.prefix_cache is None and lm.speculative is None

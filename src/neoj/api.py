@@ -13,6 +13,8 @@ from .config import PRESETS, ModelConfig, preset
 from .errors import ConfigError, NeojError
 from . import linear, weights
 from .kernels import use_decode_kernels
+from .engine import PrefixCache, Speculative
+from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
 from .model_utils import mean_pooled
@@ -116,13 +118,34 @@ def prepare_for_inference(model: Transformer) -> Transformer:
 
 
 class LanguageModel:
-    """A loaded model and its tokenizer, with text-in, text-out methods."""
+    """A loaded model and its tokenizer, with text-in, text-out methods.
+
+    `prefix_cache`: the PrefixCache every generation of this model shares (its methods, the tasks and chat
+    sessions over it, `neoj batch`, the server), so a prompt that starts like an earlier one (a chat's history,
+    a task's few-shot examples, a system prompt) skips prefilling the common part. The default holds up to
+    DEFAULT_PREFIX_CACHE_MB MiB, allocated only as blocks are stored; set None to turn it off, or
+    PrefixCache.megabytes(mb) for another size. `speculative`: how generation guesses ahead (a Speculative,
+    "prompt_lookup" or a draft model, see Speculative.of), None (default) for plain decoding; the output is
+    the same either way, only the speed differs.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "", quantization: QuantSpec | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.quantization = quantization
+        self.prefix_cache: PrefixCache | None = PrefixCache.megabytes(DEFAULT_PREFIX_CACHE_MB)
+        self._speculative: Speculative | None = None
+
+    @property
+    def speculative(self) -> Speculative | None:
+        """Returns how this model's generations speculate (None: they do not)."""
+        return self._speculative
+
+    @speculative.setter
+    def speculative(self, value) -> None:
+        """Sets it from a Speculative, "prompt_lookup", a draft model (Transformer or LanguageModel) or None."""
+        self._speculative = Speculative.of(value)
 
     @property
     def config(self) -> ModelConfig:
@@ -158,11 +181,33 @@ class LanguageModel:
         """
         return load_adapter(self.model, name, directory, base=self.name or "the base model", reserved=(self.name,))
 
+    def _plan(self, options: dict) -> tuple[GenerationParams, Speculative | None]:
+        """Returns the GenerationParams of `options` and the Speculative for the call.
+
+        speculative=True/False is the per-call opt-out (GenerationParams.speculative) under self.speculative;
+        a Speculative, "prompt_lookup" or a draft model replaces self.speculative for this call only;
+        absent or None keeps self.speculative.
+        """
+        options = dict(options)
+        value = options.pop("speculative", None)
+        speculative = self.speculative
+        if isinstance(value, bool):
+            options["speculative"] = value
+        elif value is not None:
+            speculative = Speculative.of(value)
+        return GenerationParams.from_kwargs(**options), speculative
+
     def complete(self, prompts: str | list[str], **options) -> list[Completion]:
-        """Returns a Completion (text, tokens, logprobs, finish reason) per prompt and return sequence."""
-        params = GenerationParams.from_kwargs(**options)
+        """Returns a Completion (text, tokens, logprobs, finish reason) per prompt and return sequence.
+
+        Each Completion also says how many prompt tokens came from the prefix cache (cached_tokens) and how
+        many speculative guesses were verified and accepted (drafted_tokens, accepted_tokens,
+        acceptance_rate). Options are those of generate().
+        """
+        params, speculative = self._plan(options)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return generate_batch(self.model, self.tokenizer, self.tokenizer.encode_batch(prompts), params)
+        return generate_batch(self.model, self.tokenizer, self.tokenizer.encode_batch(prompts), params,
+                              prefix_cache=self.prefix_cache, speculative=speculative)
 
     def generate(self, prompt: str | list[str], **options) -> str | list[str] | list[list[str]]:
         """Returns the generated text for a prompt, or a list for a list of prompts.
@@ -170,6 +215,8 @@ class LanguageModel:
         With num_return_sequences=N > 1 each prompt gives a list of N texts.
         Options are GenerationParams fields: max_new_tokens, temperature (0 = greedy), top_k, top_p,
         repetition_penalty, stop, seed, num_return_sequences, truncate, adapter (a load_adapter name), ...
+        and speculative: False skips self.speculative for this call; "prompt_lookup", a draft model or a
+        Speculative speculates this way for this call (the text is the same as without, only faster or not).
         """
         completions = self.complete(prompt, **options)
         n = options.get("num_return_sequences") or 1
@@ -179,11 +226,12 @@ class LanguageModel:
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
-        """Yields the generated text of one prompt piece by piece, as it is produced."""
-        params = GenerationParams.from_kwargs(**options)
+        """Yields the generated text of one prompt piece by piece, as it is produced (options as generate's)."""
+        params, speculative = self._plan(options)
         if params.num_return_sequences != 1:
             raise NeojError("stream() produces one sequence; use generate() for num_return_sequences > 1")
-        for events in stream_batch(self.model, self.tokenizer, [self.tokenizer.encode(prompt)], params):
+        for events in stream_batch(self.model, self.tokenizer, [self.tokenizer.encode(prompt)], params,
+                                   prefix_cache=self.prefix_cache, speculative=speculative):
             for event in events:
                 if event.text:
                     yield event.text

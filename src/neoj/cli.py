@@ -12,8 +12,8 @@ from pathlib import Path
 from . import __version__
 from .checks import check_utf8_text, prepare_output_dir, read_stdin
 from .cli_options import (CONSTRAINT_FILE_ARGUMENTS, add_constraint_args, add_model_args, add_quantize_args,
-                          add_sampling_args, check_generation_options, constraint_from_args, load_from_args,
-                          sampling_options)
+                          add_sampling_args, add_speculative_args, check_generation_options, check_speculative_args,
+                          constraint_from_args, load_from_args, sampling_options)
 from .errors import NeojError
 from .threads import set_thread_count
 
@@ -27,7 +27,7 @@ to be explicit). Offline, set HF_HUB_OFFLINE=1: models already in the Hugging Fa
 # Arguments that name files, directories or models: kept as the bytes the shell gave (a non-UTF-8 file name
 # is a valid file name). Every other string argument is text for the model and must be UTF-8.
 PATH_ARGUMENTS = frozenset({"model", "adapter", "out", "input", "output", "data", "val_data", "context", "file",
-                            "examples", "prompts", "load", "config", "base"})
+                            "examples", "prompts", "load", "config", "base", "draft_model"})
 # How an error names an argument whose option string is not its destination's name.
 ARGUMENT_NAMES = {"prompt": "the PROMPT argument", "text": "the TEXT argument", "question": "the QUESTION argument",
                   "source": "--from", "repo_id": "the REPO_ID argument"}
@@ -168,6 +168,7 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("NEOJ_API_KEY") or None
     # --adapter DIR merges one adapter into the weights; --adapter NAME=DIR serves it as model NAME.
     args.adapter, adapters = split_adapter_specs(args.adapter or [])
+    check_speculative_args(args)  # a bad value fails before the port is bound
     sock = bind_listening_socket(args.host, args.port)  # a bad or busy port fails now, not after loading
     lm = load_from_args(args)
     # Clients name the model by its Hub id, or by the directory's name (a served path is not disclosed).
@@ -197,6 +198,7 @@ def _add_generate_command(sub) -> None:
     parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     add_model_args(parser)
+    add_speculative_args(parser)
     add_sampling_args(parser)
     add_constraint_args(parser)
     parser.set_defaults(func=cmd_generate)
@@ -227,6 +229,7 @@ def _add_serve_command(sub) -> None:
                         help="requests waiting beyond the batch before new ones get 503 (default 64)")
     parser.add_argument("--chat-template", default="plain",
                         help="how chat messages become a prompt for a base model: plain (default) or dolly")
+    add_speculative_args(parser)
     parser.set_defaults(func=cmd_serve)
 
 

@@ -1,6 +1,7 @@
 """Command-line options shared by the neoj command and its task and training subcommands: the model,
-quantization and sampling options (generate's, and the task subcommands'), their checks, and loading the
-model they name. Both cli.py and tasks/cli.py build on this module, so neither imports the other's internals."""
+quantization and sampling options (generate's, and the task subcommands'), prefix caching and speculative
+decoding, their checks, and loading the model they name. Both cli.py and tasks/cli.py build on this module, so
+neither imports the other's internals."""
 
 from __future__ import annotations
 
@@ -140,6 +141,8 @@ def add_task_args(parser: argparse.ArgumentParser, max_new_tokens: int | str | N
     """Adds the options of the task subcommands (summarize, ask, ...): the model, --prompts, --no-progress and
     the generation group; max_new_tokens: an int default, or the help text saying how the task picks it."""
     add_model_args(parser)
+    if generation:
+        add_speculative_args(parser)
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
     if progress:
@@ -176,6 +179,7 @@ def check_generation_options(args) -> None:
     """
     from .sampling import GenerationParams
 
+    check_speculative_args(args)
     given = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name, None) is not None}
     try:
         GenerationParams.from_kwargs(**given)
@@ -190,9 +194,129 @@ def check_generation_options(args) -> None:
 
 
 def load_from_args(args):
-    """Returns the LanguageModel that --model, --dtype, --device, --quantize, ... of `args` name."""
+    """Returns the LanguageModel that --model, --dtype, --device, --quantize, ... of `args` name, with the prefix
+    cache and the speculation that --prefix-cache-mb, --prompt-lookup, --draft-model, ... ask for (where the
+    command has those options)."""
     from .api import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
-                check_memory=not args.no_memory_check)
+    check_speculative_args(args)  # a bad value fails before the model loads
+    lm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+              adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
+              check_memory=not args.no_memory_check)
+    if hasattr(args, "prefix_cache_mb"):
+        from .engine import PrefixCache
+
+        lm.prefix_cache = PrefixCache.megabytes(args.prefix_cache_mb)
+        lm.speculative = speculative_from_args(args, lm)
+    return lm
+
+
+# ---- prefix caching and speculative decoding ----
+
+DRAFT_SELF = "self"  # --draft-model self: the model's own checkpoint, loaded again quantized
+SPECULATIVE_HELP = (
+    "Prefix caching keeps the keys and values of recent prompts and reuses them for a prompt that\n"
+    "starts the same way (a chat's history, few-shot examples, a system prompt). Speculative decoding\n"
+    "guesses a few tokens ahead and has the model check them all in one step: the text is what the\n"
+    "model alone writes (greedy) or follows its distribution (sampling); only the speed changes. It\n"
+    "pays on repetitive text (prompt lookup: code, quoted documents, extraction) or with a good small\n"
+    "draft model, and turns itself off while it does not.")
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the prefix-caching and speculative-decoding group: --prefix-cache-mb, --prompt-lookup,
+    --draft-model, --draft-quantize and --num-speculative-tokens."""
+    from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+
+    g = parser.add_argument_group("prefix caching and speculative decoding", SPECULATIVE_HELP)
+    g.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help=f"memory for reused prompt prefixes, taken only as prompts are stored (default "
+                   f"{DEFAULT_PREFIX_CACHE_MB}; 0 turns prefix caching off)")
+    method = g.add_mutually_exclusive_group()
+    method.add_argument("--prompt-lookup", action="store_true",
+                        help="speculate by prompt lookup: propose what followed the last few tokens where they "
+                        "appeared earlier in the prompt or the output (no second model)")
+    method.add_argument("--draft-model", default=None, metavar="NAME",
+                        help="speculate with a draft model that shares the tokenizer: a checkpoint directory, Hub "
+                        "id, builtin or random:PRESET (e.g. EleutherAI/gpt-neo-125m for a larger GPT-Neo or GPT-J), "
+                        f"loaded with --dtype and --device; '{DRAFT_SELF}' loads the model's own checkpoint again, "
+                        "quantized (see --draft-quantize), as its draft")
+    g.add_argument("--draft-quantize", default=None, choices=["int8", "int4"],
+                   help=f"quantize the draft model as it loads (default int4 for --draft-model {DRAFT_SELF}, none "
+                   "otherwise)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens guessed per step, 1 to 16 (default: 5 for --prompt-lookup, 4 for --draft-model)")
+
+
+def check_speculative_args(args) -> None:
+    """Raises NeojError naming the prefix-caching or speculative option whose value is out of range or given
+    without the option it refines; commands without these options pass."""
+    from .engine import Speculative
+
+    if not hasattr(args, "prefix_cache_mb"):
+        return
+    if not args.prefix_cache_mb >= 0 or args.prefix_cache_mb == float("inf"):
+        raise NeojError(f"--prefix-cache-mb must be 0 (off) or a positive size in MiB (got {args.prefix_cache_mb:g})")
+    k = args.num_speculative_tokens
+    if k is not None:
+        if not 1 <= k <= Speculative.MAX_TOKENS:
+            raise NeojError(f"--num-speculative-tokens must be between 1 and {Speculative.MAX_TOKENS} (got {k})")
+        if not (args.prompt_lookup or args.draft_model):
+            raise NeojError("--num-speculative-tokens needs --prompt-lookup or --draft-model")
+    if args.draft_quantize is not None and not args.draft_model:
+        raise NeojError("--draft-quantize needs --draft-model")
+
+
+def speculative_from_args(args, lm):
+    """Returns the Speculative that --prompt-lookup or --draft-model (with --num-speculative-tokens) ask for
+    for the LanguageModel `lm`, or None; raises NeojError when the draft cannot be loaded or does not share
+    lm's tokenizer."""
+    from .engine import Speculative
+
+    check_speculative_args(args)
+    k = args.num_speculative_tokens or 0
+    if args.prompt_lookup:
+        return Speculative(method="prompt_lookup", num_tokens=k)
+    if not args.draft_model:
+        return None
+    draft = load_draft(args, lm)
+    return Speculative(method="draft", num_tokens=k, draft=draft)
+
+
+def load_draft(args, lm):
+    """Returns the draft LanguageModel --draft-model names, loaded with --dtype and --device (and quantized by
+    --draft-quantize; 'self': lm's own checkpoint, int4 by default); raises NeojError saying why it is unusable."""
+    from .api import load
+
+    is_self = args.draft_model == DRAFT_SELF
+    name = args.model if is_self else args.draft_model
+    quantize = args.draft_quantize or ("int4" if is_self else None)
+    where = f"--draft-model {args.draft_model}"
+    if is_self and lm.quantization is not None and lm.quantization.scheme == quantize:
+        raise NeojError(f"{where}: the model is already {quantize}, so its {quantize} copy would be the model "
+                        "itself; use --draft-quantize int4 for an int8 model, or name a smaller --draft-model")
+    try:
+        draft = load(name, dtype=args.dtype, device=args.device, revision=args.revision if is_self else None,
+                     adapter=getattr(args, "adapter", None) if is_self else None, quantize=quantize,
+                     group_size=args.group_size, check_memory=not args.no_memory_check)
+    except NeojError as exc:
+        raise NeojError(f"{where}: cannot load it: {exc}") from None
+    check_draft(draft, lm, where)
+    return draft
+
+
+def check_draft(draft, lm, where: str = "the draft model") -> None:
+    """Raises NeojError when `draft` cannot guess tokens for `lm`: a tokenizer of another vocabulary, or an
+    output layer shorter than lm's tokenizer (GPT-Neo and GPT-J share the GPT-2 tokenizer's 50257 ids; GPT-J
+    pads its output layer to 50400, which is fine)."""
+    needed = lm.tokenizer.vocab_size
+    if draft.config.vocab_size < needed:
+        raise NeojError(f"{where}: its vocabulary has {draft.config.vocab_size} token ids, but the model's tokenizer "
+                        f"has {needed}; a draft must share the model's tokenizer (GPT-Neo and GPT-J share the "
+                        "GPT-2 tokenizer's 50257 ids)")
+    probe = "Speculative decoding: def f(x):\n    return x  # ok"
+    if draft.tokenizer.vocab_size != needed or draft.tokenizer.encode(probe) != lm.tokenizer.encode(probe):
+        raise NeojError(f"{where}: its tokenizer differs from the model's ({draft.tokenizer.vocab_size} tokens, "
+                        f"not {needed}); a draft must share the model's tokenizer")
+    if draft.device != lm.device:
+        raise NeojError(f"{where}: it is on {draft.device}, the model on {lm.device}; load both on one --device")

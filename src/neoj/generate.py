@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from .engine import Completion, Engine, Event
+from .engine import Completion, Engine, Event, PrefixCache, Speculative
 from .errors import ContextLengthError
 from .model import Transformer
 from .model_utils import token_logprobs
@@ -23,13 +23,15 @@ __all__ = ["Completion", "Event", "Score", "generate_batch", "score_ids", "strea
 
 
 @torch.inference_mode()
-def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
-                 params: GenerationParams) -> Iterator[list[Event]]:
+def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], params: GenerationParams,
+                 prefix_cache: PrefixCache | None = None,
+                 speculative: Speculative | None = None) -> Iterator[list[Event]]:
     """Yields the events of the rows' first tokens, then after each decode step those of every row still running.
 
     Rows are the prompts each repeated num_return_sequences times (Event.row is a row's index). The finished
     Completions, in row order, are the generator's return value (`StopIteration.value`); generate_batch
-    collects them.
+    collects them. `prefix_cache` (kept by the caller, e.g. LanguageModel.prefix_cache, so that later calls
+    reuse what this one stored) and `speculative` go to the private Engine (see neoj.engine.Engine).
     """
     params.validated()
     rows = len(prompts) * params.num_return_sequences
@@ -37,7 +39,8 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
         return []
     n_positions = model.config.n_positions
     # All rows join at once: one prefill of every prompt, and a cache sized for the whole run.
-    engine = Engine(model, tokenizer, max_batch=rows, max_queue=0, prefill_tokens=len(prompts) * n_positions)
+    engine = Engine(model, tokenizer, max_batch=rows, max_queue=0, prefill_tokens=len(prompts) * n_positions,
+                    prefix_cache=prefix_cache, speculative=speculative)
     events: list[Event] = []
     request = engine.submit(prompts, params, events.append)
     longest = max(len(seq.prompt_ids) for seq in request.seqs)
@@ -51,10 +54,12 @@ def stream_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[in
     return [seq.completion() for seq in request.seqs]
 
 
-def generate_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
-                   params: GenerationParams) -> list[Completion]:
-    """Returns the Completions for token-id prompts (num_return_sequences per prompt, in order)."""
-    gen = stream_batch(model, tokenizer, prompts, params)
+def generate_batch(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], params: GenerationParams,
+                   prefix_cache: PrefixCache | None = None,
+                   speculative: Speculative | None = None) -> list[Completion]:
+    """Returns the Completions for token-id prompts (num_return_sequences per prompt, in order); prefix_cache
+    and speculative as for stream_batch."""
+    gen = stream_batch(model, tokenizer, prompts, params, prefix_cache=prefix_cache, speculative=speculative)
     while True:
         try:
             next(gen)

@@ -38,6 +38,13 @@ Routes (one engine behind all of them; every request keeps its own sampling para
                                                LanguageModel.embed (mean-pooled; normalized only if asked)
     Other          GET /health (never needs the key), GET /metrics (Prometheus text), GET / (playground page)
 
+Prefix caching and speculative decoding: the engine reuses prompt prefixes through lm.prefix_cache and
+speculates as lm.speculative says (`neoj serve --prefix-cache-mb, --prompt-lookup, --draft-model`); a request
+opts out of speculation with "speculative": false (completions, chat, TGI parameters; a neoj extension).
+OpenAI usage carries prompt_tokens_details.cached_tokens and, when guesses were verified, "speculative":
+{drafted_tokens, accepted_tokens, acceptance_rate}; TGI details carry cached_tokens and those three; /metrics
+counts them under vLLM's names (vllm:prefix_cache_queries_total, vllm:spec_decode_num_accepted_tokens_total, ...).
+
 Sampling parameters: every value a route accepts generates. Temperatures below 1e-5 are greedy (as vLLM's),
 the samplers keep huge temperatures and extreme repetition penalties finite; NaN and infinity are 422s.
 /openapi.json documents each route's request model, error responses and content types.

@@ -157,12 +157,15 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     model id of its own (lm.adapter_names), and its rows share every batch with the base model's.
     allow_origins: web origins (or "*") whose pages may call the server from a browser (CORS), as KoboldAI
     Lite's page does; none by default, so no other site's page can read what the server answers.
+    The engine reuses prompt prefixes through lm.prefix_cache and speculates as lm.speculative says (set them
+    before creating the app; a request opts out of speculation with "speculative": false).
     """
     model_id = model_id or lm.name or lm.config.model_type
     aliases = tuple(aliases) if aliases is not None else default_aliases(lm, model_id)
     if adapters:
         load_adapters(lm.model, adapters, base=model_id, reserved=(model_id, *aliases))
-    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens,
+                    prefix_cache=lm.prefix_cache, speculative=lm.speculative)
     state = ServerState(lm=lm, engine=engine, model_id=model_id, aliases=aliases,
                         api_key=api_key or None, max_body_bytes=max_body_bytes,
                         chat_template=get_template(chat_template), metrics=Metrics(model_name=model_id))

@@ -119,6 +119,15 @@ def best_first(seqs: list[Sequence], per_prompt: int) -> list[list[Sequence]]:
             for first in range(0, len(seqs), per_prompt)]
 
 
+def speculation(seqs: list[Sequence]) -> dict:
+    """Returns the speculative-decoding figures of sequences, summed: {"drafted_tokens", "accepted_tokens",
+    "acceptance_rate"} (the rate None when nothing was drafted: speculation off, opted out, or paused)."""
+    drafted = sum(s.drafted_tokens for s in seqs)
+    accepted = sum(s.accepted_tokens for s in seqs)
+    return {"drafted_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None}
+
+
 def encode_prompts(state: ServerState, prompt, what: str = "prompt") -> tuple[list[list[int]], list[str | None]]:
     """Returns (token ids, original text or None) per prompt; empty prompts and unknown ids are 422s."""
     tok = state.lm.tokenizer

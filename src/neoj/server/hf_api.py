@@ -32,7 +32,7 @@ from ..sampling import GenerationParams
 from ..engine.events import failure
 from .bodies import parse, read_json
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, best_first, check_context,
-                     encode_prompts, room_for, sse)
+                     encode_prompts, room_for, speculation, sse)
 from .embeddings import MAX_INPUTS, check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import MAX_N, FeatureExtractionRequest, HFParameters, HFRequest
@@ -111,7 +111,7 @@ def _job(st: ServerState, body: HFRequest, flavor: Flavor, adapter: str | None =
         frequency_penalty=options.frequency_penalty or 0.0, stop=[stop] if isinstance(stop, str) else list(stop or []),
         seed=options.seed, num_return_sequences=best_of * (options.num_return_sequences or 1),
         logprobs=top_n if (details or top_n or best_of > 1) else None, truncate=fit,
-        constraint=_grammar(options), adapter=adapter)
+        constraint=_grammar(options), adapter=adapter, speculative=options.speculative is not False)
     full = options.return_full_text if options.return_full_text is not None else (
         not options.remove_input if options.remove_input is not None else flavor.return_full_text)
     texts = [t if t is not None else st.lm.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
@@ -163,6 +163,7 @@ def _details(st: ServerState, job: Job, seq: Sequence, others: list[Sequence] = 
     out["tokens"] = [_token(tok, t, lp) for t, lp in zip(seq.token_ids, lps)]
     if job.top_n and seq.top_logprobs is not None:
         out["top_tokens"] = [[_token(tok, t, v) for t, v in (top or {}).items()] for top in seq.top_logprobs]
+    out.update(_engine_details(seq))
     if others:
         out["best_of_sequences"] = [{"generated_text": _generated(job, o), **_details(st, job, o)} for o in others]
         for other in out["best_of_sequences"]:
@@ -372,7 +373,14 @@ async def _stream(st: ServerState, request: Request, body: HFRequest, route: str
 
 def _stream_details(job: Job, seq: Sequence) -> dict:
     return {"finish_reason": TGI_FINISH[seq.finish_reason], "generated_tokens": len(seq.token_ids),
-            "seed": seq.seed if not seq.params.greedy else None, "input_length": len(seq.prompt_ids)}
+            "seed": seq.seed if not seq.params.greedy else None, "input_length": len(seq.prompt_ids),
+            **_engine_details(seq)}
+
+
+def _engine_details(seq: Sequence) -> dict:
+    """Returns the neoj extensions of TGI's details: cached_tokens (prompt tokens reused from the prefix cache)
+    and drafted_tokens, accepted_tokens, acceptance_rate (speculative decoding; 0, 0, null without it)."""
+    return {"cached_tokens": seq.cached_tokens, **speculation([seq])}
 
 
 @router.get("/info", **describe("/info"))

@@ -9,6 +9,9 @@ neoj's own series (`neoj_` prefix, Prometheus' naming conventions):
     neoj_max_batch, neoj_max_queue                gauges     the engine's limits
     neoj_requests_total, neoj_prompt_tokens_total, neoj_generated_tokens_total, neoj_decode_steps_total,
     neoj_sequences_finished_total{reason}         counters
+    neoj_prefix_cache_used_bytes, neoj_prefix_cache_max_bytes   gauges  the prefix cache's blocks and limit (0: off)
+    neoj_prefix_cache_hit_rate                    gauge      prompt tokens found / looked up, since start
+    neoj_spec_decode_acceptance_rate              gauge      speculative guesses accepted / verified, since start
 
 The names dashboards and autoscalers made for other servers query, with those servers' meanings, read from the
 engine (EngineStats and its latency histograms, recorded by the model thread):
@@ -21,6 +24,12 @@ engine (EngineStats and its latency histograms, recorded by the model thread):
     vllm:num_requests_waiting            gauge      requests waiting for a row
     vllm:num_requests_running            gauge      sequences in the running batch
     vllm:prompt_tokens_total, vllm:generation_tokens_total   counters
+    vllm:prefix_cache_queries_total      counter    prompt tokens looked up in the prefix cache
+    vllm:prefix_cache_hits_total         counter    of those, found (hit rate: rate(hits) / rate(queries))
+    vllm:spec_decode_num_drafts_total    counter    decode steps that verified guesses (vLLM counts one per
+                                                    request and step: with one row per step they agree)
+    vllm:spec_decode_num_draft_tokens_total, vllm:spec_decode_num_accepted_tokens_total   counters
+                                                    guesses verified, and accepted (acceptance rate: their ratio)
     TGI (text-generation-inference's router): tgi_queue_size (gauge, requests waiting) and
     tgi_batch_current_size (gauge, sequences in the running batch): the two its autoscaling guides watch.
 The `vllm:` names keep vLLM's colon, which Prometheus' conventions reserve for recording rules: a dashboard
@@ -134,8 +143,27 @@ class Metrics:
                   "# TYPE neoj_sequences_finished_total counter"]
         for reason in ("eos", "stop", "length", "time", "cancelled", "error"):
             lines.append(f'neoj_sequences_finished_total{{reason="{reason}"}} {s.finished.get(reason, 0)}')
+        lines += self._caching(engine)
         lines += self._compatible(engine)
         return "\n".join(lines) + "\n"
+
+    def _caching(self, engine: Engine) -> list[str]:
+        """Returns neoj's prefix-cache and speculative-decoding gauges, read from the engine."""
+        s, cache = engine.stats, engine.prefix_cache
+        spec_rate = s.spec_accepted_tokens / s.spec_drafted_tokens if s.spec_drafted_tokens else 0.0
+        lines = []
+        for name, help, value in [
+            ("neoj_prefix_cache_used_bytes", "Bytes the prefix cache's stored blocks hold.",
+             cache.used_bytes if cache is not None else 0),
+            ("neoj_prefix_cache_max_bytes", "Bytes the prefix cache may hold (0: prefix caching off).",
+             cache.max_bytes if cache is not None else 0),
+            ("neoj_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up.",
+             s.prefix_hit_tokens / s.prefix_queried_tokens if s.prefix_queried_tokens else 0.0),
+            ("neoj_spec_decode_acceptance_rate", "Speculative tokens accepted / speculative tokens verified.",
+             spec_rate),
+        ]:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return lines
 
     def _compatible(self, engine: Engine) -> list[str]:
         """Returns the vLLM and TGI series (see the module's docstring), read from the engine."""
@@ -156,6 +184,15 @@ class Metrics:
             ("vllm:num_requests_running", "gauge", "Number of sequences in the running batch.", s.running),
             ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s.prompt_tokens),
             ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", s.generated_tokens),
+            ("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried "
+             "tokens.", s.prefix_queried_tokens),
+            ("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+             s.prefix_hit_tokens),
+            ("vllm:spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts (decode steps that "
+             "verified guesses).", s.spec_steps),
+            ("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", s.spec_drafted_tokens),
+            ("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+             s.spec_accepted_tokens),
             ("tgi_queue_size", "gauge", "Requests waiting in the queue.", s.waiting),
             ("tgi_batch_current_size", "gauge", "Sequences in the running batch.", s.running),
         ]:

@@ -18,7 +18,7 @@ from .chat import get_template
 from ..engine.events import failure
 from .bodies import parse, read_json
 from .common import (APIError, ClientGone, EventStream, Generation, ServerState, best_first, check_context,
-                     encode_prompts, room_for, sse)
+                     encode_prompts, room_for, speculation, sse)
 from .embeddings import check_count, check_dimensions, check_lengths, embed
 from .openapi import GENERATION_ERRORS, describe
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -48,7 +48,7 @@ def _params(body, adapter: str | None, max_new: int, n: int, logprobs: int | Non
         frequency_penalty=body.frequency_penalty or 0.0, stop=stops, stop_at_eos=not body.ignore_eos,
         seed=body.seed, num_return_sequences=n, logprobs=logprobs, truncate=bool(body.truncate),
         logit_bias=body.logit_bias, constraint=_response_format(body.response_format),
-        adapter=adapter)
+        adapter=adapter, speculative=body.speculative is not False)
 
 
 def _response_format(value: dict | None) -> Constraint | None:
@@ -66,9 +66,18 @@ def _stops(stop) -> list[str]:
 
 
 def _usage(seqs: list[Sequence]) -> dict:
-    prompt = sum(len(s.prompt_ids) for s in seqs if s.index % s.params.num_return_sequences == 0)
+    """Returns OpenAI's usage: token counts, prompt_tokens_details.cached_tokens (prompt tokens reused from the
+    prefix cache, counted once per prompt as prompt_tokens are), and the neoj extension "speculative"
+    (drafted_tokens, accepted_tokens, acceptance_rate over every sequence) when speculation drafted anything."""
+    firsts = [s for s in seqs if s.index % s.params.num_return_sequences == 0]
+    prompt = sum(len(s.prompt_ids) for s in firsts)
     completion = sum(len(s.token_ids) for s in seqs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)}}
+    spec = speculation(seqs)
+    if spec["drafted_tokens"]:
+        usage["speculative"] = spec
+    return usage
 
 
 @router.get("/v1/models", **describe("/v1/models"))

@@ -80,6 +80,7 @@ class CompletionRequest(Strict):
     # neoj extensions
     truncate: StrictBool | None = None
     max_time: MaxTime | None = None
+    speculative: StrictBool | None = None  # false: no speculative decoding for this request (neoj extension)
 
     _stop = field_validator("stop")(check_stop)
 
@@ -134,6 +135,7 @@ class ChatRequest(Strict):
     truncate: StrictBool | None = None
     max_time: MaxTime | None = None
     chat_template: StrictStr | None = None
+    speculative: StrictBool | None = None  # false: no speculative decoding for this request (neoj extension)
 
     _stop = field_validator("stop")(check_stop)
 
@@ -183,6 +185,7 @@ class HFParameters(Strict):
     watermark: Literal[False] | None = None
     grammar: TGIGrammar | None = None
     adapter_id: StrictStr | None = None
+    speculative: StrictBool | None = None  # false: no speculative decoding for this request (neoj extension)
 
     _stop = field_validator("stop", "stop_sequences")(check_stop)
 

@@ -207,13 +207,15 @@ def _checked_defaults(batch_size: int, defaults: dict) -> dict:
 
 def _engine_runner(lm, batch_size: int) -> tuple[Runner, "Engine | None"]:
     """Returns (runner, engine to shut down or None): a Runner given is used as it is, a LanguageModel gets an
-    engine of its own."""
+    engine of its own, with the model's prefix cache and speculation (lm.prefix_cache, lm.speculative)."""
     if isinstance(lm, Runner):
         return lm, None
     from ..engine import Engine
 
     runner = as_runner(lm)
-    engine = Engine(runner.lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size)
+    lm = runner.lm
+    engine = Engine(lm.model, runner.tokenizer, max_batch=batch_size, max_queue=batch_size,
+                    prefix_cache=lm.prefix_cache, speculative=lm.speculative)
     return EngineRunner(runner.lm, engine), engine
 
 

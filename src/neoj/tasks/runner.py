@@ -102,15 +102,19 @@ class Runner:
 
 
 class LocalRunner(Runner):
-    """Runs everything in the calling thread, on the LanguageModel itself."""
+    """Runs everything in the calling thread, on the LanguageModel itself, with its prefix cache and
+    speculation (lm.prefix_cache, lm.speculative): a chat's history and a task's few-shot examples are
+    prefilled once, then reused."""
 
     def generate(self, prompts, params):
         self.check()
-        return generate_batch(self.lm.model, self.lm.tokenizer, prompts, params)
+        return generate_batch(self.lm.model, self.lm.tokenizer, prompts, params, prefix_cache=self.lm.prefix_cache,
+                              speculative=self.lm.speculative)
 
     def stream(self, prompt, params):
         self.check()
-        for events in stream_batch(self.lm.model, self.lm.tokenizer, [prompt], params):
+        for events in stream_batch(self.lm.model, self.lm.tokenizer, [prompt], params,
+                                   prefix_cache=self.lm.prefix_cache, speculative=self.lm.speculative):
             for event in events:
                 if event.text:
                     yield event.text
