@@ -292,3 +292,81 @@ def test_shared_between_threads(family, text):
     finally:
         server.shutdown()
     assert_same([out[i] for i in range(4)], ref)
+
+
+# ---- scoring (the tasks' continuation log-likelihoods: classify's few-shot prompts) ----
+
+from neoj.tasks import LocalRunner, classify, continuation_logprobs  # noqa: E402
+from neoj.tasks.classify import classification_prompt  # noqa: E402
+from neoj.tasks.prompts import Prompts  # noqa: E402
+
+EXAMPLES = [("I loved it, a wonderful evening.", "positive"), ("Cold food and a rude waiter.", "negative"),
+            ("Best concert of the year!", "positive")]
+REVIEWS = ["Great service and tasty food.", "Never going back there.", "It was fine, I suppose.",
+           "The film was far too long and boring."]
+
+
+def scores(family, monkeypatch, cache, pairs, **kw) -> list[float]:
+    """Returns continuation_logprobs of pairs on family's model with lm.prefix_cache set to `cache`."""
+    monkeypatch.setattr(family.lm, "prefix_cache", cache)
+    return continuation_logprobs(LocalRunner(family.lm), pairs, **kw)
+
+
+@pytest.mark.parametrize("shared", [WINDOW - 2, WINDOW + 5])
+def test_continuation_logprobs_reuse_cached_prefixes(family, text, shared, monkeypatch):
+    """Contexts sharing `shared` tokens (shorter and longer than the local window), continuations of 1-3 tokens:
+    within 1e-5 of scoring without a cache, the first call storing blocks and the second reusing them."""
+    pairs = [(text[:shared] + text[30 : 30 + i], text[36 : 37 + i % 3]) for i in range(4)]
+    ref = scores(family, monkeypatch, None, pairs)
+    cache = PrefixCache(1 << 20, BLOCK)
+    first = scores(family, monkeypatch, cache, pairs)
+    assert cache.hit_tokens == 0 and cache.queried_tokens == sum(len(c) + len(x) for c, x in pairs)
+    assert len(cache) > 0
+    second = scores(family, monkeypatch, cache, pairs)
+    # Each context's own blocks are cached now; the group reuses the fewest any row has (capped at len - 1).
+    start = min(min(len(c) // BLOCK * BLOCK, len(c) - 1) for c, _ in pairs)
+    assert cache.hit_tokens == len(pairs) * start > 0
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(ref), **TOL)
+    torch.testing.assert_close(torch.tensor(second), torch.tensor(ref), **TOL)
+
+
+def test_scoring_groups_reuse_what_earlier_groups_stored(family, text, monkeypatch):
+    """Rows in several groups of one call, with different cached lengths (one group reuses the fewest, running
+    the rest again), and a context ending exactly at a block's end (its last token still runs)."""
+    pairs = [(text[:30] + [text[39]], text[31:33]), (text[:13] + text[33:37], [text[37]]),
+             (text[:6] + text[31:33], text[33:36]), (text[:24], text[24:26]), (text[32:37], [text[5]])]
+    ref = scores(family, monkeypatch, None, pairs)
+    cache = PrefixCache(1 << 20, BLOCK)
+    scores(family, monkeypatch, cache, [(text[:32], [text[32]])])  # stores text[:32] in 8 blocks
+    # One row per group (shortest first): each reuses its own hit, 0, 4, 12, 23 (of 24: capped) and 28 tokens,
+    # then stores its context; then all rows in one group, each holding its whole context but the last token
+    # (4, 7, 16, 23, 28): the group reuses 4 tokens of each and runs the rest again.
+    for batch_tokens, hits in ((1, 67), (10_000, 67 + 5 * 4)):
+        got = scores(family, monkeypatch, cache, pairs, batch_tokens=batch_tokens)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), **TOL)
+        assert cache.hit_tokens == hits
+
+
+@pytest.mark.parametrize("examples", [EXAMPLES[:1], EXAMPLES])
+def test_classify_with_examples_equals_it_without_a_prefix_cache(family, examples, monkeypatch):
+    """Few-shot classification: label probabilities within 1e-5 of the uncached ones; the second batch reuses
+    the few-shot prompt the first stored."""
+    labels = ("positive", "negative", "very mixed feelings")
+    monkeypatch.setattr(family.lm, "prefix_cache", None)
+    ref = classify(family.lm, REVIEWS, labels, examples=examples)
+    cache = PrefixCache(1 << 20, BLOCK)
+    monkeypatch.setattr(family.lm, "prefix_cache", cache)
+    got = classify(family.lm, REVIEWS[:2], labels, examples=examples)
+    assert cache.hit_tokens == 0
+    got += classify(family.lm, REVIEWS[2:], labels, examples=examples, batch_size=1)
+    tok = family.lm.tokenizer
+    contexts = [tok.encode(classification_prompt(Prompts(), t, labels, examples)) for t in REVIEWS]
+    common = next(i for i in range(min(map(len, contexts)) + 1)
+                  if i == min(map(len, contexts)) or len({c[i] for c in contexts}) > 1)
+    assert common > WINDOW
+    assert cache.hit_tokens >= 2 * len(labels) * (common // BLOCK * BLOCK) > 0  # the last two reviews' rows
+    for g, r in zip(got, ref, strict=True):
+        assert g.label == r.label
+        for x in labels:
+            assert g.probabilities[x] == pytest.approx(r.probabilities[x], abs=1e-5)
+            assert g.logprobs[x] == pytest.approx(r.logprobs[x], abs=1e-5)

@@ -143,6 +143,8 @@ def add_task_args(parser: argparse.ArgumentParser, max_new_tokens: int | str | N
     add_model_args(parser)
     if generation:
         add_speculative_args(parser)
+    else:  # scoring tasks (classify) reuse few-shot prefixes too, but have nothing to speculate
+        add_prefix_cache_arg(parser.add_argument_group("prefix caching"))
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="JSON or TOML file overriding prompt templates by name (see neoj/tasks/prompts.py)")
     if progress:
@@ -207,7 +209,8 @@ def load_from_args(args):
         from .engine import PrefixCache
 
         lm.prefix_cache = PrefixCache.megabytes(args.prefix_cache_mb)
-        lm.speculative = speculative_from_args(args, lm)
+        if hasattr(args, "prompt_lookup"):
+            lm.speculative = speculative_from_args(args, lm)
     return lm
 
 
@@ -226,12 +229,8 @@ SPECULATIVE_HELP = (
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     """Adds the prefix-caching and speculative-decoding group: --prefix-cache-mb, --prompt-lookup,
     --draft-model, --draft-quantize and --num-speculative-tokens."""
-    from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
-
     g = parser.add_argument_group("prefix caching and speculative decoding", SPECULATIVE_HELP)
-    g.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
-                   help=f"memory for reused prompt prefixes, taken only as prompts are stored (default "
-                   f"{DEFAULT_PREFIX_CACHE_MB}; 0 turns prefix caching off)")
+    add_prefix_cache_arg(g)
     method = g.add_mutually_exclusive_group()
     method.add_argument("--prompt-lookup", action="store_true",
                         help="speculate by prompt lookup: propose what followed the last few tokens where they "
@@ -248,6 +247,15 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
                    help="tokens guessed per step, 1 to 16 (default: 5 for --prompt-lookup, 4 for --draft-model)")
 
 
+def add_prefix_cache_arg(group) -> None:
+    """Adds --prefix-cache-mb to a parser or argument group."""
+    from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+
+    group.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                       help=f"memory for reused prompt prefixes, taken only as prompts are stored (default "
+                       f"{DEFAULT_PREFIX_CACHE_MB}; 0 turns prefix caching off)")
+
+
 def check_speculative_args(args) -> None:
     """Raises NeojError naming the prefix-caching or speculative option whose value is out of range or given
     without the option it refines; commands without these options pass."""
@@ -257,6 +265,8 @@ def check_speculative_args(args) -> None:
         return
     if not args.prefix_cache_mb >= 0 or args.prefix_cache_mb == float("inf"):
         raise NeojError(f"--prefix-cache-mb must be 0 (off) or a positive size in MiB (got {args.prefix_cache_mb:g})")
+    if not hasattr(args, "num_speculative_tokens"):
+        return
     k = args.num_speculative_tokens
     if k is not None:
         if not 1 <= k <= Speculative.MAX_TOKENS:

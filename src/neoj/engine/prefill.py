@@ -4,6 +4,10 @@ A prompt that starts with blocks of the prefix cache reuses their keys and value
 The rows of one prefill stay right-aligned (padding only on the left, as the running batch needs them): every
 row runs the same number T of new tokens, the most any of them needs beyond its cached prefix, so a row that
 needs fewer runs the last cached tokens again as ordinary input and reuses only the tokens before them.
+
+Scoring (score_rows_with_prefix: the tasks' continuation log-likelihoods, a few-shot prompt before each
+text) reuses the prefix cache the same way, from the other side: its rows are right-padded (nothing is
+generated after them) and all reuse the same number of cached tokens, the fewest any of them has.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import torch
 from ..adapters import routed
 from ..kv_cache import KVCache
 from ..model import Transformer, positions_from_valid
-from ..model_utils import left_pad, token_logprobs
-from .prefix_cache import PrefixHit
+from ..model_utils import left_pad, right_pad, token_logprobs
+from .prefix_cache import PrefixCache, PrefixHit
 from .request import Prefill
 from .sequence import Sequence
 
@@ -118,3 +122,47 @@ def prompt_logprobs(model: Transformer, hidden: torch.Tensor, ids: list[int], to
     targets = torch.tensor(ids[1:], device=hidden.device)
     values, tops = token_logprobs(model, hidden, targets, top_n)
     return [(None, None)] + list(zip(values, tops if tops is not None else [None] * len(values)))
+
+
+def score_rows_with_prefix(model: Transformer, prefix_cache: PrefixCache, rows: list[tuple[list[int], int]],
+                           pad_id: int) -> list[float]:
+    """Returns, per (ids, n) row, the summed log-probability of its last n tokens, as one right-padded forward
+    over whole rows does, but reusing the prefix cache: the rows reuse the keys and values of their first
+    `start` tokens (the shortest cached prefix among their contexts, ids less the last n: the context's last
+    token must run to predict the first scored one), run only the rest, then store their contexts' full blocks
+    for the rows that follow (a task's few-shot examples are computed once). Rows run on the base model
+    (no LoRA adapter routed), so lookups and stores use adapter None.
+    """
+    contexts = [ids[: len(ids) - n] for ids, n in rows]
+    hits = [prefix_cache.lookup(ctx) for ctx in contexts]
+    start = min(hit.tokens if hit is not None else 0 for hit in hits)
+    cache = KVCache.for_model(model, len(rows), max(len(ids) for ids, _ in rows))
+    if start:
+        load_prefixes(cache, hits, [start] * len(rows), start)
+    x = right_pad([ids[start:] for ids, _ in rows], pad_id, model.wte.weight.device)
+    hidden = model(x, cache=cache)  # positions continue from `start`; padding after a row never reaches it
+    out = continuation_sums(model, hidden, x, rows, start)
+    for i, ctx in enumerate(contexts):
+        prefix_cache.record(len(rows[i][0]), start)
+        prefix_cache.store(ctx, None, cache.k[:, i, :, : len(ctx)], cache.v[:, i, :, : len(ctx)])
+    return out
+
+
+def continuation_sums(model: Transformer, hidden: torch.Tensor, x: torch.Tensor, rows: list[tuple[list[int], int]],
+                      offset: int = 0) -> list[float]:
+    """Returns, per (ids, n) row, the summed log-probability of its last n tokens, from the hidden states
+    (B, T, C) of input x (B, T): row b's tokens from `offset` on (those before it came from a cache).
+
+    Position t predicts token t + 1, so a continuation of n tokens ending at len is predicted from the hidden
+    states at len-n-1 .. len-2, which are at input index t - offset.
+    """
+    device = x.device
+    b_idx = torch.tensor([b for b, (ids, n) in enumerate(rows) for _ in range(n)], device=device)
+    t_idx = torch.tensor([t - offset for ids, n in rows for t in range(len(ids) - n - 1, len(ids) - 1)],
+                         device=device)
+    lps, _ = token_logprobs(model, hidden[b_idx, t_idx], x[b_idx, t_idx + 1])
+    out, k = [], 0
+    for _, n in rows:
+        out.append(float(sum(lps[k : k + n])))
+        k += n
+    return out

@@ -83,6 +83,8 @@ class RunningBatch:
         logits = self.ahead if self.ahead is not None else self._forward(seqs, None)
         self.ahead = None
         selection = self.sampler.select(seqs, logits)
+        if self.speculator is not None and self.speculator.next_step_may_guess:
+            may_run_ahead = False  # the next step may verify guesses: it cannot be queued now as a plain one
         if self.run_ahead and may_run_ahead and not any(s.last_token_due or s.request.cancelled for s in seqs):
             self.ahead = self._forward(seqs, selection.tokens)
         finished = self.advance(seqs, *selection.to_host())

@@ -98,11 +98,17 @@ class Sampler:
         """
         B, T, V = logits.shape
         logits = self.mask_vocab(logits.view(B * T, V)).view(B, T, V)
-        scores = torch.stack([penalize(logits[i], None, None, s.params) for i, s in enumerate(seqs)])
+        scores = logits
+        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        if biased:
+            scores = logits.clone()
+            for i in biased:
+                scores[i] = penalize(scores[i], None, None, seqs[i].params)
         best = scores.max(dim=-1)
         if not bool(torch.isfinite(best.values).all()):
             check_logits(logits.view(B * T, V))
         greedy = best.indices.tolist()
+        probs = self._guess_probs(seqs, scores, drafts)
         out = []
         for i, s in enumerate(seqs):
             d = drafts[i]
@@ -111,14 +117,24 @@ class Sampler:
                 accepted = next((j for j in range(k) if d[j] != greedy[i][j]), k)
                 tokens = d[:accepted] + [greedy[i][accepted]]
             else:
-                probs = sampling_probs(scores[i, : k + 1], [s.params] * (k + 1))
                 q = draft_probs[i]
                 if q is not None and q.shape[-1] < V:  # a draft with fewer embedding rows (GPT-Neo for GPT-J)
                     q = torch.nn.functional.pad(q, (0, V - q.shape[-1]))
-                accepted, token = speculative_accept(probs, d, q, s.generator)
+                accepted, token = speculative_accept(probs[i], d, q, s.generator)
                 tokens = d[:accepted] + [token]
             out.append(self._emitted(s, logits[i], tokens))
         return out
+
+    @staticmethod
+    def _guess_probs(seqs: list[Sequence], scores: torch.Tensor, drafts: list[list[int]]) -> dict[int, torch.Tensor]:
+        """Returns, per sampled row i, its sampling distributions (len(drafts[i]) + 1, V) at its guesses'
+        positions, from one vectorized call over every sampled row."""
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not rows:
+            return {}
+        flat = torch.cat([scores[i, : len(drafts[i]) + 1] for i in rows])
+        probs = sampling_probs(flat, [seqs[i].params for i in rows for _ in range(len(drafts[i]) + 1)])
+        return dict(zip(rows, probs.split([len(drafts[i]) + 1 for i in rows])))
 
     @staticmethod
     def _emitted(seq: Sequence, logits: torch.Tensor, tokens: list[int]) -> list[tuple]:

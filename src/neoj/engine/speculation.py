@@ -293,8 +293,13 @@ class Speculator:
         spec, plain = self.seconds_per_token[True], self.seconds_per_token[False]
         return spec is None or plain is None or spec <= plain
 
-    def _worth_trying(self) -> bool:
+    @property
+    def next_step_may_guess(self) -> bool:
+        """Returns whether the next step may speculate: then a CUDA batch must not queue it ahead as a plain step."""
+        return self._worth_trying(self.steps + 1)
+
+    def _worth_trying(self, step: int | None = None) -> bool:
         if not self.spec.adaptive:
             return True
-        probe = self.steps % self.PROBE_EVERY == 0
+        probe = (self.steps if step is None else step) % self.PROBE_EVERY == 0
         return self.paying != probe

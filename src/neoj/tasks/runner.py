@@ -21,10 +21,12 @@ from ..config import ModelConfig
 from ..errors import ContextLengthError, NeojError
 from ..generate import Completion, generate_batch, stream_batch
 from ..model import Transformer
-from ..model_utils import embed_rows, fit_prompt, right_pad, token_logprobs
+from ..model_utils import embed_rows, fit_prompt, right_pad
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
 from ..engine.events import Countdown, drain
+from ..engine.prefill import continuation_sums, score_rows_with_prefix
+from ..engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -223,8 +225,11 @@ def continuation_logprobs(runner: Runner, pairs: list[tuple[list[int], list[int]
 
     A context too long for the window keeps its last tokens. Rows are right-padded into batches of about
     batch_tokens tokens: under causal attention, padding after a row's end never reaches its real tokens.
+    With the runner's model holding a prefix cache (lm.prefix_cache), rows reuse the cached keys and values of
+    the contexts' common start (a few-shot prompt) and store theirs for the batches that follow.
     """
     n_pos, eos = runner.n_positions, runner.tokenizer.eos_token_id
+    prefix_cache = runner.lm.prefix_cache
     rows = []
     for ctx, cont in pairs:
         if not cont:
@@ -243,26 +248,22 @@ def continuation_logprobs(runner: Runner, pairs: list[tuple[list[int], list[int]
         while end < len(order) and (end - start + 1) * len(rows[order[end]][0]) <= batch_tokens:
             end += 1
         group = order[start:end]
-        for i, lp in zip(group, runner.call(lambda model, g=group: _score_rows(model, [rows[i] for i in g], eos))):
+        scores = runner.call(lambda model, g=group: _score_rows(model, [rows[i] for i in g], eos, prefix_cache))
+        for i, lp in zip(group, scores):
             out[i] = lp
         start = end
     return out
 
 
-def _score_rows(model: Transformer, rows: list[tuple[list[int], int]], pad_id: int) -> list[float]:
-    """Returns, per (ids, n) row, the summed log-probability of its last n tokens, from one right-padded forward."""
-    device = model.wte.weight.device
-    x = right_pad([ids for ids, _ in rows], pad_id, device)
-    hidden = model(x)  # (B, T, C)
-    # Position t predicts token t + 1: a continuation of n tokens ending at len is predicted from len-n-1 .. len-2.
-    b_idx = torch.tensor([b for b, (ids, n) in enumerate(rows) for _ in range(n)], device=device)
-    t_idx = torch.tensor([t for ids, n in rows for t in range(len(ids) - n - 1, len(ids) - 1)], device=device)
-    lps, _ = token_logprobs(model, hidden[b_idx, t_idx], x[b_idx, t_idx + 1])
-    out, k = [], 0
-    for _, n in rows:
-        out.append(float(sum(lps[k : k + n])))
-        k += n
-    return out
+def _score_rows(model: Transformer, rows: list[tuple[list[int], int]], pad_id: int,
+                prefix_cache: PrefixCache | None) -> list[float]:
+    """Returns, per (ids, n) row, the summed log-probability of its last n tokens: through `prefix_cache` when
+    there is one (a few-shot prompt runs once, then its keys and values are reused), else from one
+    right-padded forward over whole rows."""
+    if prefix_cache is not None:
+        return score_rows_with_prefix(model, prefix_cache, rows, pad_id)
+    x = right_pad([ids for ids, _ in rows], pad_id, model.wte.weight.device)
+    return continuation_sums(model, model(x), x, rows)
 
 
 def embeddings(runner: Runner, texts: list[list[int]], batch_tokens: int = SCORE_BATCH_TOKENS) -> torch.Tensor:
