@@ -2,9 +2,11 @@
 
 Every generation in neoj runs through one Engine: the server's thread drives one long-lived engine;
 generate_batch and stream_batch drive a private one on the caller's thread. The running batch lives in one
-BatchCache whose rows are right-aligned: each row's tokens are contiguous and end at the shared write index,
-so new requests are prefilled on their own (those admitted in one round together, left-padded) and spliced
-in, and local-window distances stay exact. Every sequence keeps its own sampling parameters, generator,
+BatchCache whose rows are right-aligned: each row's tokens end at the shared write index, so new requests are
+prefilled on their own (those admitted in one round together, left-padded, after the longest prefix each finds
+in the PrefixCache) and spliced in. A speculative step (Speculative) writes a row's guesses and rolls back the
+rejected ones, leaving holes; every slot records its token's position, so local-window distances stay exact.
+Every sequence keeps its own sampling parameters, generator,
 stop strings and deadline, and reports through its own sink. Other model work (scoring for tasks,
 embeddings) runs on the same thread between decode steps: Engine.call runs one function, Engine.call_pieces
 a long job one piece per round.
@@ -14,7 +16,8 @@ a long job one piece per round.
     request.py      Request, Prefill, WaitingQueue (priority, then arrival), Job, QueueFull, EngineStats and
                     Latencies (time to first token, inter-token, end-to-end, queue): what the engine queues
     sampler.py      Sampler: next tokens under per-row parameters, generators and constraints
-    prefill.py      prefill: new prompts through the model before they join the batch
+    prefill.py      prefill: new prompts through the model before they join the batch (reusing cached
+                    prefixes); scoring rows with cached prefixes for the tasks
     running.py      RunningBatch: the rows being decoded, their decode steps (CUDA graphs), run-ahead
     batch_cache.py  BatchCache: the running rows' keys and values
     prefix_cache.py PrefixCache: keys and values of recent prompts in blocks, reused by later prompts
