@@ -92,9 +92,8 @@ def run_chat(lm, messages: list[str], reply_tokens: int) -> dict:
         replies.append(reply)
         new_tokens += len(lm.tokenizer.encode(reply))
     seconds = time.perf_counter() - start
-    ids = [session.prompt_ids()[0]]  # not used for timing: the final history, for the peer's prompts
     return {"ttft": ttft, "prompts": prompts, "cached": cached, "replies": replies, "seconds": seconds,
-            "tokens_per_s": new_tokens / seconds, "new_tokens": new_tokens, "session": session, "final": ids}
+            "tokens_per_s": new_tokens / seconds, "new_tokens": new_tokens}
 
 
 def chat_prompt_ids(lm, messages: list[str], replies: list[str]) -> list[list[int]]:
@@ -173,7 +172,7 @@ def run(args) -> dict:
         "texts": len(texts), "shots": len(examples)}
     lm.prefix_cache = None
     classify(lm, texts[:2], LABELS, examples=examples)  # warm-up
-    for r in range(args.repeats):
+    for r in range(args.classify_repeats):
         for mode in ("none", "cache"):
             lm.prefix_cache = neoj.PrefixCache.megabytes(512) if mode == "cache" else None
             res = run_classify(lm, texts, examples, args.batch_size)
@@ -187,6 +186,17 @@ def run(args) -> dict:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def busy_note(load: str) -> list[str]:
+    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
+    try:
+        busy = float(load.split()[0]) > 1.0
+    except (ValueError, IndexError):
+        busy = False
+    return ["- The machine was shared during this run (load average above): absolute times and tokens/s are "
+            "lower than on an idle machine (compare bench_core); the with/without ratios come from interleaved "
+            "runs in one process and are the numbers to read."] if busy else []
 
 
 def section(results: dict, args, load: str) -> str:
@@ -204,6 +214,7 @@ def section(results: dict, args, load: str) -> str:
              f"ISA: {isa}; load average at start {load}",
              date_line() + f"; transformers {package_version('transformers')}",
              f"- Command: `python bench/bench_prefix.py{(' ' + argv) if argv else ''}`",
+             *busy_note(load),
              f"- Model: the GPT-Neo-125M-shaped checkpoint ({args.checkpoint.name}: random-ish weights, float32). "
              f"Chat: neoj.tasks.ChatSession, {turns} turns, each user message a pydocs passage of "
              f"{args.message_tokens} tokens, greedy replies of {args.reply_tokens} tokens; with the prefix cache (a "
@@ -226,6 +237,10 @@ def section(results: dict, args, load: str) -> str:
               f"without the cache: {'yes' if results['chat_same'] else 'NO'}.",
               f"- Target: time to first token at turn {turns} at least 3x lower with the cache: "
               f"{ratio10:.2f}x, {'met' if ratio10 >= 3 else 'missed'}."]
+    if turns > 1 and all(cached[t] <= prompts[t - 1] for t in range(1, turns)):
+        lines.append("- Served by the cache: at most the previous turn's prompt (in whole 16-token blocks); the "
+                     "previous reply, whose keys and values were computed while decoding it, is prefilled again "
+                     "with the new message (the cache stores prompts, not generated tokens).")
     if hf:
         lines.append(f"- At turn {turns} neoj with the cache reaches its first token {hf[-1] / ttft['cache'][-1]:.1f}x "
                      f"sooner than transformers, which prefills all {prompts[-1]} tokens again.")
@@ -235,7 +250,8 @@ def section(results: dict, args, load: str) -> str:
     lines += ["", f"Few-shot classification: `neoj.tasks.classify` (what `neoj classify --file FILE --examples FILE` "
               f"runs) of {setup['texts']} pydocs snippets (~40 tokens) into {len(LABELS)} labels with "
               f"{setup['shots']} examples (a shared prefix of ~{setup['prefix_tokens']} tokens), batch size "
-              f"{args.batch_size}, same checkpoint, {args.repeats} interleaved repeats, medians.", "",
+              f"{args.batch_size}, same checkpoint, {args.classify_repeats} interleaved repeats, medians (a fresh cache "
+              "per repeat: only the examples shared within one run are reused).", "",
               "| prefix cache | wall time (s) | texts/s | prompt tokens served by the cache |", "|---|---:|---:|---:|",
               f"| off (lm.prefix_cache = None) | {sec['none']:.2f} | {setup['texts'] / sec['none']:.2f} | — |",
               f"| on (512 MiB) | {sec['cache']:.2f} | {setup['texts'] / sec['cache']:.2f} | "
@@ -255,16 +271,17 @@ def main(argv=None) -> None:
     parser.add_argument("--turns", type=int, default=10, help="chat turns (10)")
     parser.add_argument("--message-tokens", type=int, default=80, help="tokens per user message (80)")
     parser.add_argument("--reply-tokens", type=int, default=32, help="tokens per reply (32)")
-    parser.add_argument("--texts", type=int, default=48, help="texts to classify (48)")
+    parser.add_argument("--texts", type=int, default=16, help="texts to classify (16)")
     parser.add_argument("--shots", type=int, default=8, help="few-shot examples (8)")
     parser.add_argument("--batch-size", type=int, default=16, help="classify batch size (16)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (3)")
+    parser.add_argument("--classify-repeats", type=int, default=2, help="classify: interleaved repeats (2)")
     parser.add_argument("--skip", default="", help="comma-separated: transformers")
     parser.add_argument("--quick", action="store_true", help="4 turns, 8 texts, 1 repeat")
     parser.add_argument("--out", default="BENCHMARKS.md", help="file to write the section to (- prints it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.turns, args.texts, args.repeats = 4, 8, 1
+        args.turns, args.texts, args.repeats, args.classify_repeats = 4, 8, 1, 1
     load = loadavg()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     write_section(args.out, section(run(args), args, load), SECTION_BEGIN, SECTION_END, log)
