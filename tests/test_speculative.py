@@ -13,7 +13,7 @@ import neoj
 from neoj.config import from_hf_dict
 from neoj.cuda_graph import GraphedDecodeStep
 from neoj.engine import Engine, Speculative
-from neoj.engine.speculation import Proposal, Speculator, lookup_ngram
+from neoj.engine.speculation import Proposal, StepTimes, lookup_ngram
 from neoj.errors import NeojError
 from neoj.quantize import QuantSpec, quantize_model
 from neoj.sampling import GenerationParams, speculative_accept
@@ -316,21 +316,31 @@ def test_sampled_speculation_keeps_the_model_distribution(method):
 # ---- when speculation does not pay ----
 
 def test_speculation_turns_itself_off_when_it_is_slower():
+    """The first step runs plain (measured); once guessing measures slower per token, probes back off."""
+    times = StepTimes()
+    assert times.choose() is False  # step 1: plain, to time it
+    times.record(False, seconds=0.5, tokens=1)  # 0.5 s per token without guesses
+    assert times.choose() is True
+    times.record(True, seconds=3.0, tokens=3)  # 1 s per token with them
+    assert not times.paying
+    tried = [step for step in range(3, 300) if times.choose()]
+    every = StepTimes.PROBE_EVERY
+    assert tried[:3] == [3, 3 + 2 * every, 3 + 2 * every + 4 * every]  # each probe waits twice as long
+    times.record(True, seconds=0.3, tokens=3)  # guesses pay again (two probes move the average below 0.5 s)
+    times.record(True, seconds=0.3, tokens=3)
+    assert times.paying and times.choose() in (True, False)
+    assert sum(times.choose() for _ in range(every)) == every - 1  # a plain step in PROBE_EVERY re-measures
+
+
+def test_what_adaptive_learns_outlives_one_call():
+    """The library builds an engine per call; the Speculative they share keeps the timings."""
     lm = tiny("neo")
-    speculator = Speculator(Speculative("prompt_lookup"), lm.model, 50257, 4)
-    seqs = Engine(lm.model, lm.tokenizer).submit([lm.tokenizer.encode(PROMPTS[0])], greedy(), lambda e: None).seqs
-    seqs[0].token_ids = lm.tokenizer.encode(" three one two")
-    assert speculator.propose(seqs) is not None
-    speculator.record(True, seconds=3.0, tokens=3)  # 1 s per token speculating
-    speculator.record(False, seconds=0.5, tokens=1)  # 0.5 s without
-    assert not speculator.paying
-    tried = sum(speculator.propose(seqs) is not None for _ in range(Speculator.PROBE_EVERY * 2))
-    assert tried == 2  # one probe in PROBE_EVERY steps keeps measuring
-    speculator.record(True, seconds=0.1, tokens=3)
-    for _ in range(20):
-        speculator.record(True, seconds=0.1, tokens=3)
-    assert speculator.paying
-    assert math.isfinite(speculator.seconds_per_token[True])
+    spec = Speculative("prompt_lookup")
+    run(lm, PROMPTS[:1], greedy(20), spec)
+    steps = spec.times.steps
+    assert steps > 0 and spec.times.seconds_per_token[False] is not None
+    run(lm, PROMPTS[:1], greedy(20), spec)
+    assert spec.times.steps > steps
 
 
 def test_run_ahead_batches_still_speculate():

@@ -10,7 +10,8 @@ The key/value slots of rejected guesses are rolled back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ class Speculative:
     max_ngram: int = 3
     min_ngram: int = 1
     adaptive: bool = True
+    times: "StepTimes" = field(default=None, repr=False, compare=False)  # what adaptive has learned so far
 
     DEFAULT_TOKENS = {"prompt_lookup": 5, "draft": 4}
     MAX_TOKENS = 16
@@ -56,6 +58,8 @@ class Speculative:
                             f"({self.max_ngram})")
         if not self.num_tokens:
             self.num_tokens = self.DEFAULT_TOKENS[self.method]
+        if self.times is None:
+            self.times = StepTimes()
 
     @classmethod
     def of(cls, value: "Speculative | str | None") -> "Speculative | None":
@@ -246,29 +250,74 @@ class DraftModel:
         return chosen
 
 
-class Speculator:
-    """Decides when the running batch speculates and proposes its guesses.
+class StepTimes:
+    """Whether speculating pays, learned from the time of steps with and without guesses.
 
-    With `adaptive`, it keeps moving averages of the seconds per emitted token of steps with and without
-    guesses and speculates only while that pays, running the other kind of step every PROBE_EVERY steps to keep
-    both measured; so a draft that is rarely right, or a batch too large for extra tokens to be free, costs
-    at most one step in PROBE_EVERY.
+    It keeps moving averages of the seconds per emitted token of both kinds of step. The first step runs plain
+    (to measure it); while speculating pays, every PROBE_EVERY-th step runs plain to keep that measured; while it
+    does not, one speculative probe runs after PROBE_EVERY steps, then after twice as many each time it still does
+    not pay (up to 2**MAX_BACKOFF times). A draft that is rarely right then costs one step early on and a share of
+    steps that halves with every probe. A Speculative holds one StepTimes, so the engines that the library builds
+    per call (all sharing lm.speculative) keep what earlier calls learned.
     """
 
     PROBE_EVERY = 16
-    SMOOTHING = 0.2
+    MAX_BACKOFF = 6
+    SMOOTHING = 0.5
+
+    def __init__(self):
+        self.seconds_per_token: dict[bool, float | None] = {True: None, False: None}
+        self.steps = 0
+        self.failed_probes = 0
+        self.next_probe = 0
+        self.lock = threading.Lock()
+
+    @property
+    def paying(self) -> bool:
+        """Returns False once speculating measured slower per token than not."""
+        spec, plain = self.seconds_per_token[True], self.seconds_per_token[False]
+        return spec is None or plain is None or spec <= plain
+
+    def choose(self, advance: bool = True) -> bool:
+        """Returns whether the next step should speculate (advance=False: only tells, without counting a step)."""
+        with self.lock:
+            step = self.steps + 1
+            if advance:
+                self.steps = step
+            if self.seconds_per_token[False] is None:
+                return step > 1
+            if self.paying:
+                self.failed_probes = 0
+                return step % self.PROBE_EVERY != 0
+            if step < self.next_probe:
+                return False
+            if advance:
+                self.failed_probes = min(self.failed_probes + 1, self.MAX_BACKOFF)
+                self.next_probe = step + self.PROBE_EVERY * 2 ** self.failed_probes
+            return True
+
+    def record(self, speculated: bool, seconds: float, tokens: int) -> None:
+        """Adds a step's time and emitted tokens to its kind's moving average."""
+        if tokens <= 0:
+            return
+        with self.lock:
+            value, old = seconds / tokens, self.seconds_per_token[speculated]
+            self.seconds_per_token[speculated] = value if old is None else old + self.SMOOTHING * (value - old)
+
+
+class Speculator:
+    """Proposes the running batch's guesses, on the steps where its Speculative's StepTimes says speculating pays
+    (every step with adaptive=False)."""
 
     def __init__(self, spec: Speculative, model, usable_vocab: int, max_rows: int):
         self.spec = spec
         self.n_positions = model.config.n_positions
         self.proposer = PromptLookup(spec) if spec.method == "prompt_lookup" else \
             DraftModel(spec, model, usable_vocab, max_rows)
-        self.seconds_per_token: dict[bool, float | None] = {True: None, False: None}
-        self.steps = 0
+        self.times = spec.times
 
     def propose(self, seqs: list[Sequence]) -> Proposal | None:
         """Returns this step's guesses, or None for a plain step (nothing to guess, or speculation does not pay)."""
-        self.steps += 1
         if not self._worth_trying():
             return None
         budgets = [guess_budget(s, self.spec.num_tokens, self.n_positions) if speculates(s) else 0 for s in seqs]
@@ -281,25 +330,13 @@ class Speculator:
         return proposal
 
     def record(self, speculated: bool, seconds: float, tokens: int) -> None:
-        """Adds a step's time and emitted tokens to its kind's moving average."""
-        if tokens <= 0:
-            return
-        value, old = seconds / tokens, self.seconds_per_token[speculated]
-        self.seconds_per_token[speculated] = value if old is None else old + self.SMOOTHING * (value - old)
-
-    @property
-    def paying(self) -> bool:
-        """Returns False once speculating measured slower per token than not."""
-        spec, plain = self.seconds_per_token[True], self.seconds_per_token[False]
-        return spec is None or plain is None or spec <= plain
+        """Adds a step's time and emitted tokens to the Speculative's StepTimes."""
+        self.times.record(speculated, seconds, tokens)
 
     @property
     def next_step_may_guess(self) -> bool:
-        """Returns whether the next step may speculate: then a CUDA batch must not queue it ahead as a plain step."""
-        return self._worth_trying(self.steps + 1)
+        """Returns whether the next step may speculate: then a CUDA batch must not queue it ahead as a plain one."""
+        return not self.spec.adaptive or self.times.choose(advance=False)
 
-    def _worth_trying(self, step: int | None = None) -> bool:
-        if not self.spec.adaptive:
-            return True
-        probe = (self.steps if step is None else step) % self.PROBE_EVERY == 0
-        return self.paying != probe
+    def _worth_trying(self) -> bool:
+        return not self.spec.adaptive or self.times.choose()
