@@ -40,7 +40,7 @@ import neoj  # noqa: E402  (before torch: neoj sets its OpenMP wait policy first
 
 import torch  # noqa: E402
 
-from neoj.engine.speculation import Speculator  # noqa: E402
+from neoj.engine.speculation import StepTimes  # noqa: E402
 from neoj.weights.resolution import resolve_model_dir  # noqa: E402
 
 SECTION_BEGIN, SECTION_END = section_markers("bench_speculative")
@@ -244,13 +244,12 @@ def section(results: dict, args, load: str) -> str:
         bad = med(runs["draft: 125M shape (adaptive)"], "tokens_per_s") / plain
         lines += ["", f"- Requirement: never slower than without (adaptive switch): with the 125M-shaped draft "
                   f"{bad:.2f}x of plain, {'met' if bad >= 0.97 else 'missed'} (within 3% counts as met).",
-                  f"- How the switch decides (neoj.engine.speculation.Speculator, PROBE_EVERY={Speculator.PROBE_EVERY}): "
-                  "it keeps speculating until both kinds of step have a measured seconds/token, and the first plain "
-                  f"step is the probe at step {Speculator.PROBE_EVERY}; so a draft that is never right still runs "
-                  f"{Speculator.PROBE_EVERY - 1} speculative steps (each {args.draft_tokens} draft steps and a "
-                  f"{args.draft_tokens + 1}-token verification, for one token) before it is switched off, and one "
-                  f"in {Speculator.PROBE_EVERY} after. Over {args.draft_new_tokens} tokens that start-up is most of "
-                  "the difference from plain."]
+                  f"- How the switch decides (neoj.engine.speculation.StepTimes, PROBE_EVERY={StepTimes.PROBE_EVERY}): "
+                  "the first step runs plain to time it; once speculative steps measure more seconds per token than "
+                  f"plain ones, speculation stops, and one speculative probe runs after {StepTimes.PROBE_EVERY} steps, "
+                  "then after twice as many each time it still does not pay. The timings live on the Speculative, so "
+                  "the repeats (each a new `lm.complete`, sharing one Speculative as `lm.speculative` would) keep "
+                  "what the first learned: the first repeat pays for the learning."]
     lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
 

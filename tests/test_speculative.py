@@ -3,7 +3,6 @@ families, local windows, batches whose rows accept different numbers of guesses,
 keeps the model's distribution (rejection sampling), tested statistically."""
 
 import copy
-import math
 
 import numpy as np
 import pytest

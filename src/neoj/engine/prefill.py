@@ -90,6 +90,33 @@ def prefill(model: Transformer, seqs: list[Sequence], pad_id: int, cache: KVCach
     return out
 
 
+def look_up_prefixes(prefix_cache: PrefixCache, prompts: list[Sequence]) -> dict[Sequence, PrefixHit]:
+    """Returns the cached prefix each new prompt starts with, where it has one. Prompts whose logprobs are
+    asked for look up nothing: every prompt position must run to give them."""
+    hits: dict[Sequence, PrefixHit] = {}
+    for seq in prompts:
+        if seq.request.prompt_logprobs is None:
+            hit = prefix_cache.lookup(seq.prompt_ids, seq.params.adapter)
+            if hit is not None:
+                hits[seq] = hit
+    return hits
+
+
+def remember_prefixes(prefix_cache: PrefixCache, group: list[Sequence], done: list[Prefill]) -> tuple[int, int]:
+    """Stores the full blocks of every prefilled prompt of a group (from its prefill's cache row) for the prompts
+    that follow, and counts the group's use of the cache; returns (tokens looked up, tokens reused)."""
+    queried = hit = 0
+    for seq, result in zip(group, done):
+        n = len(seq.prompt_ids)
+        if seq.request.prompt_logprobs is None:
+            prefix_cache.record(n, result.cached_tokens)
+            queried, hit = queried + n, hit + result.cached_tokens
+        slots = slice(result.end - n, result.end)
+        prefix_cache.store(seq.prompt_ids, seq.params.adapter, result.cache.k[:, result.row, :, slots],
+                           result.cache.v[:, result.row, :, slots])
+    return queried, hit
+
+
 def reused_tokens(lengths: list[int], cached: list[int]) -> list[int]:
     """Returns how many cached tokens each prompt reuses when prefilled together: every row runs T tokens, the
     most any prompt has beyond its cached prefix, so prompt i reuses its first max(0, lengths[i] - T)."""

@@ -25,7 +25,7 @@ from ..model import Transformer
 from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
-from .prefill import prefill, prefill_groups
+from .prefill import look_up_prefixes, prefill, prefill_groups, remember_prefixes
 from .prefix_cache import PrefixCache, PrefixHit
 from .speculation import Speculative
 from .events import Countdown, drain
@@ -324,7 +324,7 @@ class Engine:
                 if seq.prompt_index not in req.prefills:
                     fresh.setdefault((id(req), seq.prompt_index), seq)
         prompts = list(fresh.values())
-        hits = self._look_up_prefixes(prompts)
+        hits = look_up_prefixes(self.prefix_cache, prompts) if self.prefix_cache is not None else {}
         groups = prefill_groups(prompts, self.prefill_tokens, {seq: hit.tokens for seq, hit in hits.items()})
         # Into an empty batch, one group of prompts each starting one sequence is prefilled in place: its
         # keys and values are written straight into the batch's cache (no second cache, no copy).
@@ -340,19 +340,6 @@ class Engine:
                 ready.append(seq)
         self._start(ready)
         self._admitting = 0
-
-    def _look_up_prefixes(self, prompts: list[Sequence]) -> dict[Sequence, PrefixHit]:
-        """Returns the cached prefix each new prompt starts with, where it has one. Prompts whose logprobs are
-        asked for look up nothing: every prompt position must run to give them."""
-        hits: dict[Sequence, PrefixHit] = {}
-        if self.prefix_cache is None:
-            return hits
-        for seq in prompts:
-            if seq.request.prompt_logprobs is None:
-                hit = self.prefix_cache.lookup(seq.prompt_ids, seq.params.adapter)
-                if hit is not None:
-                    hits[seq] = hit
-        return hits
 
     def _prefill_all(self, groups: list[list[Sequence]], in_place: bool,
                      hits: dict[Sequence, PrefixHit]) -> dict[tuple[int, int], str]:
@@ -378,20 +365,11 @@ class Engine:
         return failed
 
     def _remember_prefixes(self, group: list[Sequence], done: list[Prefill]) -> None:
-        """Counts the prefix cache's use by a prefilled group (prompts that looked it up) and stores the full
-        blocks of every prompt, from its prefill's cache row, for the prompts that follow."""
-        cache = self.prefix_cache
-        if cache is None:
-            return
-        for seq, result in zip(group, done):
-            n = len(seq.prompt_ids)
-            if seq.request.prompt_logprobs is None:
-                cache.record(n, result.cached_tokens)
-                self.stats.prefix_queried_tokens += n
-                self.stats.prefix_hit_tokens += result.cached_tokens
-            slots = slice(result.end - n, result.end)
-            cache.store(seq.prompt_ids, seq.params.adapter, result.cache.k[:, result.row, :, slots],
-                        result.cache.v[:, result.row, :, slots])
+        """Stores a prefilled group's prompts in the prefix cache and counts the tokens it served."""
+        if self.prefix_cache is not None:
+            queried, hit = remember_prefixes(self.prefix_cache, group, done)
+            self.stats.prefix_queried_tokens += queried
+            self.stats.prefix_hit_tokens += hit
 
     def _start(self, seqs: list[Sequence]) -> None:
         """Starts prefilled sequences: their first token, then the running batch (unless that token ends them)."""

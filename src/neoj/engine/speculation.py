@@ -315,6 +315,7 @@ class Speculator:
         self.proposer = PromptLookup(spec) if spec.method == "prompt_lookup" else \
             DraftModel(spec, model, usable_vocab, max_rows)
         self.times = spec.times
+        self.warm = False  # an engine's first step (cold caches, first allocations) is not timed
 
     def propose(self, seqs: list[Sequence]) -> Proposal | None:
         """Returns this step's guesses, or None for a plain step (nothing to guess, or speculation does not pay)."""
@@ -330,8 +331,10 @@ class Speculator:
         return proposal
 
     def record(self, speculated: bool, seconds: float, tokens: int) -> None:
-        """Adds a step's time and emitted tokens to the Speculative's StepTimes."""
-        self.times.record(speculated, seconds, tokens)
+        """Adds a step's time and emitted tokens to the Speculative's StepTimes (from the engine's second step)."""
+        if self.warm:
+            self.times.record(speculated, seconds, tokens)
+        self.warm = True
 
     @property
     def next_step_may_guess(self) -> bool:
