@@ -324,7 +324,7 @@ def test_speculation_turns_itself_off_when_it_is_slower():
     assert not times.paying
     tried = [step for step in range(3, 300) if times.choose()]
     every = StepTimes.PROBE_EVERY
-    assert tried[:3] == [3, 3 + 2 * every, 3 + 2 * every + 4 * every]  # each probe waits twice as long
+    assert tried[:3] == [2 + every, 2 + 3 * every, 2 + 7 * every]  # each probe waits twice as long as the last
     times.record(True, seconds=0.3, tokens=3)  # guesses pay again (two probes move the average below 0.5 s)
     times.record(True, seconds=0.3, tokens=3)
     assert times.paying and times.choose() in (True, False)

@@ -253,8 +253,8 @@ class DraftModel:
 class StepTimes:
     """Whether speculating pays, learned from the time of steps with and without guesses.
 
-    It keeps moving averages of the seconds per emitted token of both kinds of step. The first step runs plain
-    (to measure it); while speculating pays, every PROBE_EVERY-th step runs plain to keep that measured; while it
+    It keeps moving averages of the seconds per emitted token of both kinds of step. Steps run plain until one
+    is timed (an engine's first step is not: cold caches); while speculating pays, every PROBE_EVERY-th step runs plain to keep that measured; while it
     does not, one speculative probe runs after PROBE_EVERY steps, then after twice as many each time it still does
     not pay (up to 2**MAX_BACKOFF times). A draft that is rarely right then costs one step early on and a share of
     steps that halves with every probe. A Speculative holds one StepTimes, so the engines that the library builds
@@ -284,10 +284,11 @@ class StepTimes:
             step = self.steps + 1
             if advance:
                 self.steps = step
-            if self.seconds_per_token[False] is None:
-                return step > 1
+            if self.seconds_per_token[False] is None:  # plain steps first, until one is timed
+                return False
             if self.paying:
-                self.failed_probes = 0
+                if advance:  # once it stops paying, the first probe comes PROBE_EVERY steps later
+                    self.failed_probes, self.next_probe = 0, step + self.PROBE_EVERY
                 return step % self.PROBE_EVERY != 0
             if step < self.next_probe:
                 return False
