@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_prefix`
-from report import cpu_description, date_line, loadavg, logger, package_version, section_markers, write_section  # noqa: E402
+from report import (busy_note, cpu_description, date_line, loadavg, logger, package_version,  # noqa: E402
+                    section_markers, write_section)
 
 import neoj  # noqa: E402  (before torch: neoj sets its OpenMP wait policy first)
 
@@ -186,17 +187,6 @@ def run(args) -> dict:
 
 def median(values) -> float:
     return statistics.median(values)
-
-
-def busy_note(load: str) -> list[str]:
-    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
-    try:
-        busy = float(load.split()[0]) > 1.0
-    except (ValueError, IndexError):
-        busy = False
-    return ["- The machine was shared during this run (load average above): absolute times and tokens/s are "
-            "lower than on an idle machine (compare bench_core); the with/without ratios come from interleaved "
-            "runs in one process and are the numbers to read."] if busy else []
 
 
 def section(results: dict, args, load: str) -> str:

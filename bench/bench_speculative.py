@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_speculative`
-from report import cpu_description, date_line, loadavg, logger, package_version, section_markers, write_section  # noqa: E402
+from report import (busy_note, cpu_description, date_line, loadavg, logger, package_version,  # noqa: E402
+                    section_markers, write_section)
 
 import neoj  # noqa: E402  (before torch: neoj sets its OpenMP wait policy first)
 
@@ -173,17 +174,6 @@ def med(runs, key) -> float:
 def acceptance(runs) -> str:
     drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
     return f"{accepted / drafted:.0%} ({accepted}/{drafted})" if drafted else "— (0 drafted)"
-
-
-def busy_note(load: str) -> list[str]:
-    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
-    try:
-        busy = float(load.split()[0]) > 1.0
-    except (ValueError, IndexError):
-        busy = False
-    return ["- The machine was shared during this run (load average above): absolute times and tokens/s are "
-            "lower than on an idle machine (compare bench_core); the with/without ratios come from interleaved "
-            "runs in one process and are the numbers to read."] if busy else []
 
 
 def section(results: dict, args, load: str) -> str:

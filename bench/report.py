@@ -183,3 +183,14 @@ def date_line() -> str:
     """Returns "- Date: YYYY-MM-DD; torch X; neoj git REV", the line under bench_adapters', bench_threads' and
     the kernel benchmarks' headings."""
     return f"- Date: {datetime.date.today()}; torch {package_version('torch')}; neoj git {git_rev()}"
+
+
+def busy_note(load: str) -> list[str]:
+    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
+    try:
+        busy = float(load.split()[0]) > 1.0
+    except (ValueError, IndexError):
+        busy = False
+    return ["- The machine was shared during this run (load average above): absolute times and tokens/s are "
+            "lower than on an idle machine (compare bench_core); the with/without ratios come from interleaved "
+            "runs in one process and are the numbers to read."] if busy else []

@@ -29,6 +29,16 @@ hf_logging.disable_progress_bar()
 # barriers make each small op many times slower: one thread keeps the suite fast and steady.
 torch.set_num_threads(1)
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose tests may run after others that changed it: tiny models run fastest
+    on one, and the test machine is shared (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EOS = 50256
 WINDOW = 8
 # The GPT-2 tokenizer files shared by the project; neoj ships a copy, used when they are not there.

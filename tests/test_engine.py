@@ -23,13 +23,7 @@ PROMPTS = ["The cat", "Once upon a time there was a very long story that went on
            "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "Hello", "A", "In the beginning was the word, and the"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and client, server and model threads share the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["neo", "gptj"])

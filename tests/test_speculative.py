@@ -31,12 +31,7 @@ PROMPTS = ["one two three one two three one two three one two",
            "Hello hello hello"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, seed: int = 0) -> neoj.LanguageModel:
