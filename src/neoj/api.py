@@ -19,8 +19,11 @@ from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
 from .model_utils import mean_pooled
 from .sampling import GenerationParams
+from .tensor_parallel import load_tensor_parallel, tensor_parallel_processes
 from .tokenizer import Tokenizer
+from .distributed import Processes
 from .memory import check_fits, memory_limit, plan
+from .placement import load_placed, plan_device_map
 from .quantize import QuantSpec, StreamingQuantizer, load_quantized, quantize_model
 from .weights import (BUILTIN_NAME, RANDOM_PREFIX, build_meta, load_model, load_state_into, random_model,
                       resolve_model_dir, weight_files)
@@ -263,7 +266,8 @@ class LanguageModel:
 def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
          device: str | torch.device = "auto", revision: str | None = None,
          adapter: str | os.PathLike | None = None, quantize: str | None = None, group_size: int | None = None,
-         context: int | None = None, batch: int = 1, check_memory: bool = True) -> LanguageModel:
+         context: int | None = None, batch: int = 1, check_memory: bool = True, tp: int | None = None,
+         device_map: str | dict | None = None) -> LanguageModel:
     """Returns a LanguageModel from a local checkpoint directory, a Hub id, "builtin" or "random:PRESET".
 
     With no name, or "builtin", loads the model shipped inside neoj (a directory called builtin in the
@@ -275,15 +279,21 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     reading any weight, the memory needed for `batch` sequences of `context` tokens (default: the whole
     context) is checked against what the device has free (or NEOJ_MEMORY_LIMIT); a model that cannot fit
     raises MemoryPlanError naming the options that would.
+
+    `tp=N` splits the model over the N processes torchrun started (tensor parallelism, neoj.tensor_parallel): every
+    rank calls load() and then runs the same generations, each holding 1/N of the weights. `device_map` places the
+    model's layers across devices ("auto", or layer ranges such as "0-13:cuda:0,14-27:cpu"; neoj.placement).
     """
-    dev = resolve_device(device)
+    processes = tensor_parallel_processes(tp, device) if tp is not None else None
+    dev = processes.device if processes is not None else resolve_device(device)
     if name_or_path is None:
         name_or_path = BUILTIN_NAME
     name = os.fspath(name_or_path)
     spec = QuantSpec.parse(quantize, group_size)
     if isinstance(name_or_path, str) and name.startswith(RANDOM_PREFIX):
         return from_config(name[len(RANDOM_PREFIX) :], dtype=dtype, device=dev, quantize=spec, context=context,
-                           batch=batch, check_memory=check_memory, adapter=adapter)
+                           batch=batch, check_memory=check_memory, adapter=adapter, processes=processes,
+                           device_map=device_map)
     directory = resolve_model_dir(name_or_path, revision=revision)
     from .config import load_config
 
@@ -301,6 +311,10 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
         check_adapter(adapter, cfg, name)
     spec = stored or spec
     torch_dtype = resolve_dtype(dtype, dev, cfg, spec)
+    if processes is not None or device_map is not None:
+        model = _load_split(directory, cfg, torch_dtype, dev, spec, stored, adapter, processes, device_map,
+                            check_memory, context, batch)
+        return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
     if check_memory:
         # With an adapter the full-precision model exists before it is quantized: plan for that.
         _check_memory(cfg, torch_dtype, None if adapter is not None else spec, dev, name, context, batch)
@@ -316,6 +330,24 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     if adapter is not None:
         model = _apply_adapter(model, adapter, spec)
     return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+
+
+def _load_split(directory, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, spec: QuantSpec | None,
+                stored: QuantSpec | None, adapter, processes: Processes | None, device_map, check_memory: bool,
+                context: int | None, batch: int, seed: int = 0) -> Transformer:
+    """Returns a model split over processes (tensor parallelism) or placed across devices (a device map), from a
+    checkpoint directory (None: random weights drawn with `seed`)."""
+    if adapter is not None:
+        raise NeojError("a LoRA adapter cannot be merged while loading a model split over processes or devices; "
+                        "merge it first (neoj merge BASE ADAPTER -o DIR) and load DIR")
+    if processes is not None:
+        if device_map is not None:
+            raise NeojError("--tp and --device-map cannot be combined: tensor parallelism puts each rank's share "
+                            "of every layer on its own device")
+        return load_tensor_parallel(directory, cfg, dtype, processes, spec, stored, check_memory=check_memory,
+                                    context=context, batch=batch, seed=seed)
+    placement = plan_device_map(device_map, cfg, dtype, spec, context=context, batch=batch, check=check_memory)
+    return load_placed(directory, cfg, dtype, placement, spec, stored, seed=seed)
 
 
 def _apply_adapter(model: Transformer, adapter: str | os.PathLike, spec: QuantSpec | None) -> Transformer:
@@ -338,14 +370,16 @@ def _check_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, 
 def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                 seed: int = 0, quantize: str | QuantSpec | None = None, group_size: int | None = None,
                 context: int | None = None, batch: int = 1, check_memory: bool = True,
-                adapter: str | os.PathLike | None = None) -> LanguageModel:
+                adapter: str | os.PathLike | None = None, processes: Processes | None = None,
+                device_map: str | dict | None = None) -> LanguageModel:
     """Returns a randomly initialised model of a preset name (e.g. "gpt-neo-125m") or ModelConfig.
 
     With `quantize`, each weight is quantized as it is drawn: the full-precision model never exists.
     `adapter` (a LoRA directory) is merged into the random weights, as load() does for checkpoints
     (useful to time or test an adapter without its base); one made for another shape is refused first.
+    `processes` (from tensor_parallel_processes) and `device_map` split the model as load()'s tp and device_map do.
     """
-    dev = resolve_device(device)
+    dev = processes.device if processes is not None else resolve_device(device)
     if isinstance(config, str):
         if config.lower() not in PRESETS:
             raise ConfigError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")
@@ -358,6 +392,10 @@ def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", de
 
         check_adapter(adapter, config, name)
     torch_dtype = resolve_dtype(dtype, dev, config, spec)
+    if processes is not None or device_map is not None:
+        model = _load_split(None, config, torch_dtype, dev, spec, None, adapter, processes, device_map, check_memory,
+                            context, batch, seed)
+        return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(), name, spec)
     if check_memory:
         _check_memory(config, torch_dtype, None if adapter is not None else spec, dev, name, context, batch)
     if spec is None or adapter is not None:

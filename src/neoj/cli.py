@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from .checks import check_utf8_text, prepare_output_dir, read_stdin
 from .cli_options import (CONSTRAINT_FILE_ARGUMENTS, add_constraint_args, add_model_args, add_quantize_args,
-                          add_sampling_args, add_speculative_args, check_generation_options, check_speculative_args,
+                          add_sampling_args, add_speculative_args, add_tp_arg, check_generation_options, check_speculative_args,
                           constraint_from_args, load_from_args, sampling_options)
 from .errors import NeojError
 from .threads import set_thread_count
@@ -198,6 +198,7 @@ def _add_generate_command(sub) -> None:
     parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
     add_model_args(parser)
+    add_tp_arg(parser)
     add_speculative_args(parser)
     add_sampling_args(parser)
     add_constraint_args(parser)
@@ -212,6 +213,7 @@ def _add_serve_command(sub) -> None:
                             "a playground page at /. Binds 127.0.0.1 unless --host says otherwise.",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_tp_arg(parser)
     parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
                         help="LoRA adapter directory (PEFT format): DIR is merged into the model for every request; "
                         "NAME=DIR (repeatable) is served as model NAME, its requests batched with the base model's")
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_text_args(args)
         set_thread_count(args.cpu_threads)
+        quiet_other_ranks(args)
         return args.func(args)
     except BrokenPipeError:
         # Output piped into `head` and closed: not an error worth a traceback.
@@ -329,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"neoj: error: {_describe(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that joined torchrun's processes leaves them
+            from .distributed import leave_processes
+
+            leave_processes()
+
+
+def quiet_other_ranks(args) -> None:
+    """Under tensor parallelism every rank runs the command and computes the same text: only rank 0 prints it
+    (the others' standard output goes to /dev/null; errors still reach stderr)."""
+    if getattr(args, "tp", None) and os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")
 
 
 def _describe(exc: Exception) -> str:

@@ -26,7 +26,7 @@ def stop_text(value: str) -> str:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Adds --model, --dtype, --device, --revision, --quantize, --group-size and --no-memory-check."""
+    """Adds --model, --dtype, --device, --revision, --device-map, --quantize, --group-size and --no-memory-check."""
     parser.add_argument("--model", "-m", default=None, help="checkpoint directory, Hub id, builtin, or random:PRESET "
                         "(default: builtin)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -34,9 +34,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "recent GPUs, else float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="place the layers across devices: auto (split by free memory), or layer ranges such as "
+                        "0-13:cuda:0,14-27:cuda:1 (a GPU's layers may also go to cpu)")
     add_quantize_args(parser)
     parser.add_argument("--no-memory-check", action="store_true",
                         help="load even if the memory plan says the model will not fit")
+
+
+def add_tp_arg(parser: argparse.ArgumentParser) -> None:
+    """Adds --tp N: the model split over the N processes torchrun started."""
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallelism: split the model over N processes started by torchrun "
+                        "(torchrun --nproc-per-node N -m neoj ... --tp N); NCCL between GPUs, gloo on CPU")
 
 
 def add_quantize_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -204,7 +214,8 @@ def load_from_args(args):
     check_speculative_args(args)  # a bad value fails before the model loads
     lm = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
               adapter=getattr(args, "adapter", None), quantize=args.quantize, group_size=args.group_size,
-              check_memory=not args.no_memory_check)
+              check_memory=not args.no_memory_check, tp=getattr(args, "tp", None),
+              device_map=getattr(args, "device_map", None))
     if hasattr(args, "prefix_cache_mb"):
         from .engine import PrefixCache
 

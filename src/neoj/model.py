@@ -110,7 +110,8 @@ class Attention(nn.Module):
             q, k, v = q.to(compute), k.to(compute), v.to(compute)
         with attention_backends(q.device, ctx.fixed_shape):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
-        y = y.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(B, T, C)  # one copy
+        # One copy; width n_heads * head_dim, which is C unless tensor parallelism gave this rank fewer heads.
+        y = y.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(B, T, -1)
         return self.out_proj(y)
 
 
@@ -130,6 +131,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """A transformer layer: sequential pre-LN (GPT-Neo) or parallel attention + MLP (GPT-J)."""
 
+    # Tensor parallelism sets `reduce` (an all-reduce over the ranks, neoj.tensor_parallel): each rank's attention
+    # and MLP then give partial sums of the branch outputs, summed here before the residual.
+    reduce = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.parallel = cfg.parallel_block
@@ -140,16 +145,20 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         h = self.ln_1(x)
-        if self.parallel:
-            return self.attn(h, ctx) + self.mlp(h) + x  # GPT-J: one LayerNorm feeds both branches
-        x = x + self.attn(h, ctx)  # GPT-Neo: attention, then MLP on the updated stream
-        return x + self.mlp(self.ln_2(x))
+        reduce = self.reduce
+        if self.parallel:  # GPT-J: one LayerNorm feeds both branches (and under tensor parallelism, one all-reduce)
+            return (self.attn(h, ctx) + self.mlp(h) if reduce is None else reduce(self.attn(h, ctx) + self.mlp(h))) + x
+        a = self.attn(h, ctx)  # GPT-Neo: attention, then MLP on the updated stream
+        x = x + (a if reduce is None else reduce(a))
+        m = self.mlp(self.ln_2(x))
+        return x + (m if reduce is None else reduce(m))
 
 
 class ForwardContext:
     """Per-call state shared by all layers: positions, masks and the cache slot being written."""
 
-    __slots__ = ("cache", "start", "cos_sin", "global_mask", "local_mask", "is_local_slice", "window", "fixed_shape")
+    __slots__ = ("cache", "start", "cos_sin", "global_mask", "local_mask", "is_local_slice", "window", "fixed_shape",
+                 "device", "_copies")
 
     def __init__(self, cfg: ModelConfig, T: int, positions: torch.Tensor, cache: KVCache | None,
                  key_valid: torch.Tensor | None, rope: torch.Tensor | None):
@@ -158,6 +167,8 @@ class ForwardContext:
         self.window = cfg.window_size
         self.cos_sin = rope[positions].unsqueeze(2) if rope is not None else None  # (B, T, 1, rd/2, 2)
         self.is_local_slice = False
+        self.device = positions.device  # where the masks and rotary angles are
+        self._copies: dict = {}
         self.fixed_shape = cache is not None and cache.slot is not None
         if self.fixed_shape:  # a graphed decode step: masks from the slot tensor
             cache.mark_valid(self.start, None, T, positions)
@@ -186,6 +197,24 @@ class ForwardContext:
             valid = key_valid[:, :L] if padded else None
             self.global_mask = (self._mask(T, L, valid, None, positions, local=False), False)
             self.local_mask = (self._mask(T, L, valid, key_pos if padded else None, positions, local=True), False)
+
+    def on(self, device: torch.device) -> "ForwardContext":
+        """Returns this context with its masks and rotary angles on `device` (made once per device per call), for
+        the layers a device map placed there."""
+        if device == self.device:
+            return self
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = ForwardContext.__new__(ForwardContext)
+            for name in self.__slots__:
+                setattr(copy, name, getattr(self, name))
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            copy.device, copy.cos_sin = device, move(self.cos_sin)
+            copy.global_mask = (move(self.global_mask[0]), self.global_mask[1])
+            copy.local_mask = (move(self.local_mask[0]), self.local_mask[1])
+            copy._copies = self._copies
+            self._copies[device] = copy
+        return copy
 
     def _mask(self, T: int, L: int, valid: torch.Tensor | None, key_pos: torch.Tensor | None,
               positions: torch.Tensor, local: bool):
@@ -222,6 +251,9 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.tie_weights()
+        # A device map (neoj.placement) puts block i on block_devices[i]; the embeddings, final norm and head stay on
+        # the embedding's device. None: every block is there too.
+        self.block_devices: list[torch.device] | None = None
         self.register_buffer("rope", None, persistent=False)
         if cfg.rotary_dim and self.wte.weight.device.type != "meta":
             self.init_buffers()
@@ -260,11 +292,23 @@ class Transformer(nn.Module):
         x = self.wte(input_ids)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        for block in self.blocks:
-            x = block(x, ctx)
+        if self.block_devices is None:
+            for block in self.blocks:
+                x = block(x, ctx)
+        else:
+            x = self._placed_blocks(x, ctx)
         if cache is not None and cache.slot is None:  # a graphed step advances its own cache (replays skip this)
             cache.length += T
         return self.ln_f(x)
+
+    def _placed_blocks(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Runs the blocks on the devices of the device map: activations move once per boundary, and back."""
+        home = x.device
+        for block, device in zip(self.blocks, self.block_devices):
+            if x.device != device:
+                x = x.to(device)
+            x = block(x, ctx.on(device))
+        return x.to(home)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Returns fp32 next-token logits for hidden states (..., C)."""

@@ -1,68 +1,23 @@
-"""Processes and devices: this process's place among the ones torchrun started, and the model wrapped for them
+"""Training on several processes: joining torchrun's processes (neoj.distributed) and the model wrapped for them
 (DDP, or FSDP sharding)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
+from ..distributed import Processes as Dist, ProcessesError, join_processes
 from .args import TrainError
 
-
-@dataclass
-class Dist:
-    """This process's place among the processes torchrun started (1 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        """Returns whether this is rank 0, the process that writes files and shows progress."""
-        return self.rank == 0
-
-    def sum(self, *values: float) -> list[float]:
-        """Returns the values summed over all processes."""
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def gather(self, value) -> list:
-        """Returns `value` of every process, by rank (picklable objects)."""
-        if self.world == 1:
-            return [value]
-        values = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
+# A training step's collectives may wait on rank 0 writing a checkpoint: torch's own default, 30 minutes.
+TRAINING_TIMEOUT_S = 1800.0
 
 
 def setup_distributed(device: str) -> Dist:
-    """Joins torchrun's process group when there is one (gloo on CPU, nccl on CUDA); returns this rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {device!r} asked for, but this PyTorch has no CUDA device")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank if world > 1 else 0)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
+    """Joins torchrun's process group when there is one (see neoj.distributed); returns this rank."""
+    try:
+        return join_processes(device, timeout_s=TRAINING_TIMEOUT_S)
+    except ProcessesError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def wrap_for_processes(module: torch.nn.Module, model, processes: Dist, fsdp: bool) -> torch.nn.Module:
