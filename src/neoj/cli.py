@@ -169,8 +169,18 @@ def cmd_serve(args) -> int:
     # --adapter DIR merges one adapter into the weights; --adapter NAME=DIR serves it as model NAME.
     args.adapter, adapters = split_adapter_specs(args.adapter or [])
     check_speculative_args(args)  # a bad value fails before the port is bound
-    sock = bind_listening_socket(args.host, args.port)  # a bad or busy port fails now, not after loading
+    if args.tp and adapters:
+        raise NeojError("--adapter NAME=DIR is not served with --tp (the adapters would need splitting too); serve "
+                        "adapters on one process, or merge one into the model (neoj merge) and serve that")
+    follower = bool(args.tp) and os.environ.get("RANK", "0") != "0"  # rank 0 serves HTTP, the others follow it
+    # A bad or busy port fails now, not after loading.
+    sock = None if follower else bind_listening_socket(args.host, args.port)
     lm = load_from_args(args)
+    if follower:
+        from .server import follow_engine
+
+        follow_engine(lm, max_batch=args.max_batch, max_queue=args.max_queue)
+        return 0
     # Clients name the model by its Hub id, or by the directory's name (a served path is not disclosed).
     model = args.model
     model_id = args.model_id or (Path(model).name if model and Path(model).exists() else model) or lm.name

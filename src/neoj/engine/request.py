@@ -55,6 +55,9 @@ class Request:
         self.next_admit = 0  # seqs before this have left the waiting queue
         self.finished = 0
         self.cancelled = False
+        self.cancel_reason = "cancelled"  # the finish reason of rows a cancel ends ("time" for a lockstep deadline)
+        self.key: int | None = None  # engines in lockstep: the request's key on every rank
+        self.end_at: float | None = None  # engines in lockstep: the deadline, checked between rounds
         self.first_token_at: float | None = None
         self.prefills: dict[int, Prefill] = {}  # by prompt index, until its last copy has started
 

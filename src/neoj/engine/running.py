@@ -204,5 +204,5 @@ class RunningBatch:
         for i in range(len(self.rows) - 1, -1, -1):
             s = self.rows[i]
             if s.request.cancelled:
-                self.finish(s, Event(s, "", finish_reason="cancelled"))
+                self.finish(s, Event(s, "", finish_reason=s.request.cancel_reason))
                 self.remove(i)

@@ -8,6 +8,8 @@ next piece of each pending job, admission of waiting sequences (prefill, first t
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import queue
@@ -29,6 +31,7 @@ from .prefill import look_up_prefixes, prefill, prefill_groups, remember_prefixe
 from .prefix_cache import PrefixCache, PrefixHit
 from .speculation import Speculative
 from .events import Countdown, drain
+from .lockstep import HEARTBEAT_S, Lockstep, NotReplicated, Round, request_spec
 from .request import EngineStats, Job, Prefill, QueueFull, Request, WaitingQueue
 from .running import RunningBatch
 from .sampler import Sampler
@@ -46,6 +49,10 @@ class Engine:
     `prefix_cache` (shared between engines of one model) lets prompts reuse the keys and values of earlier
     prompts' common prefixes; `speculative` makes decode steps verify guessed tokens (per request opt-out:
     GenerationParams.speculative=False).
+
+    On a tensor-parallel model (neoj.tensor_parallel) the ranks' engines run in lockstep (engine.lockstep): rank
+    0's engine is started and leads, the others `follow()`; adaptive speculation is off there (its timing could
+    differ between ranks) and work outside the rounds (call, call_pieces) is refused.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 32, max_queue: int = 64,
@@ -54,6 +61,10 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise NeojError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
+        processes = getattr(model, "tensor_parallel", None)
+        self.lockstep = Lockstep(processes) if processes is not None and processes.world > 1 else None
+        if self.lockstep is not None and speculative is not None and speculative.adaptive:
+            speculative = dataclasses.replace(speculative, adaptive=False, times=None)
         self.prefix_cache = prefix_cache  # reused prompt prefixes (None: off)
         self.speculative = speculative  # how decode steps guess ahead (None: they do not)
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
@@ -71,6 +82,11 @@ class Engine:
         self._admitting = 0  # sequences taken from the queue and being prefilled
         self._flushes: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
+        self._leading = False  # started as the leader of engines in lockstep
+        self._keys = itertools.count()  # a leader's request keys, as its followers know them
+        self._ends: dict[Request, str] = {}  # a leader's requests to end at the next round: "cancelled"
+        self.fatal: Exception | None = None  # what stopped a leader's or follower's rounds (a rank lost)
+        self.on_fatal: Callable[[Exception], None] | None = None  # called on the model thread when that happens
 
     @property
     def running(self) -> list[Sequence]:
@@ -85,11 +101,16 @@ class Engine:
     # ---- the public, thread-safe side ----
 
     def start(self) -> "Engine":
-        """Starts the model thread; returns self."""
+        """Starts the model thread; returns self. Engines in lockstep: only rank 0's starts (and leads)."""
         with self._cv:
             if self._thread is None:
+                if self.lockstep is not None:
+                    if not self.lockstep.leads:
+                        raise NeojError(f"rank {self.lockstep.processes.rank} of a tensor-parallel model follows "
+                                        "rank 0's engine: call follow(), not start()")
+                    self._leading = True
                 self._stopping = False
-                self.raise_errors = False
+                self.raise_errors = self.lockstep is not None  # in lockstep, any failure stops every rank
                 self._thread = threading.Thread(target=self._loop, name="neoj-engine", daemon=True)
                 self._thread.start()
         return self
@@ -120,6 +141,8 @@ class Engine:
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
         req = self._request(prompts, params, sink, max_time, prompt_logprobs, priority)
+        if self._leading:  # the leader ends requests at their deadline, between rounds (see _plan_round)
+            req.key, req.end_at, req.deadline = next(self._keys), req.deadline, None
         with self._cv:
             if self._stopping:
                 raise NeojError("the engine is shutting down")
@@ -171,7 +194,10 @@ class Engine:
     def cancel(self, req: Request) -> None:
         """Ends a request: dropped from the queue now, its running rows at the next step."""
         with self._cv:
-            req.cancelled = True
+            if self._leading:  # every rank ends it at the start of the same round
+                self._ends.setdefault(req, "cancelled")
+            else:
+                req.cancelled = True
             if req in self._waiting:
                 self._waiting.remove(req)
                 self.stats.waiting = len(self._waiting)
@@ -189,6 +215,9 @@ class Engine:
         return self._submit_job(pieces, single=False)
 
     def _submit_job(self, pieces: Iterable[Callable[[], object]], single: bool) -> Future:
+        if self.lockstep is not None and self._leading:
+            raise NotReplicated("this runs outside the engine's generation rounds, which a model split over "
+                                "processes (--tp) cannot do in step on every rank; it is not served with --tp")
         fut: Future = Future()
         with self._cv:
             if self._stopping:
@@ -238,6 +267,10 @@ class Engine:
         if self.batch.ahead is None:  # else the queued step covers only the rows running now: admit after it
             with self._cv:
                 seqs = self._take_waiting()
+        return self._admit_taken(seqs)
+
+    def _admit_taken(self, seqs: list[Sequence]) -> int:
+        """Prefills and starts the sequences taken from the queue; returns how many."""
         taken_at, before = time.monotonic(), len(self.running)
         with torch.inference_mode():
             self._admit(seqs)
@@ -246,14 +279,15 @@ class Engine:
         self._flush()  # first tokens go out now, not after the next step
         return len(seqs)
 
-    def decode(self) -> None:
-        """Advances every running sequence by one token (nothing when none runs)."""
+    def decode(self, may_run_ahead: bool | None = None) -> None:
+        """Advances every running sequence by one token (nothing when none runs). A step may run ahead (queue
+        the next one) when nothing waits, unless may_run_ahead says otherwise."""
         if not self.running:
             return
         seqs = list(self.running)  # the step removes the rows that end
         try:
             with torch.inference_mode():
-                self.batch.step(may_run_ahead=not self._waiting)
+                self.batch.step(may_run_ahead=not self._waiting if may_run_ahead is None else may_run_ahead)
             self.stats.latency.stepped(seqs, time.monotonic())
         except Exception as exc:
             failed = self.running
@@ -262,6 +296,9 @@ class Engine:
         self._flush()
 
     def _loop(self) -> None:
+        if self._leading:
+            self._lead()
+            return
         while True:
             with self._cv:
                 while not (self._stopping or self.has_work):
@@ -273,6 +310,93 @@ class Engine:
             self.admit()
             self.decode()
         self._cancel_everything()
+
+    # ---- lockstep: the leader's rounds and the followers' ----
+
+    def _lead(self) -> None:
+        """The leader's model thread: each round is planned, broadcast, then run as every follower runs it; an idle
+        leader sends a heartbeat round every HEARTBEAT_S. A failure (a rank lost) ends everything (_die)."""
+        try:
+            while True:
+                with self._cv:
+                    if not (self._stopping or self.has_work or self._ends):
+                        self._cv.wait(HEARTBEAT_S)
+                    round_, seqs = (Round(stop=True), []) if self._stopping else self._plan_round()
+                self.lockstep.send(round_)
+                if round_.stop:
+                    break
+                self._run_round(round_, seqs)
+        except Exception as exc:
+            self._die(exc)
+            return
+        self._cancel_everything()
+
+    def _plan_round(self) -> tuple[Round, list[Sequence]]:
+        """Returns the leader's next Round and the sequences it admits (called holding the lock): the requests to
+        end (cancelled, or past their deadline), the waiting sequences that fit, and whether a step may run ahead."""
+        known, now = self.lockstep.known, time.monotonic()
+        ends = [(req.key, reason) for req, reason in self._ends.items() if req.key in known]
+        self._ends.clear()
+        ends += [(key, "time") for key, req in known.items()
+                 if req.end_at is not None and now >= req.end_at and not req.cancelled]
+        seqs = self._take_waiting() if self.batch.ahead is None else []
+        round_ = Round(ends=ends, may_run_ahead=not self._waiting)
+        for seq in seqs:
+            req = seq.request
+            if req.key not in known:
+                known[req.key] = req
+                round_.new_requests.append(request_spec(req.key, req))
+            round_.admit.append((req.key, seq.index))
+        return round_, seqs
+
+    def follow(self) -> None:
+        """Runs the rounds rank 0's engine broadcasts, on this rank of a tensor-parallel model, until the leader
+        stops; raises ProcessesError when the leader is lost (it died, or a collective timed out)."""
+        if self.lockstep is None or self.lockstep.leads:
+            raise NeojError("follow() is for ranks other than 0 of a model split over processes (--tp)")
+        self.raise_errors = True
+        while True:
+            round_ = self.lockstep.receive()
+            if round_.stop:
+                break
+            self._run_round(round_, self._followed_sequences(round_))
+        self._cancel_everything()
+
+    def _followed_sequences(self, round_: Round) -> list[Sequence]:
+        """Makes the requests the leader sent for the first time; returns the sequences the round admits."""
+        known = self.lockstep.known
+        for spec in round_.new_requests:
+            req = Request(spec.params, lambda event: None, None, spec.prompt_logprobs, spec.priority)
+            req.key, req.end_at = spec.key, None
+            req.seqs = [Sequence(req, s.index, s.prompt_index, s.prompt_ids, s.seed, self.tokenizer, self.vocab,
+                                 self.device) for s in spec.seqs]
+            known[spec.key] = req
+        return [known[key].seqs[index] for key, index in round_.admit]
+
+    def _run_round(self, round_: Round, seqs: list[Sequence]) -> None:
+        """Runs one round as every rank runs it: the ends, the admission of `seqs`, one decode step."""
+        for key, reason in round_.ends:
+            req = self.lockstep.known[key]
+            req.cancelled, req.cancel_reason = True, reason
+        self._admit_taken(seqs)
+        self.decode(may_run_ahead=round_.may_run_ahead)
+        self.lockstep.forget_finished()
+
+    def _die(self, exc: Exception) -> None:
+        """Ends every request with the error that stopped the rounds, marks the engine stopped, calls on_fatal."""
+        log.error("the engine stops: %s", exc)
+        self.fatal = exc
+        with self._cv:
+            self._stopping = True
+        message = f"the model stopped: {exc}"
+        for seq in list(self.running):
+            self._finish(seq, Event(seq, "", finish_reason="error", error=message))
+        for req in self._waiting:
+            for seq in req.seqs[req.next_admit :]:
+                self._finish(seq, Event(seq, "", finish_reason="error", error=message))
+        self._flush()
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
     def _run_jobs(self) -> None:
         """Runs the next piece of every pending job; those with pieces left run again next round."""
@@ -316,7 +440,7 @@ class Engine:
         for seq in seqs:
             req = seq.request
             if req.cancelled:
-                self._finish(seq, Event(seq, "", finish_reason="cancelled"))
+                self._finish(seq, Event(seq, "", finish_reason=req.cancel_reason))
             elif seq.params.max_new_tokens == 0 and req.prompt_logprobs is None:
                 self._finish(seq, Event(seq, "", finish_reason="length"))
             else:

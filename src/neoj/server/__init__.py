@@ -61,6 +61,12 @@ or Basic with the key as password for browsers), 404 unknown model or route, 413
 422 wrong types, out-of-range or unsupported parameters, empty prompts and more than 64 inputs to embed,
 503 with Retry-After when max_queue requests already wait beyond the batch. A client that disconnects frees
 its slot at the next step.
+
+Over tensor parallelism (`torchrun --nproc-per-node N -m neoj serve --tp N`): rank 0 serves HTTP and schedules,
+every rank runs the same rounds (neoj.engine.lockstep; the others call follow_engine). The generation routes
+work as on one process; embeddings and task routes that score or embed (classify), which run the model outside
+those rounds, answer 501.
+A rank that dies stops the server with an error (its collectives fail or time out) instead of hanging.
 """
 
 from __future__ import annotations
@@ -73,12 +79,12 @@ import time
 
 from ..api import LanguageModel
 from ..errors import NeojError
-from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .app import DEFAULT_MAX_BODY_BYTES, create_app, follow_engine
 from .chat import TEMPLATES, ChatTemplate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["serve", "create_app", "run_in_thread", "BackgroundServer", "ChatTemplate", "TEMPLATES"]
+__all__ = ["serve", "create_app", "follow_engine", "run_in_thread", "BackgroundServer", "ChatTemplate", "TEMPLATES"]
 
 
 def _is_loopback(host: str) -> bool:
@@ -109,8 +115,14 @@ def serve(model: LanguageModel, host: str = "127.0.0.1", port: int = 8000, api_k
     app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, max_batch=max_batch,
                      max_queue=max_queue, max_body_bytes=max_body_bytes, chat_template=chat_template,
                      adapters=adapters, allow_origins=allow_origins)
+    engine = app.state.neoj.engine
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    server = uvicorn.Server(config)
+    # A model thread that stops for good (a tensor-parallel rank lost) shuts the server down, as Ctrl+C would.
+    engine.on_fatal = lambda exc: setattr(server, "should_exit", True)
+    server.run(sockets=[sock] if sock is not None else None)
+    if engine.fatal is not None:
+        raise NeojError(f"the server stopped: {engine.fatal}")
 
 
 class BackgroundServer:

@@ -164,8 +164,7 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
     aliases = tuple(aliases) if aliases is not None else default_aliases(lm, model_id)
     if adapters:
         load_adapters(lm.model, adapters, base=model_id, reserved=(model_id, *aliases))
-    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens,
-                    prefix_cache=lm.prefix_cache, speculative=lm.speculative)
+    engine = server_engine(lm, max_batch, max_queue, prefill_tokens)
     state = ServerState(lm=lm, engine=engine, model_id=model_id, aliases=aliases,
                         api_key=api_key or None, max_body_bytes=max_body_bytes,
                         chat_template=get_template(chat_template), metrics=Metrics(model_name=model_id))
@@ -194,6 +193,19 @@ def create_app(lm: LanguageModel, *, model_id: str | None = None, aliases: list[
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
+
+
+def server_engine(lm: LanguageModel, max_batch: int = 32, max_queue: int = 64, prefill_tokens: int = 2048) -> Engine:
+    """Returns the engine a server runs `lm` on (with its prefix cache and speculation). Every rank of a model split
+    over processes (--tp) makes it with the same arguments: rank 0's leads, the others follow (follow_engine)."""
+    return Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens,
+                  prefix_cache=lm.prefix_cache, speculative=lm.speculative)
+
+
+def follow_engine(lm: LanguageModel, max_batch: int = 32, max_queue: int = 64, prefill_tokens: int = 2048) -> None:
+    """Runs, on a rank other than 0 of a model split over processes, the rounds of the engine rank 0 serves from;
+    returns when rank 0 stops, raises ProcessesError when it is lost."""
+    server_engine(lm, max_batch, max_queue, prefill_tokens).follow()
 
 
 def _add_pages(app: FastAPI, state: ServerState) -> None:

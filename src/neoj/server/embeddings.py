@@ -16,6 +16,7 @@ import asyncio
 from starlette.requests import Request
 
 from ..engine import QueueFull
+from ..engine.lockstep import NotReplicated
 from ..model_utils import embed_rows
 from .common import APIError, ServerState, unless_disconnected
 
@@ -96,6 +97,8 @@ async def embed(state: ServerState, request: Request, inputs: list[list[int]]) -
     jobs = [lambda g=g: piece(g) for g in pieces(inputs)]
     try:
         future = state.engine.start().call_pieces(jobs)
+    except NotReplicated as exc:
+        raise APIError(501, str(exc)) from None
     except QueueFull as exc:
         state.metrics.rejected.inc()
         raise APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from pydantic import Field, StrictStr, field_validator
 
 from ..engine import QueueFull
+from ..engine.lockstep import NotReplicated
 from ..errors import ContextLengthError, NeojError
 from ..tasks import ask, chat_reply, classify, complete_code, summarize, translate
 from ..tasks.classify import MAX_LABELS, SENTIMENT
@@ -170,6 +171,8 @@ async def _run(request: Request, body: TaskRequest, fn: Callable[[Runner, Prompt
             raise APIError(400, str(exc)) from None
         except Cancelled:
             return Response(status_code=499)
+        except NotReplicated as exc:
+            raise APIError(501, str(exc)) from None
         except NeojError as exc:  # TaskError, GenerationError, bad prompts: the input's fault
             raise APIError(422, str(exc)) from None
         return {"model": st.model_id, **result}
