@@ -18,7 +18,7 @@ file path to any task. Generation is greedy unless options (temperature, top_p, 
 """
 
 from .ask import Answer, Passage, ask, rank_passages
-from .batch import BatchResult, run_batch
+from .batch import BatchResult, MergeResult, merge_batch, run_batch
 from .chat import ChatReply, ChatSession, chat_reply, fit_history
 from .chunking import Chunk, split_text
 from .classify import SENTIMENT, Classification, classify
@@ -31,6 +31,6 @@ from .translate import translate
 __all__ = [
     "summarize", "Summary", "ask", "Answer", "Passage", "rank_passages", "translate", "classify",
     "Classification", "SENTIMENT", "complete_code", "stream_code", "ChatSession", "ChatReply", "chat_reply",
-    "fit_history", "run_batch", "BatchResult", "split_text", "Chunk", "Prompts", "DEFAULT_PROMPTS",
+    "fit_history", "run_batch", "BatchResult", "merge_batch", "MergeResult", "split_text", "Chunk", "Prompts", "DEFAULT_PROMPTS",
     "resolve_prompts", "Runner", "LocalRunner", "EngineRunner", "TaskError", "continuation_logprobs",
 ]
