@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..checks import clear_model_files, prepare_output_dir, same_directory
+from ..cli_options import add_tp_arg
 from ..errors import NeojError
 from .checkpoint import CHECKPOINT
 
@@ -215,8 +216,9 @@ def cmd_eval_perplexity(args) -> int:
     from ..api import load
     from .evaluate import file_tokens, perplexity
 
+    # Under --tp every rank computes the same perplexity; neoj.cli keeps the other ranks' output quiet.
     lm = load(args.model, dtype="auto" if args.quantize else args.dtype, device=args.device, adapter=args.adapter,
-              quantize=args.quantize, group_size=args.group_size)
+              quantize=args.quantize, group_size=args.group_size, tp=args.tp)
     ids, weights = file_tokens(args.data, lm.tokenizer)
     result = perplexity(lm.model, ids, weights, max_length=args.max_length, stride=args.stride,
                         progress=not args.no_progress)
@@ -275,6 +277,7 @@ def add_train_commands(sub) -> None:
     e.add_argument("--quantize", "-q", default=None, choices=["int8", "int4"],
                    help="evaluate the model quantized (computing in bfloat16), to measure what quantizing costs")
     e.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="int4 group size (128)")
+    add_tp_arg(e)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval_perplexity)

@@ -124,6 +124,15 @@ class StoredTensor:
         """Hands the rows to `sink` block by block; returns sink.finish()."""
         raise NotImplementedError(f"{type(self).__name__} is read whole")
 
+    def read_slice(self, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Returns the values of indices [start, stop) along `dim` (0: rows, 1: columns), in `dtype` (None: as
+        stored), as a tensor of their own: tensor parallelism keeps only its slice, never the whole tensor.
+        Readers that can read just the slice (FileTensor, MappedTensor) override this."""
+        part = self.read(dtype).narrow(dim, start, stop - start)
+        if dtype is not None and part.dtype != dtype:
+            return part.to(dtype).contiguous()
+        return part.clone(memory_format=torch.contiguous_format)
+
 
 class InMemoryTensor(StoredTensor):
     """A tensor already in memory (a .bin's entry, or drawn at random), handed over as it is."""
@@ -146,6 +155,11 @@ class MappedTensor(StoredTensor):
     def read(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.handle.get_tensor(self.key)
 
+    def read_slice(self, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        view = self.handle.get_slice(self.key)  # reads only the slice's bytes
+        part = view[start:stop] if dim == 0 else view[:, start:stop]
+        return part if dtype is None or part.dtype == dtype else part.to(dtype)
+
 
 class FileTensor(StoredTensor):
     """A tensor of a safetensors file read with plain reads, converted on the way in or in row blocks."""
@@ -159,6 +173,10 @@ class FileTensor(StoredTensor):
     def read(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dest = torch.empty(self.shape, dtype=dtype if dtype is not None else self.dtype)
         self.reader.f.seek(self.offset)
+        return self._read_into(dest)
+
+    def _read_into(self, dest: torch.Tensor) -> torch.Tensor:
+        """Fills dest with the next dest.numel() values of the file, converting through the staging buffer."""
         if dest.dtype == self.dtype:
             self.reader.read_exactly(dest, self.key)
             return dest
@@ -168,6 +186,28 @@ class FileTensor(StoredTensor):
             chunk = staging[: min(staging.numel(), flat.numel() - lo)]
             self.reader.read_exactly(chunk, self.key)
             flat[lo : lo + chunk.numel()].copy_(chunk)
+        return dest
+
+    def read_slice(self, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows: one seek and one read of just those rows. Columns: the rows go through the staging buffer a
+        block at a time, and only the slice's columns are kept."""
+        dtype = dtype if dtype is not None else self.dtype
+        if dim == 0:
+            row = self.dtype.itemsize
+            for size in self.shape[1:]:
+                row *= size
+            dest = torch.empty((stop - start, *self.shape[1:]), dtype=dtype)
+            self.reader.f.seek(self.offset + start * row)
+            return self._read_into(dest)
+        rows, cols = self.shape
+        dest = torch.empty(rows, stop - start, dtype=dtype)
+        step = max(1, STAGING_BYTES // max(1, cols * self.dtype.itemsize))
+        staging = torch.empty(min(step, rows), cols, dtype=self.dtype)
+        self.reader.f.seek(self.offset)
+        for first in range(0, rows, step):
+            block = staging[: min(step, rows - first)]
+            self.reader.read_exactly(block, self.key)
+            dest[first : first + block.shape[0]] = block[:, start:stop]
         return dest
 
     def read_rows(self, sink: RowSink):
