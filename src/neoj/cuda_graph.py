@@ -22,7 +22,7 @@ import os
 import torch
 
 from .adapters import served_adapters
-from .kv_cache import KVCache
+from .kv_cache import KVCache, LayerSplit
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -38,8 +38,12 @@ class DecodeStep:
 
     @staticmethod
     def for_cache(model, cache: KVCache) -> "DecodeStep":
-        """Returns the graphed step where graphs are enabled for the cache's device, else the eager one."""
-        return GraphedDecodeStep(model, cache) if graphs_enabled(cache.k.device) else DecodeStep(model, cache)
+        """Returns the graphed step where graphs are enabled for the cache's device, else the eager one. A cache
+        split across devices (a device map) runs eagerly: one graph would have to span every device's layers and
+        the copies between them."""
+        if isinstance(cache.k, LayerSplit) or not graphs_enabled(cache.k.device):
+            return DecodeStep(model, cache)
+        return GraphedDecodeStep(model, cache)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.model(tokens.view(-1, 1), positions.view(-1, 1), self.cache)

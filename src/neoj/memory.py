@@ -58,11 +58,28 @@ def weight_bytes(cfg: ModelConfig, bytes_per_param: float, quantize: str | None 
     linear_params = sum(o * i for o, i in linears)
     head_tied = cfg.tie_word_embeddings  # the tied head is counted once in num_parameters, as the embedding
     rest = cfg.num_parameters() - linear_params + (cfg.vocab_size * cfg.hidden_size if head_tied else 0)
+    return int(rest * bytes_per_param + _quantized_bytes(linears, quantize, group_size))
+
+
+def _quantized_bytes(linears: list[tuple[int, int]], quantize: str, group_size: int) -> int:
+    """Returns the bytes of (out, in) linear weights quantized with `quantize`."""
     if quantize == "int8":  # int8 values and one bf16 scale per output row
-        q = sum(o * i + 2 * o for o, i in linears)
-    else:  # two 4-bit values a byte, a bf16 scale and zero per group
-        q = sum(o * i // 2 + 4 * o * (i // group_size) for o, i in linears)
-    return int(rest * bytes_per_param + q)
+        return sum(o * i + 2 * o for o, i in linears)
+    # two 4-bit values a byte, a bf16 scale and zero per group
+    return sum(o * i // 2 + 4 * o * (i // group_size) for o, i in linears)
+
+
+def block_weight_bytes(cfg: ModelConfig, bytes_per_param: float, quantize: str | None = None,
+                       group_size: int = 128) -> int:
+    """Returns the bytes of one block's weights; weight_bytes is n_layers of these plus the embeddings, final norm
+    and head (what a device map keeps on its first device: neoj.placement sizes its split with both)."""
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    params = 4 * c * c + (c if cfg.out_proj_bias else 0) + 2 * c * i + i + c + (2 if cfg.parallel_block else 4) * c
+    if quantize is None:
+        return int(params * bytes_per_param)
+    linears = [(c, c)] * 4 + [(i, c), (c, i)]  # q, k, v, out; fc_in, fc_out (as linear_shapes)
+    rest = params - sum(o * n for o, n in linears)
+    return int(rest * bytes_per_param + _quantized_bytes(linears, quantize, group_size))
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int, bytes_per_value: int) -> int:

@@ -254,6 +254,9 @@ class Transformer(nn.Module):
         # A device map (neoj.placement) puts block i on block_devices[i]; the embeddings, final norm and head stay on
         # the embedding's device. None: every block is there too.
         self.block_devices: list[torch.device] | None = None
+        # The device map's layer ranges (set with block_devices by neoj.placement.load_placed): the KV cache keeps one
+        # piece per range, even where two ranges share a device (neoj.kv_cache.cache_pieces).
+        self.block_ranges: tuple[range, ...] | None = None
         self.register_buffer("rope", None, persistent=False)
         if cfg.rotary_dim and self.wte.weight.device.type != "meta":
             self.init_buffers()

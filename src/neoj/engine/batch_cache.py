@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, cache_pieces, kv_storage
 from ..model import Transformer
 
 
@@ -14,12 +14,15 @@ class BatchCache(KVCache):
     Row i's tokens occupy slots [starts[i], length); slots before are invalid (masked). Storage is
     (layers, row capacity, H, max_len, D); `k`, `v` and `key_valid` are views of the active rows, which is
     what the model reads and writes. Storage grows by reallocation; all-invalid leading columns are compacted.
+    A model placed across devices gets its keys and values stored per device (LayerSplits, see
+    neoj.kv_cache.cache_pieces); the moves below index them as one tensor either way.
     """
 
     def __init__(self, model: Transformer, max_rows: int):
         cfg, w = model.config, model.wte.weight
-        self.dims = (cfg.n_layers, cfg.n_heads, cfg.head_dim)
+        self.dims = (cfg.n_layers, getattr(model, "kv_heads", cfg.n_heads), cfg.head_dim)  # kv_heads: a rank's share
         self.dtype, self.device = w.dtype, w.device
+        self.pieces = cache_pieces(model)
         self.max_rows, self.limit = max_rows, cfg.n_positions
         self.starts: list[int] = []
         self.length = 0
@@ -62,8 +65,8 @@ class BatchCache(KVCache):
     def _allocate(self, row_cap: int, len_cap: int) -> None:
         layers, heads, dim = self.dims
         shape = (layers, row_cap, heads, len_cap, dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        k = kv_storage(shape, self.dtype, self.device, self.pieces)
+        v = kv_storage(shape, self.dtype, self.device, self.pieces)
         valid = torch.ones(row_cap, len_cap, dtype=torch.bool, device=self.device)
         pos = torch.zeros(row_cap, len_cap, dtype=torch.long, device=self.device)
         n, L = self.rows, self.length

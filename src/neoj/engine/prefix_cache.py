@@ -1,7 +1,10 @@
 """The prefix cache: keys and values of recent prompts, kept in fixed-size blocks, reused by later prompts.
 
 A block holds `block_size` consecutive prompt tokens' keys and values for every layer, as one
-(2, layers, heads, block_size, head_dim) tensor in the model's dtype on its device. Its key is
+(2, layers, heads, block_size, head_dim) tensor in the model's dtype on its device. For a model whose layers a device
+map placed across devices the block is a LayerSplit (neoj.kv_cache) of that shape, each layer's part on its layer's
+device: torch.stack and torch.cat below work on it piece by piece, and writing it back into a cache copies no layer
+between devices. Its key is
 (the id of the block before it, the block's tokens, the LoRA adapter): the parent's id stands for every token
 before the block, so equal keys mean equal prefixes exactly, with no hash to collide. Keys and values depend
 only on the tokens up to them and their positions (a prefix always starts at position 0), so a block computed
