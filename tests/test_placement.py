@@ -204,7 +204,7 @@ def test_bad_maps_are_one_line_errors(device_map, cuda, says):
 
 def test_a_bad_map_fails_the_load_before_any_weight():
     with pytest.raises(DeviceMapError, match="leaves layer 3 unplaced"):
-        neoj.from_config(from_hf_dict(NEO), device="cpu", device_map="0-2:cpu")
+        neoj.from_config(from_hf_dict(NEO), device_map="0-2:cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def pair(request, zoo):
     """Returns (unsplit, split) loads of a zoo checkpoint, neither with a prefix cache."""
     tiny = zoo[request.param]
     whole = neoj.load(tiny.path, dtype="float32", device="cpu")
-    split = neoj.load(tiny.path, dtype="float32", device="cpu", device_map=SPLITS[request.param])
+    split = neoj.load(tiny.path, dtype="float32", device_map=SPLITS[request.param])
     whole.prefix_cache = split.prefix_cache = None
     return whole, split
 
@@ -353,8 +353,7 @@ def test_a_split_cache_is_never_graphed(pair, monkeypatch):
 def test_random_weights_placed_equal_unplaced(quantize):
     cfg = from_hf_dict(NEO)
     whole = neoj.from_config(cfg, dtype="float32", device="cpu", seed=3, quantize=quantize)
-    split = neoj.from_config(cfg, dtype="float32", device="cpu", seed=3, quantize=quantize,
-                             device_map={"0-2": "cpu", 3: "cpu"})
+    split = neoj.from_config(cfg, dtype="float32", seed=3, quantize=quantize, device_map={"0-2": "cpu", 3: "cpu"})
     assert split.model.block_ranges == (range(0, 3), range(3, 4))
     ids = torch.arange(100, 130)[None]
     torch.testing.assert_close(split.model.logits(split.model(ids)), whole.model.logits(whole.model(ids)),
@@ -375,8 +374,16 @@ def test_cli_generate_accepts_a_device_map(zoo, capsys):
             PROMPTS[0]]
     assert main(args) == 0
     plain = capsys.readouterr().out
-    assert main(args[:1] + ["--device-map", "0-1:cpu,2-3:cpu"] + args[1:]) == 0
+    placed = [a for a in args if a not in ("--device", "cpu")]  # a device map says where everything goes
+    assert main(placed[:1] + ["--device-map", "0-1:cpu,2-3:cpu"] + placed[1:]) == 0
     assert capsys.readouterr().out == plain
+
+
+def test_a_device_and_a_device_map_together_are_refused(zoo, capsys):
+    path = str(zoo["neo"].path)
+    assert main(["generate", "--model", path, "--device", "cpu", "--device-map", "auto", "-n", "2", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give only --device-map" in err
 
 
 def test_cli_bad_map_is_one_line(zoo, capsys):
@@ -394,7 +401,7 @@ def _compare_on(tiny, device_map: str, ref_device: str, pieces: list) -> None:
     """Asserts a zoo model placed by `device_map` matches it unplaced on `ref_device`: logits, greedy and speculative
     generations, prefix hits; and that its caches are split into `pieces` devices."""
     whole = neoj.load(tiny.path, dtype="float32", device=ref_device)
-    split = neoj.load(tiny.path, dtype="float32", device=ref_device, device_map=device_map)
+    split = neoj.load(tiny.path, dtype="float32", device_map=device_map)
     whole.prefix_cache, split.prefix_cache = None, PrefixCache(1 << 20, block_size=4)
     assert KVCache.for_model(split.model, 1, 8).k.devices == pieces
     assert BatchCache(split.model, 2).k.devices == pieces

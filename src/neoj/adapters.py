@@ -275,6 +275,10 @@ def load_adapter(model: nn.Module, name: str, directory: str | os.PathLike, base
     ids). Everything is checked and read before the model changes, so a refused adapter leaves it as it was.
     Load adapters before the model serves requests (a server loads them at start).
     """
+    if getattr(model, "tensor_parallel", None) is not None or getattr(model, "block_devices", None) is not None:
+        raise NeojError(f"LoRA adapters are not served on a model split over processes or devices (--tp, "
+                        f"--device-map); refused {name!r}. Serve adapters on one device, or merge the adapter into "
+                        "the model (neoj merge) and load that")
     served = served_adapters(model)
     _check_new_name(name, served, reserved)
     lora, pairs = _read_pairs(model, directory, base)

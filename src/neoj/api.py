@@ -284,6 +284,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     rank calls load() and then runs the same generations, each holding 1/N of the weights. `device_map` places the
     model's layers across devices ("auto", or layer ranges such as "0-13:cuda:0,14-27:cpu"; neoj.placement).
     """
+    check_device_map_alone(device, device_map)
     processes = tensor_parallel_processes(tp, device) if tp is not None else None
     dev = processes.device if processes is not None else resolve_device(device)
     if name_or_path is None:
@@ -330,6 +331,13 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
     if adapter is not None:
         model = _apply_adapter(model, adapter, spec)
     return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+
+
+def check_device_map_alone(device, device_map) -> None:
+    """Raises NeojError when both a device and a device map are given: the map places every part itself."""
+    if device_map is not None and device not in (None, "auto"):
+        raise NeojError(f"--device {device} and --device-map {device_map} both say where the model goes; give only "
+                        "--device-map (it places the embeddings and head with the first layer)")
 
 
 def _load_split(directory, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, spec: QuantSpec | None,
@@ -379,6 +387,8 @@ def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", de
     (useful to time or test an adapter without its base); one made for another shape is refused first.
     `processes` (from tensor_parallel_processes) and `device_map` split the model as load()'s tp and device_map do.
     """
+    if isinstance(device, str):
+        check_device_map_alone(device, device_map)
     dev = processes.device if processes is not None else resolve_device(device)
     if isinstance(config, str):
         if config.lower() not in PRESETS:

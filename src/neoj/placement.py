@@ -425,9 +425,9 @@ class _Placer:
         self.by_device = None
         devices = dict.fromkeys((placement.home, *placement.blocks))
         if stored is not None:
-            from .quantize.loading import _PutQuantized
+            from .quantize import PutQuantized
 
-            self.by_device = {d: _PutQuantized(model, stored, dtype, d) for d in devices}
+            self.by_device = {d: PutQuantized(model, stored, dtype, d) for d in devices}
         elif spec is not None:
             from .quantize import StreamingQuantizer
 

@@ -18,11 +18,12 @@ from .malloc import return_freed_memory_promptly, trim_heap
 from .format import (CHUNK_ROWS, GROUP_SIZES, QUANTIZATION_FILE, SCHEMES, QuantSpec, check_parts, dequantize,
                            dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_weight, unpack_int4)
 from .layer import QuantLinear, decode_read_bytes, quantize_model, replace_linear
-from .loading import QuantizedLayer, StreamingQuantizer, load_quantized, put_quantized, read_quantized
+from .loading import PutQuantized, QuantizedLayer, StreamingQuantizer, load_quantized, put_quantized, read_quantized
 from .writing import quantize_checkpoint
 
 __all__ = [
-    "CHUNK_ROWS", "GROUP_SIZES", "QUANTIZATION_FILE", "SCHEMES", "QuantLinear", "QuantSpec", "QuantizedLayer",
+    "CHUNK_ROWS", "GROUP_SIZES", "PutQuantized", "QUANTIZATION_FILE", "SCHEMES", "QuantLinear", "QuantSpec",
+    "QuantizedLayer",
     "ShardWriter", "StreamingQuantizer", "check_parts", "decode_read_bytes", "dequantize", "dequantize_int4",
     "dequantize_int8", "load_quantized", "put_quantized", "quantize_checkpoint", "quantize_int4", "quantize_int8",
     "quantize_model", "quantize_weight", "read_quantized", "replace_linear", "return_freed_memory_promptly",

@@ -90,7 +90,7 @@ class QuantizedLayer(StoredTensor):
     """A quantized linear weight of a checkpoint: its parts, gathered from wherever they lie (any shard).
 
     It stands for MODULE.weight: it fits a weight of shape (out, in) when check_parts says so, and
-    reads as its parts {"qweight", "scales"[, "mins"]}, which _PutQuantized turns into a QuantLinear.
+    reads as its parts {"qweight", "scales"[, "mins"]}, which PutQuantized turns into a QuantLinear.
     """
 
     def __init__(self, module: str, spec: QuantSpec):
@@ -134,7 +134,7 @@ def read_quantized(files: Iterable[Path], spec: QuantSpec) -> Iterator[StoredTen
     yield from layers.values()
 
 
-class _PutQuantized:
+class PutQuantized:
     """The fill_model transform for quantized checkpoints: layers become QuantLinear, the rest is converted."""
 
     def __init__(self, model: nn.Module, spec: QuantSpec, dtype: torch.dtype, device: torch.device):
@@ -157,5 +157,5 @@ def load_quantized(directory: Path, spec: QuantSpec, dtype: torch.dtype, device:
     expected = expected_tensors(model)
     if cfg.tie_word_embeddings:  # a head tied to the embedding has its own quantized copy
         expected["lm_head.weight"] = model.lm_head.weight
-    fill_model(model, read_quantized(files, spec), dtype, device, _PutQuantized(model, spec, dtype, device), expected)
+    fill_model(model, read_quantized(files, spec), dtype, device, PutQuantized(model, spec, dtype, device), expected)
     return model.eval()

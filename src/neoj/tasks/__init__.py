@@ -31,6 +31,7 @@ from .translate import translate
 __all__ = [
     "summarize", "Summary", "ask", "Answer", "Passage", "rank_passages", "translate", "classify",
     "Classification", "SENTIMENT", "complete_code", "stream_code", "ChatSession", "ChatReply", "chat_reply",
-    "fit_history", "run_batch", "BatchResult", "merge_batch", "MergeResult", "split_text", "Chunk", "Prompts", "DEFAULT_PROMPTS",
+    "fit_history", "run_batch", "BatchResult", "merge_batch", "MergeResult", "split_text", "Chunk", "Prompts",
+    "DEFAULT_PROMPTS",
     "resolve_prompts", "Runner", "LocalRunner", "EngineRunner", "TaskError", "continuation_logprobs",
 ]
