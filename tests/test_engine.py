@@ -9,7 +9,7 @@ import torch
 
 import neoj
 from neoj.config import from_hf_dict
-from neoj.engine import BatchCache, Engine, QueueFull, scheduler
+from neoj.engine import BatchCache, Engine, QueueFull, admission
 from neoj.errors import ContextLengthError, GenerationError
 from neoj.kv_cache import KVCache
 from neoj.sampling import GenerationParams
@@ -92,8 +92,8 @@ def test_requests_admitted_together_are_prefilled_together(lm, monkeypatch):
         ref.shutdown()
     eng = Engine(lm.model, lm.tokenizer, max_batch=16)
     groups = []
-    real_prefill = scheduler.prefill
-    monkeypatch.setattr(scheduler, "prefill", lambda model, seqs, *rest: (groups.append(len(seqs)),
+    real_prefill = admission.prefill
+    monkeypatch.setattr(admission, "prefill", lambda model, seqs, *rest: (groups.append(len(seqs)),
                                                                           real_prefill(model, seqs, *rest))[1])
     events = queue.Queue()
     reqs = [eng.submit([ids], p, events.put) for ids, p in jobs]

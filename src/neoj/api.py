@@ -9,7 +9,8 @@ from typing import Iterator
 import torch
 
 from .adapters import AdapterInfo, adapter_names, load_adapter
-from .config import PRESETS, ModelConfig, preset
+from .devices import DTYPES, available_memory, cpu_has_fast_bf16, resolve_device, resolve_dtype
+from .config import PRESETS, ModelConfig, load_config, preset
 from .errors import ConfigError, NeojError
 from . import linear, weights
 from .kernels import use_decode_kernels
@@ -32,77 +33,10 @@ log = logging.getLogger(__name__)
 
 builtin_model_dir = weights.builtin_model_dir  # re-exported: neoj.api.builtin_model_dir predates neoj.weights
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Returns the torch device for "auto" (CUDA when present), a name, or a device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise NeojError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NeojError(f"device {device!r} asked for, but this PyTorch has no CUDA device; use --device cpu")
-    return dev
-
-
-def available_memory(device: torch.device) -> int:
-    """Returns the bytes free for weights on `device` (RAM for cpu)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Returns True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        try:
-            if getattr(torch.cpu, probe)():
-                return True
-        except Exception:  # a private probe missing from this torch build: assume no
-            pass
-    return False
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig,
-                  quantization: QuantSpec | None = None) -> torch.dtype:
-    """Returns the dtype to run in; "auto" picks the fastest safe one for the device.
-
-    CPU: bfloat16 where the CPU has bf16 instructions (AVX512-BF16, AMX): measured on such a 2-core
-    EPYC, 2.2x faster prefill and 1.7x faster decode than fp32. Without them, bf16 matrix-matrix products
-    run 10-100x slower than fp32, so float32 -- unless the fp32 weights would not fit in RAM.
-    CUDA: bfloat16 where supported. float16 is never picked silently for GPT-Neo: its attention
-    overflows fp16 on long inputs (transformers #11076). bf16 has fp32's range, and attention scores
-    and softmax always run in fp32.
-    Quantized: bfloat16, the activation dtype PyTorch's int8/int4 kernels are fast with.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in (None, "auto"):
-        if dtype not in DTYPES:
-            raise NeojError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        return DTYPES[dtype]
-    if quantization is not None:
-        return torch.bfloat16
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16 if cfg.rotary_dim else torch.float32
-    if cpu_has_fast_bf16():
-        return torch.bfloat16
-    fp32_bytes = cfg.num_parameters() * 4
-    return torch.float32 if fp32_bytes < 0.8 * available_memory(device) else torch.bfloat16
-
+# The device and dtype helpers live in neoj.devices and stay importable from here.
+__all__ = ["LanguageModel", "load", "from_config", "prepare_for_inference", "check_device_map_alone",
+           "builtin_model_dir", "DTYPES", "available_memory", "cpu_has_fast_bf16", "resolve_device", "resolve_dtype",
+           "DECODE_KERNEL_MIN_PARAMS", "COMPILE_MIN_WEIGHT_BYTES"]
 
 # Below this size the weights sit in cache and the default kernels are already fast.
 DECODE_KERNEL_MIN_PARAMS = 20_000_000
@@ -296,10 +230,23 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
                            batch=batch, check_memory=check_memory, adapter=adapter, processes=processes,
                            device_map=device_map)
     directory = resolve_model_dir(name_or_path, revision=revision)
-    from .config import load_config
-
     cfg = load_config(directory)
     stored = QuantSpec.read(directory)
+    spec = _checkpoint_spec(name, cfg, spec, stored, adapter)
+    torch_dtype = resolve_dtype(dtype, dev, cfg, spec)
+    if processes is not None or device_map is not None:
+        model = _load_split(directory, cfg, torch_dtype, dev, spec, stored, adapter, processes, device_map,
+                            check_memory, context, batch)
+    else:
+        model = _load_checkpoint(directory, cfg, torch_dtype, dev, spec, stored, adapter, name, check_memory,
+                                 context, batch)
+    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+
+
+def _checkpoint_spec(name: str, cfg: ModelConfig, spec: QuantSpec | None, stored: QuantSpec | None,
+                     adapter) -> QuantSpec | None:
+    """Returns the quantization a checkpoint loads with (the one it was written with, else `spec`); refuses a
+    second quantization, an adapter over a quantized checkpoint, and an adapter made for another shape."""
     if stored is not None and spec is not None and spec != stored:
         raise NeojError(f"{name} is already quantized ({stored.scheme}); load it without quantize, or quantize "
                         "the full-precision checkpoint")
@@ -310,27 +257,29 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype
         from .train.lora import check_adapter
 
         check_adapter(adapter, cfg, name)
-    spec = stored or spec
-    torch_dtype = resolve_dtype(dtype, dev, cfg, spec)
-    if processes is not None or device_map is not None:
-        model = _load_split(directory, cfg, torch_dtype, dev, spec, stored, adapter, processes, device_map,
-                            check_memory, context, batch)
-        return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+    return stored or spec
+
+
+def _load_checkpoint(directory, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, spec: QuantSpec | None,
+                     stored: QuantSpec | None, adapter, name: str, check_memory: bool, context: int | None,
+                     batch: int) -> Transformer:
+    """Returns the model of a checkpoint directory on one device: quantized as stored, quantized while it
+    streams in (`spec`), or full precision with `adapter` merged (then quantized if asked)."""
     if check_memory:
         # With an adapter the full-precision model exists before it is quantized: plan for that.
-        _check_memory(cfg, torch_dtype, None if adapter is not None else spec, dev, name, context, batch)
+        _check_memory(cfg, dtype, None if adapter is not None else spec, device, name, context, batch)
     if stored is not None:
-        model = load_quantized(directory, stored, torch_dtype, dev, cfg)
+        model = load_quantized(directory, stored, dtype, device, cfg)
     elif spec is not None and adapter is None:
         model = build_meta(cfg)
-        quantizer = StreamingQuantizer(model, spec, torch_dtype, dev)
-        load_state_into(model, weight_files(directory), torch_dtype, dev, transform=quantizer)
+        quantizer = StreamingQuantizer(model, spec, dtype, device)
+        load_state_into(model, weight_files(directory), dtype, device, transform=quantizer)
         model = quantizer.finish(model).eval()
     else:
-        model = load_model(directory, torch_dtype, dev, cfg)
+        model = load_model(directory, dtype, device, cfg)
     if adapter is not None:
         model = _apply_adapter(model, adapter, spec)
-    return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(directory), name, spec)
+    return model
 
 
 def check_device_map_alone(device, device_map) -> None:
@@ -414,5 +363,6 @@ def from_config(config: ModelConfig | str, dtype: str | torch.dtype = "auto", de
             model = _apply_adapter(model, adapter, spec)
     else:
         quantizer = StreamingQuantizer(build_meta(config), spec, torch_dtype, dev)
-        model = quantizer.finish(random_model(config, torch_dtype, dev, seed, transform=quantizer, model=quantizer.model))
+        model = quantizer.finish(random_model(config, torch_dtype, dev, seed, transform=quantizer,
+                                              model=quantizer.model))
     return LanguageModel(prepare_for_inference(model), Tokenizer.from_dir(), name, spec)

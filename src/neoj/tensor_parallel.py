@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .devices import available_memory
 from .distributed import Processes, join_processes, process_device, torchrun_world
 from .errors import CheckpointError, ConfigError, NeojError
+from .memory import GIB, RUNTIME_BYTES, MemoryPlanError, memory_limit, plan, plans
 from .model import Transformer
 from .quantize import GROUP_SIZES, QuantLinear, QuantSpec, quantize_weight, read_quantized, replace_linear
 from .weights import (assign_tensor, build_meta, expected_tensors, fill_model, random_tensors, read_checkpoint,
@@ -361,9 +363,6 @@ def check_rank_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | No
                       name: str, context: int | None, batch: int) -> None:
     """Raises MemoryPlanError unless this rank's share (1/N of neoj.memory's plan of weights and KV cache) fits
     its device; on a CPU the ranks of one machine share its memory, so their shares are counted together."""
-    from .api import available_memory  # api imports this module
-    from .memory import GIB, RUNTIME_BYTES, MemoryPlanError, memory_limit, plan, plans
-
     n = processes.world
     together = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if processes.device.type == "cpu" else 1
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]

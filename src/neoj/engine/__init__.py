@@ -23,6 +23,8 @@ a long job one piece per round.
     prefix_cache.py PrefixCache: keys and values of recent prompts in blocks, reused by later prompts
     speculation.py  Speculative and the proposers (prompt lookup, draft model): guesses verified in one step
     scheduler.py    Engine: the queue, admission, rounds on its thread or the caller's
+    admission.py    new_request, admit_sequences: requests checked and made; admitted sequences prefilled, started
+    lockstep.py     Lockstep, Round: the engines of a tensor-parallel model's ranks, rank 0 leading the others
 """
 
 from .batch_cache import BatchCache
@@ -34,5 +36,6 @@ from .sampler import Sampler, Selection
 from .scheduler import Engine
 from .sequence import FINISH_REASONS, OPENAI_FINISH_REASONS, Completion, Event, Sequence, StopScanner
 
-__all__ = ["PrefixCache", "Speculative", "Engine", "EngineStats", "Event", "QueueFull", "Request", "Prefill", "Sequence", "BatchCache", "RunningBatch", "Sampler",
-           "Selection", "Completion", "StopScanner", "FINISH_REASONS", "OPENAI_FINISH_REASONS"]
+__all__ = ["PrefixCache", "Speculative", "Engine", "EngineStats", "Event", "QueueFull", "Request", "Prefill", "Sequence",
+           "BatchCache", "RunningBatch", "Sampler", "Selection", "Completion", "StopScanner", "FINISH_REASONS",
+           "OPENAI_FINISH_REASONS"]

@@ -4,12 +4,13 @@ Every generation in neoj runs here. The server and `neoj batch` start the engine
 requests from other threads; `generate_batch` and `stream_batch` (LanguageModel.generate/stream/complete,
 the tasks) drive a private engine on the calling thread with `admit` and `decode`. One round is: the
 next piece of each pending job, admission of waiting sequences (prefill, first token), one decode step.
+engine.admission makes requests and admits sequences, engine.lockstep runs the rounds of a tensor-parallel
+model's ranks; both drive the Engine through its public side (end, fail, admit_taken, plan_round, decode).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import queue
@@ -20,19 +21,17 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..adapters import check_adapter_request
 from ..cuda_graph import DecodeStep
-from ..errors import GenerationError, NeojError
+from ..errors import NeojError
 from ..model import Transformer
-from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from ..tokenizer import Tokenizer
-from .prefill import look_up_prefixes, prefill, prefill_groups, remember_prefixes
-from .prefix_cache import PrefixCache, PrefixHit
+from .admission import admit_sequences, new_request
+from .prefix_cache import PrefixCache
 from .speculation import Speculative
 from .events import Countdown, drain
-from .lockstep import HEARTBEAT_S, Lockstep, NotReplicated, Round, request_spec
-from .request import EngineStats, Job, Prefill, QueueFull, Request, WaitingQueue
+from .lockstep import Lockstep, NotReplicated, Round
+from .request import EngineStats, Job, QueueFull, Request, WaitingQueue
 from .running import RunningBatch
 from .sampler import Sampler
 from .sequence import Event, Sequence
@@ -83,8 +82,6 @@ class Engine:
         self._flushes: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
         self._leading = False  # started as the leader of engines in lockstep
-        self._keys = itertools.count()  # a leader's request keys, as its followers know them
-        self._ends: dict[Request, str] = {}  # a leader's requests to end at the next round: "cancelled"
         self.fatal: Exception | None = None  # what stopped a leader's or follower's rounds (a rank lost)
         self.on_fatal: Callable[[Exception], None] | None = None  # called on the model thread when that happens
 
@@ -140,9 +137,9 @@ class Engine:
         and must not block (see on_events to pass events on in bursts).
         With prompt_logprobs=N, each sequence's prompt_logprobs holds (logprob, top N) per prompt token.
         """
-        req = self._request(prompts, params, sink, max_time, prompt_logprobs, priority)
-        if self._leading:  # the leader ends requests at their deadline, between rounds (see _plan_round)
-            req.key, req.end_at, req.deadline = next(self._keys), req.deadline, None
+        req = new_request(self, prompts, params, sink, max_time, prompt_logprobs, priority)
+        if self._leading:  # the leader ends requests at their deadline, between rounds (see Lockstep.plan)
+            self.lockstep.adopt(req)
         with self._cv:
             if self._stopping:
                 raise NeojError("the engine is shutting down")
@@ -158,33 +155,6 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def _request(self, prompts: list[list[int]], params: GenerationParams, sink: Callable[[Event], None],
-                 max_time: float | None, prompt_logprobs: int | None, priority: int = 0) -> Request:
-        """Returns a Request of checked, context-fitted prompts, each repeated num_return_sequences times."""
-        params.validated()
-        check_adapter_request(self.model, params.adapter)  # a LoRA adapter the model does not serve
-        if max_time is not None and not max_time > 0:
-            raise GenerationError(f"max_time={max_time!r} must be > 0 seconds")
-        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= 20:
-            raise GenerationError(f"prompt logprobs={prompt_logprobs!r} must be between 0 and 20")
-        n_pos, usable = self.model.config.n_positions, self.sampler.usable_vocab
-        fitted = [fit_prompt(ids or [self.tokenizer.eos_token_id], params.max_new_tokens, n_pos, params.truncate)
-                  for ids in prompts]
-        for ids in fitted:
-            bad = [t for t in ids if not 0 <= t < usable]
-            if bad:
-                raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {usable})")
-        if any(t >= usable for t in params.logit_bias or ()):
-            raise GenerationError(f"logit_bias names a token id outside the vocabulary [0, {usable})")
-        req = Request(params, sink, max_time, prompt_logprobs, priority)
-        n = params.num_return_sequences
-        for i, ids in enumerate(fitted):
-            for j in range(n):  # unseeded: a seed from torch's generator, so torch.manual_seed repeats a run
-                seed = params.seed + j if params.seed is not None else \
-                    0 if params.greedy else int(torch.randint(0, 2**62, (1,)))
-                req.seqs.append(Sequence(req, i * n + j, i, ids, seed, self.tokenizer, self.vocab, self.device))
-        return req
-
     def on_events(self, flush: Callable[[], None]) -> None:
         """Calls flush() on the model thread after each burst of events (an admission round, a decode step,
         the shutdown), so that sinks may collect events and pass them on together."""
@@ -195,7 +165,7 @@ class Engine:
         """Ends a request: dropped from the queue now, its running rows at the next step."""
         with self._cv:
             if self._leading:  # every rank ends it at the start of the same round
-                self._ends.setdefault(req, "cancelled")
+                self.lockstep.end(req, "cancelled")
             else:
                 req.cancelled = True
             if req in self._waiting:
@@ -267,13 +237,15 @@ class Engine:
         if self.batch.ahead is None:  # else the queued step covers only the rows running now: admit after it
             with self._cv:
                 seqs = self._take_waiting()
-        return self._admit_taken(seqs)
+        return self.admit_taken(seqs)
 
-    def _admit_taken(self, seqs: list[Sequence]) -> int:
-        """Prefills and starts the sequences taken from the queue; returns how many."""
+    def admit_taken(self, seqs: list[Sequence]) -> int:
+        """Prefills and starts sequences taken from the queue (on a follower: those the leader's round names);
+        returns how many."""
         taken_at, before = time.monotonic(), len(self.running)
         with torch.inference_mode():
-            self._admit(seqs)
+            admit_sequences(self, seqs)
+            self._admitting = 0
             self.stats.latency.admitted(seqs, self.running[before:], taken_at, time.monotonic())
             self.batch.drop_cancelled()
         self._flush()  # first tokens go out now, not after the next step
@@ -292,7 +264,7 @@ class Engine:
         except Exception as exc:
             failed = self.running
             self.batch.reset()
-            self._fail(failed, exc, "decode step failed; ending the running batch")
+            self.fail(failed, exc, "decode step failed; ending the running batch")
         self._flush()
 
     def _loop(self) -> None:
@@ -311,43 +283,16 @@ class Engine:
             self.decode()
         self._cancel_everything()
 
-    # ---- lockstep: the leader's rounds and the followers' ----
+    # ---- lockstep (engine.lockstep runs the rounds; the engine plans the leader's and runs each) ----
 
     def _lead(self) -> None:
-        """The leader's model thread: each round is planned, broadcast, then run as every follower runs it; an idle
-        leader sends a heartbeat round every HEARTBEAT_S. A failure (a rank lost) ends everything (_die)."""
+        """The leader's model thread (Lockstep.lead); a failure (a rank lost) ends everything (_die)."""
         try:
-            while True:
-                with self._cv:
-                    if not (self._stopping or self.has_work or self._ends):
-                        self._cv.wait(HEARTBEAT_S)
-                    round_, seqs = (Round(stop=True), []) if self._stopping else self._plan_round()
-                self.lockstep.send(round_)
-                if round_.stop:
-                    break
-                self._run_round(round_, seqs)
+            self.lockstep.lead(self)
         except Exception as exc:
             self._die(exc)
             return
         self._cancel_everything()
-
-    def _plan_round(self) -> tuple[Round, list[Sequence]]:
-        """Returns the leader's next Round and the sequences it admits (called holding the lock): the requests to
-        end (cancelled, or past their deadline), the waiting sequences that fit, and whether a step may run ahead."""
-        known, now = self.lockstep.known, time.monotonic()
-        ends = [(req.key, reason) for req, reason in self._ends.items() if req.key in known]
-        self._ends.clear()
-        ends += [(key, "time") for key, req in known.items()
-                 if req.end_at is not None and now >= req.end_at and not req.cancelled]
-        seqs = self._take_waiting() if self.batch.ahead is None else []
-        round_ = Round(ends=ends, may_run_ahead=not self._waiting)
-        for seq in seqs:
-            req = seq.request
-            if req.key not in known:
-                known[req.key] = req
-                round_.new_requests.append(request_spec(req.key, req))
-            round_.admit.append((req.key, seq.index))
-        return round_, seqs
 
     def follow(self) -> None:
         """Runs the rounds rank 0's engine broadcasts, on this rank of a tensor-parallel model, until the leader
@@ -355,32 +300,19 @@ class Engine:
         if self.lockstep is None or self.lockstep.leads:
             raise NeojError("follow() is for ranks other than 0 of a model split over processes (--tp)")
         self.raise_errors = True
-        while True:
-            round_ = self.lockstep.receive()
-            if round_.stop:
-                break
-            self._run_round(round_, self._followed_sequences(round_))
+        self.lockstep.follow(self)
         self._cancel_everything()
 
-    def _followed_sequences(self, round_: Round) -> list[Sequence]:
-        """Makes the requests the leader sent for the first time; returns the sequences the round admits."""
-        known = self.lockstep.known
-        for spec in round_.new_requests:
-            req = Request(spec.params, lambda event: None, None, spec.prompt_logprobs, spec.priority)
-            req.key, req.end_at = spec.key, None
-            req.seqs = [Sequence(req, s.index, s.prompt_index, s.prompt_ids, s.seed, self.tokenizer, self.vocab,
-                                 self.device) for s in spec.seqs]
-            known[spec.key] = req
-        return [known[key].seqs[index] for key, index in round_.admit]
-
-    def _run_round(self, round_: Round, seqs: list[Sequence]) -> None:
-        """Runs one round as every rank runs it: the ends, the admission of `seqs`, one decode step."""
-        for key, reason in round_.ends:
-            req = self.lockstep.known[key]
-            req.cancelled, req.cancel_reason = True, reason
-        self._admit_taken(seqs)
-        self.decode(may_run_ahead=round_.may_run_ahead)
-        self.lockstep.forget_finished()
+    def plan_round(self, wait: float) -> tuple[Round, list[Sequence]]:
+        """Returns the leader's next Round and the sequences it admits (Lockstep.plan), once there is work or
+        `wait` seconds have passed; a stop Round once the engine is shutting down."""
+        with self._cv:
+            if not (self._stopping or self.has_work or self.lockstep.ending):
+                self._cv.wait(wait)
+            if self._stopping:
+                return Round(stop=True), []
+            seqs = self._take_waiting() if self.batch.ahead is None else []
+            return self.lockstep.plan(seqs, may_run_ahead=not self._waiting), seqs
 
     def _die(self, exc: Exception) -> None:
         """Ends every request with the error that stopped the rounds, marks the engine stopped, calls on_fatal."""
@@ -388,13 +320,7 @@ class Engine:
         self.fatal = exc
         with self._cv:
             self._stopping = True
-        message = f"the model stopped: {exc}"
-        for seq in list(self.running):
-            self._finish(seq, Event(seq, "", finish_reason="error", error=message))
-        for req in self._waiting:
-            for seq in req.seqs[req.next_admit :]:
-                self._finish(seq, Event(seq, "", finish_reason="error", error=message))
-        self._flush()
+        self._end_all("error", f"the model stopped: {exc}")
         if self.on_fatal is not None:
             self.on_fatal(exc)
 
@@ -411,11 +337,15 @@ class Engine:
         for job in self._jobs:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(NeojError("the engine is shutting down"))
-        for seq in self.running:
-            self._finish(seq, Event(seq, "", finish_reason="cancelled"))
+        self._end_all("cancelled")
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        """Ends every running and waiting sequence (finish_reason `reason`) and flushes their events."""
+        for seq in list(self.running):
+            self.end(seq, reason, error)
         for req in self._waiting:
             for seq in req.seqs[req.next_admit :]:
-                self._finish(seq, Event(seq, "", finish_reason="cancelled"))
+                self.end(seq, reason, error)
         self._flush()
 
     def _flush(self) -> None:
@@ -425,8 +355,6 @@ class Engine:
             except Exception:  # like a failing sink, it must not take the model thread down
                 log.exception("event flush failed")
 
-    # ---- admission ----
-
     def _take_waiting(self) -> list[Sequence]:
         """Pops the sequences to admit this round: free rows, and a prompt-token budget (at least one)."""
         out = self._waiting.take(self.max_batch - len(self.running), self.prefill_tokens)
@@ -434,97 +362,19 @@ class Engine:
         self._admitting = len(out)
         return out
 
-    def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefills this round's new prompts (in padded groups, reusing cached prefixes) and starts their sequences."""
-        todo, fresh = [], {}
-        for seq in seqs:
-            req = seq.request
-            if req.cancelled:
-                self._finish(seq, Event(seq, "", finish_reason=req.cancel_reason))
-            elif seq.params.max_new_tokens == 0 and req.prompt_logprobs is None:
-                self._finish(seq, Event(seq, "", finish_reason="length"))
-            else:
-                todo.append(seq)
-                if seq.prompt_index not in req.prefills:
-                    fresh.setdefault((id(req), seq.prompt_index), seq)
-        prompts = list(fresh.values())
-        hits = look_up_prefixes(self.prefix_cache, prompts) if self.prefix_cache is not None else {}
-        groups = prefill_groups(prompts, self.prefill_tokens, {seq: hit.tokens for seq, hit in hits.items()})
-        # Into an empty batch, one group of prompts each starting one sequence is prefilled in place: its
-        # keys and values are written straight into the batch's cache (no second cache, no copy).
-        in_place = not self.running and len(groups) == 1 and len(groups[0]) == len(todo) and \
-            all(seq.params.max_new_tokens > 0 for seq in todo)
-        failed = self._prefill_all(groups, in_place, hits)
-        ready = []
-        for seq in todo:
-            error = failed.get((id(seq.request), seq.prompt_index))
-            if error is not None:
-                self._finish(seq, Event(seq, "", finish_reason="error", error=error))
-            else:
-                ready.append(seq)
-        self._start(ready)
-        self._admitting = 0
-
-    def _prefill_all(self, groups: list[list[Sequence]], in_place: bool,
-                     hits: dict[Sequence, PrefixHit]) -> dict[tuple[int, int], str]:
-        """Prefills each group's prompts into their requests (in_place: the one group straight into the batch's
-        cache), reusing their `hits`, and stores their blocks in the prefix cache; returns the error of each
-        prompt that failed."""
-        failed: dict[tuple[int, int], str] = {}
-        for group in groups:
-            try:
-                cache = self.cache.begin([len(seq.prompt_ids) for seq in group]) if in_place else None
-                done = prefill(self.model, group, self.tokenizer.eos_token_id, cache, [hits.get(s) for s in group])
-                for seq, result in zip(group, done):
-                    seq.request.prefills[seq.prompt_index] = result
-                    self.stats.prompt_tokens += len(seq.prompt_ids)
-                self._remember_prefixes(group, done)
-            except Exception as exc:
-                if in_place:
-                    self.batch.reset()
-                if self.raise_errors:
-                    raise
-                log.exception("prefill failed")
-                failed.update(((id(seq.request), seq.prompt_index), str(exc)) for seq in group)
-        return failed
-
-    def _remember_prefixes(self, group: list[Sequence], done: list[Prefill]) -> None:
-        """Stores a prefilled group's prompts in the prefix cache and counts the tokens it served."""
-        if self.prefix_cache is not None:
-            queried, hit = remember_prefixes(self.prefix_cache, group, done)
-            self.stats.prefix_queried_tokens += queried
-            self.stats.prefix_hit_tokens += hit
-
-    def _start(self, seqs: list[Sequence]) -> None:
-        """Starts prefilled sequences: their first token, then the running batch (unless that token ends them)."""
-        started, prefills = [], []
-        for seq in seqs:
-            prefill = seq.request.take_prefill(seq)
-            seq.prompt_logprobs = prefill.prompt_logprobs
-            seq.cached_tokens = prefill.cached_tokens
-            if seq.params.max_new_tokens == 0:  # only the prompt's logprobs were asked for
-                self._finish(seq, Event(seq, "", finish_reason="length"))
-            else:
-                started.append(seq)
-                prefills.append(prefill)
-        if not started:
-            return
-        try:
-            self.batch.start(started, prefills)
-        except Exception as exc:
-            if not self.running:  # rows prefilled in place are in the cache: empty it
-                self.batch.reset()
-            self._fail(started, exc, "choosing the first token failed")
-
     # ---- finishing ----
 
-    def _fail(self, seqs: list[Sequence], exc: Exception, what: str) -> None:
-        """Ends seqs with the error, or raises it when the caller drives the rounds (no engine thread)."""
+    def fail(self, seqs: list[Sequence], exc: Exception, what: str) -> None:
+        """Ends seqs with the error, or raises it when the caller drives the rounds (no engine thread); model thread."""
         if self.raise_errors:
             raise exc
         log.exception(what)
         for seq in seqs:
-            self._finish(seq, Event(seq, "", finish_reason="error", error=str(exc)))
+            self.end(seq, "error", str(exc))
+
+    def end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Ends a sequence without a new token (finish_reason `reason`, with `error` for "error"); model thread."""
+        self._finish(seq, Event(seq, "", finish_reason=reason, error=error))
 
     def _finish(self, seq: Sequence, event: Event) -> None:
         seq.finish_reason = event.finish_reason

@@ -2,26 +2,21 @@
 
 neoj.cli.build_parser calls add_task_commands(subparsers). Each command is a thin shell over the
 function of the same name in neoj.tasks; results go to stdout, progress bars and notes to stderr.
+`neoj batch` lives in neoj.tasks.batch_cli; what the commands share, in neoj.tasks.cli_common.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
 from pathlib import Path
 
-from ..checks import check_utf8_text, not_utf8_error, prepare_output_file, read_stdin, read_stdin_line
-from ..cli_options import (STOP_HELP, add_task_args, check_generation_options, load_from_args, stop_text,
-                           task_sampling_options)
+from ..checks import check_utf8_text, not_utf8_error, read_stdin, read_stdin_line
+from ..cli_options import add_task_args, task_sampling_options
 from ..errors import NeojError
-
-TASK_EPILOG = """models: --model takes a checkpoint directory, a Hub id (EleutherAI/gpt-neo-1.3B, EleutherAI/gpt-j-6b)
-or random:PRESET; without it the small built-in model is used, whose answers are weak: use a real
-checkpoint for real work. Prompts: every template is in neoj/tasks/prompts.py; --prompts FILE (.json or
-.toml) overrides any of them by name."""
-FORMATTER = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
+from .batch_cli import add_batch_command
+from .cli_common import FORMATTER, TASK_EPILOG, load_model, show_progress
 
 
 def _read(source: str, what: str) -> str:
@@ -48,22 +43,12 @@ def _prompts(args):
     return Prompts.load(args.prompts) if args.prompts else None
 
 
-def _load(args):
-    """Returns the model of `args`, after checking its generation options (so a typo fails before loading)."""
-    check_generation_options(args)
-    return load_from_args(args)
-
-
-def _progress(args) -> bool:
-    return not getattr(args, "no_progress", False)
-
-
 def cmd_summarize(args) -> int:
     from .summarize import summarize
 
     text, prompts = _read(args.input, "input"), _prompts(args)
-    result = summarize(_load(args), text, length=args.length, max_new_tokens=args.max_new_tokens,
-                       overlap=args.overlap, prompts=prompts, batch_size=args.batch_size, progress=_progress(args),
+    result = summarize(load_model(args), text, length=args.length, max_new_tokens=args.max_new_tokens,
+                       overlap=args.overlap, prompts=prompts, batch_size=args.batch_size, progress=show_progress(args),
                        **task_sampling_options(args))
     if args.json:
         print(json.dumps({"summary": result.text, "chunks": result.chunks, "rounds": result.rounds},
@@ -77,8 +62,8 @@ def cmd_ask(args) -> int:
     from .ask import ask
 
     context = _read(args.context, "context file") if args.context else None
-    answer = ask(_load(args), args.question, context, max_new_tokens=args.max_new_tokens, rank=args.rank,
-                 passage_tokens=args.passage_tokens, prompts=_prompts(args), progress=_progress(args),
+    answer = ask(load_model(args), args.question, context, max_new_tokens=args.max_new_tokens, rank=args.rank,
+                 passage_tokens=args.passage_tokens, prompts=_prompts(args), progress=show_progress(args),
                  **task_sampling_options(args))
     if args.json:
         print(json.dumps({"answer": answer.text, "passages_total": answer.passages_total,
@@ -96,8 +81,8 @@ def cmd_translate(args) -> int:
     from .translate import translate
 
     text = read_stdin() if args.text == "-" else args.text
-    print(translate(_load(args), text, to=args.to, source=args.source, shots=args.shots,
-                    max_new_tokens=args.max_new_tokens, prompts=_prompts(args), progress=_progress(args),
+    print(translate(load_model(args), text, to=args.to, source=args.source, shots=args.shots,
+                    max_new_tokens=args.max_new_tokens, prompts=_prompts(args), progress=show_progress(args),
                     **task_sampling_options(args)))
     return 0
 
@@ -140,8 +125,8 @@ def cmd_classify(args) -> int:
     if not texts:
         raise NeojError(f"{args.file} holds no text to classify")
     examples = _read_examples(args.examples) if args.examples else None
-    results = classify(_load(args), texts, args.labels, examples=examples, normalize=args.normalize,
-                       prompts=_prompts(args), batch_size=args.batch_size, progress=_progress(args))
+    results = classify(load_model(args), texts, args.labels, examples=examples, normalize=args.normalize,
+                       prompts=_prompts(args), batch_size=args.batch_size, progress=show_progress(args))
     if args.json or args.file:
         for r in results:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -160,7 +145,7 @@ def cmd_complete_code(args) -> int:
     out = sys.stdout
     if args.echo:
         out.write(code)
-    for piece in stream_code(_load(args), code, scope=args.scope, language=args.language,
+    for piece in stream_code(load_model(args), code, scope=args.scope, language=args.language,
                              filename=None if args.input == "-" else args.input, max_new_tokens=args.max_new_tokens,
                              prompts=_prompts(args), **task_sampling_options(args)):
         out.write(piece)
@@ -230,7 +215,7 @@ def _stream_reply(session, message: str, interactive: bool) -> None:
 def cmd_chat(args) -> int:
     from .chat import ChatSession
 
-    session = ChatSession(_load(args), system=args.system, max_new_tokens=args.max_new_tokens,
+    session = ChatSession(load_model(args), system=args.system, max_new_tokens=args.max_new_tokens,
                           prompts=_prompts(args), **task_sampling_options(args))
     if args.load:
         session.load(args.load)
@@ -253,76 +238,6 @@ def cmd_chat(args) -> int:
             break
         if not _run_chat_command(session, command, rest):
             _stream_reply(session, line, interactive)
-    return 0
-
-
-def cmd_batch(args) -> int:
-    from ..distributed import join_processes, torchrun_world
-    from .batch import ReportedByRankZero, batch_layout, run_batch, uses_parts
-
-    if args.merge:
-        return _merge_batch(args)
-    if args.allow_partial:
-        raise NeojError("--allow-partial only goes with --merge: neoj batch --merge --allow-partial -i ... -o ...")
-    # Options and the output first: a typo fails at once, blames the option, and creates no file.
-    check_generation_options(args)
-    if args.batch_size < 1:
-        raise NeojError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    world = torchrun_world()
-    if not uses_parts(args.output, world):
-        prepare_output_file(args.output)
-    processes = None
-    if world > 1:  # data parallelism: every rank loads the whole model on its own device
-        processes = join_processes(args.device)
-        if not args.device_map:
-            args.device = str(processes.device)
-    options = task_sampling_options(args)
-    if args.stop:
-        options["stop"] = args.stop
-    try:
-        result = run_batch(lambda: _load(args), args.input, args.output, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_return_sequences,
-                           progress=_progress(args), processes=processes, **options)
-    except ReportedByRankZero:  # rank 0 prints it: one line, not one per process
-        return 1
-    if processes is not None and not processes.main:  # rank 0 reports for all
-        return 130 if result.interrupted else 0
-    done = result.skipped + result.written
-    if result.interrupted:
-        where = result.output if result.processes == 1 and not uses_parts(args.output) else \
-            f"the part files in {batch_layout(args.output).parts}"
-        print(f"neoj: interrupted after {done} of {result.total} records ({result.written} written by this run) "
-              f"in {where}. Run the same command again to do the rest.", file=sys.stderr)
-        return 130
-    if uses_parts(args.output, world) or result.processes > 1:
-        print(f"{result.written} records written by {result.processes} process"
-              f"{'es' if result.processes > 1 else ''} ({result.skipped} already there); {result.output} holds all "
-              f"{result.total}", file=sys.stderr)
-        return 0
-    print(f"{result.written} records written to {result.output} ({result.skipped} already there, "
-          f"{result.total} in the input)", file=sys.stderr)
-    return 0
-
-
-def _merge_batch(args) -> int:
-    """neoj batch --merge: writes the output from the part files, loading no model."""
-    import os
-
-    from .batch import merge_batch
-
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, one rank merges
-        return 0
-    result = merge_batch(args.input, args.output, allow_partial=args.allow_partial)
-    if not result.written:
-        print(f"nothing to merge: no part files; {result.output} holds {result.merged} of {result.total} records",
-              file=sys.stderr)
-        return 0
-    notes = [f"{result.duplicates} duplicate records dropped ({result.conflicts} with different text: the first "
-             "kept)"] if result.duplicates else []
-    if result.missing:
-        notes.append(f"{result.missing} not generated yet: the part files are kept; run the batch again to finish")
-    print(f"{result.merged} of {result.total} records from {result.parts} part files written to {result.output}"
-          + "".join(f"; {note}" for note in notes), file=sys.stderr)
     return 0
 
 
@@ -423,49 +338,8 @@ def _add_chat_command(sub) -> None:
     parser.set_defaults(func=cmd_chat)
 
 
-BATCH_EPILOG = """several processes: under torchrun each process (rank) loads the whole model on its own device and
-generates every WORLD_SIZE-th record of those not done yet into its own part file; rank 0 waits for the
-others and merges the parts into one output, in input order. With --seed the output does not depend on
-the number of processes. Killed (any rank, even SIGKILL) and run again, with the same or another number of
-processes, it completes the rest. With several machines, -o must be on a file system they all share.
-
-  torchrun --nproc-per-node 4 -m neoj batch -i prompts.jsonl -o out.jsonl --seed 1
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      -m neoj batch -i prompts.jsonl -o /shared/out/
-
-files: -o out.jsonl writes out.jsonl (one process: directly; several: from part files in out.jsonl.parts/,
-removed once merged). -o DIR/ (an existing directory, or a name ending in /) writes DIR/output.jsonl from
-part files DIR/part-00000.jsonl, ... on any number of processes. An existing output is only replaced when
-all its lines are records of this input; they are kept. neoj batch --merge -i ... -o ... merges the part
-files present without loading a model (it refuses while records are missing, unless --allow-partial).
-
-"""
-
-
-def _add_batch_command(sub) -> None:
-    parser = sub.add_parser("batch", help="bulk generation from a JSONL file, resumable, on one or many processes",
-                            description="Generate a completion for every record of --input (JSONL: \"prompt\", "
-                            "optional \"id\" and per-record options) into --output (JSONL, one line per record). "
-                            "Killed at any point and run again, it skips the records already written and never "
-                            "duplicates or loses one. Run it with torchrun to split the records over processes "
-                            "and machines.", epilog=BATCH_EPILOG + TASK_EPILOG, formatter_class=FORMATTER)
-    parser.add_argument("--input", "-i", required=True, help="JSONL prompts file")
-    parser.add_argument("--output", "-o", required=True,
-                        help="JSONL output file (appended to; resumed if it exists), or a directory DIR/ for "
-                        "DIR/output.jsonl and its part files (see below)")
-    parser.add_argument("--batch-size", "-b", type=int, default=8, help="prompts generated together (default 8)")
-    parser.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default 1)")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text, help=STOP_HELP)
-    parser.add_argument("--merge", action="store_true",
-                        help="only merge the part files of an unfinished multi-process run into the output")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="with --merge: write the records there are even if some are missing")
-    add_task_args(parser, 128, temperature=0.8)
-    parser.set_defaults(func=cmd_batch)
-
-
 def add_task_commands(sub) -> None:
     """Registers summarize, ask, translate, classify, complete-code, chat and batch on the subcommand parser."""
     for add_command in (_add_summarize_command, _add_ask_command, _add_translate_command, _add_classify_command,
-                        _add_complete_code_command, _add_chat_command, _add_batch_command):
+                        _add_complete_code_command, _add_chat_command, add_batch_command):
         add_command(sub)
