@@ -253,6 +253,17 @@ def test_tp_1_runs_the_split_code_path_in_one_process(zoo):
     assert generations(lm) == generations(zoo["gptj"].lm)
 
 
+def test_a_split_model_decodes_eagerly_even_where_graphs_are_on(zoo, monkeypatch):
+    """Recording a split model's collectives into a CUDA graph is unchecked on GPUs: its decode steps run eagerly."""
+    from neoj import cuda_graph
+    from neoj.kv_cache import KVCache
+
+    monkeypatch.setattr(cuda_graph, "graphs_enabled", lambda device: True)
+    lm = neoj.load(zoo["gptj"].path, dtype="float32", device="cpu", tp=1)
+    step = cuda_graph.DecodeStep.for_cache(lm.model, KVCache.for_model(lm.model, 1, 8))
+    assert type(step) is cuda_graph.DecodeStep
+
+
 def test_every_reader_reads_a_slice_as_the_whole_tensor_cut(tmp_path):
     from safetensors.torch import save_file
 

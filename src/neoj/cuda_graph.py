@@ -40,8 +40,10 @@ class DecodeStep:
     def for_cache(model, cache: KVCache) -> "DecodeStep":
         """Returns the graphed step where graphs are enabled for the cache's device, else the eager one. A cache
         split across devices (a device map) runs eagerly: one graph would have to span every device's layers and
-        the copies between them."""
-        if isinstance(cache.k, LayerSplit) or not graphs_enabled(cache.k.device):
+        the copies between them. A model split over processes (tensor parallelism) also runs eagerly: recording its
+        collectives into a graph has not been checked on GPUs yet."""
+        split = isinstance(cache.k, LayerSplit) or getattr(model, "tensor_parallel", None) is not None
+        if split or not graphs_enabled(cache.k.device):
             return DecodeStep(model, cache)
         return GraphedDecodeStep(model, cache)
 
