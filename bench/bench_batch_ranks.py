@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_batch_ranks`
 from report import REPO, cpu_description, date_line, loadavg, logger  # noqa: E402
-from report import section_markers, write_section  # noqa: E402
+from report import section_markers, shared_note, write_section  # noqa: E402
 
 SECTION_BEGIN, SECTION_END = section_markers("bench_batch_ranks")
 RUN_TIMEOUT_S = 3600
@@ -128,7 +128,8 @@ def render(args, result: dict, load: str) -> str:
              f"start {load}",
              date_line(),
              f"- Command: `python bench/bench_batch_ranks.py{(' ' + argv) if argv else ''}`",
-             *shared_note(load),
+             *shared_note(load, "the times carry that noise; the setups alternated, so their ratio carries less "
+                          "of it."),
              f"- `neoj batch --model {args.model} --dtype {args.dtype} -n {args.tokens} --seed {args.seed} "
              f"--temperature {args.temperature:g} --batch-size {args.batch_size}` over {args.records} prompts "
              f"({result['tokens']} tokens generated in all). Wall time from launch to exit (start-up, model load, "
@@ -147,16 +148,6 @@ def render(args, result: dict, load: str) -> str:
               "share its cores and memory bandwidth; the ratio shows what splitting the records over processes costs "
               "or gains there against one process with as many threads.", SECTION_END]
     return "\n".join(lines) + "\n"
-
-
-def shared_note(load: str) -> list[str]:
-    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
-    try:
-        busy = float(load.split()[0]) > 1.0
-    except (ValueError, IndexError):
-        busy = False
-    return ["- The machine was shared during this run (load average above): the times carry that noise; the setups "
-            "alternated, so their ratio carries less of it."] if busy else []
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, also under `python -m bench.bench_tp`
-from report import (REPO, cpu_description, date_line, loadavg, logger, section_markers, write_section)  # noqa: E402
+from report import (REPO, cpu_description, date_line, loadavg, logger, section_markers, shared_note,  # noqa: E402
+                    write_section)
 
 SECTION_BEGIN, SECTION_END = section_markers("bench_tp")
 RUN_TIMEOUT_S = 3600
@@ -150,7 +151,8 @@ def render(args, runs: list[tuple[tuple[str, int, int], dict]], load: str) -> st
              f"{load}" + (f"; {base['device']}" if args.device != "cpu" else ""),
              date_line(),
              f"- Command: `python bench/bench_tp.py{(' ' + argv) if argv else ''}`",
-             *shared_note(load),
+             *shared_note(load, "the setups ran one after the other, so their times and ratios both carry that "
+                          "noise."),
              f"- Model: {args.model} ({base['params'] / 1e6:.0f}M parameters in one process), {base['dtype']}. "
              f"Prompt of {args.prompt_tokens} tokens, greedy, {args.new_tokens} new tokens, no prefix cache; "
              f"medians of {args.repeats} repeats after a warm-up. Decode tokens/s = (new tokens - 1) / (generation "
@@ -168,16 +170,6 @@ def render(args, runs: list[tuple[tuple[str, int, int], dict]], load: str) -> st
                   "overhead. Tensor parallelism is for a model that does not fit one device, or for several GPUs."]
     lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
-
-
-def shared_note(load: str) -> list[str]:
-    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
-    try:
-        busy = float(load.split()[0]) > 1.0
-    except (ValueError, IndexError):
-        busy = False
-    return ["- The machine was shared during this run (load average above): the setups ran one after the other, so "
-            "their times and ratios both carry that noise."] if busy else []
 
 
 def main(argv=None) -> None:

@@ -185,12 +185,17 @@ def date_line() -> str:
     return f"- Date: {datetime.date.today()}; torch {package_version('torch')}; neoj git {git_rev()}"
 
 
-def busy_note(load: str) -> list[str]:
-    """Returns a line saying the machine was shared when the 1-minute load average at start was above 1."""
+def shared_note(load: str, consequence: str) -> list[str]:
+    """Returns a line saying the machine was shared (the 1-minute load average at start above 1), then what that
+    does to this benchmark's figures; none on a quiet machine."""
     try:
         busy = float(load.split()[0]) > 1.0
     except (ValueError, IndexError):
         busy = False
-    return ["- The machine was shared during this run (load average above): absolute times and tokens/s are "
-            "lower than on an idle machine (compare bench_core); the with/without ratios come from interleaved "
-            "runs in one process and are the numbers to read."] if busy else []
+    return [f"- The machine was shared during this run (load average above): {consequence}"] if busy else []
+
+
+def busy_note(load: str) -> list[str]:
+    """Returns shared_note's line for the with/without benchmarks, whose ratios come from interleaved runs."""
+    return shared_note(load, "absolute times and tokens/s are lower than on an idle machine (compare bench_core); "
+                       "the with/without ratios come from interleaved runs in one process and are the numbers to read.")

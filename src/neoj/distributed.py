@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import NeojError
 
 COLLECTIVE_TIMEOUT_S = 300.0
@@ -87,14 +88,10 @@ def collective_timeout() -> float:
 
 def process_device(device: str | torch.device | None, local_rank: int, world: int) -> torch.device:
     """Returns this rank's device: "auto" is CUDA when present; a bare "cuda" becomes cuda:LOCAL_RANK."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ProcessesError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProcessesError(f"device {device!r} asked for, but this PyTorch has no CUDA device; use --device cpu")
+        dev = resolve_device(device)
+    except NeojError as exc:
+        raise ProcessesError(str(exc)) from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world > 1 else 0)
     return dev

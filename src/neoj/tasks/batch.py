@@ -34,7 +34,7 @@ from ..errors import ContextLengthError
 from ..model_utils import fit_prompt
 from ..sampling import GenerationParams
 from .batch_parts import (BatchLayout, MergeResult, ReportedByRankZero, batch_layout, merge_batch, merge_parts,
-                          plan_parts, read_inputs, record_key, uses_parts, wait_for_parts)
+                          output_record, plan_parts, read_inputs, record_key, uses_parts, wait_for_parts)
 from .runner import EngineRunner, Runner, TaskError, as_runner, task_params
 
 if TYPE_CHECKING:
@@ -83,12 +83,8 @@ def read_done(path: str | Path, key_field: str) -> set[str]:
     for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise TaskError(f"{path}:{n}: not a JSON line; this file was not written by neoj batch, or was "
-                            "edited: fix it, or write to a new output file") from None
-        if not isinstance(rec, dict) or key_field not in rec:
+        rec = output_record(path, n, line)
+        if key_field not in rec:
             raise TaskError(f"{path}:{n}: the record has no {key_field!r}; was this output written for another "
                             "input? Write to a new output file")
         done.add(record_key(rec[key_field]))

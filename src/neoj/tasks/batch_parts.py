@@ -158,6 +158,18 @@ def _complete_lines(path: Path):
         start += len(line) + 1
 
 
+def output_record(path: Path, n: int, line: bytes) -> dict:
+    """Returns the record on line n of an output or part file; raises TaskError when the line is not a JSON object."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    if not isinstance(rec, dict):
+        raise TaskError(f"{path}:{n}: not a JSON line; this file was not written by neoj batch, or was edited: fix it, "
+                        "or write to a new output file")
+    return rec
+
+
 def _index(sources: list[Path], key_field: str, input_keys: set[str], input_path) -> tuple[dict, int, int]:
     """Returns ({key: (source number, offset, length, hash)}, duplicates, conflicts) of the records in `sources`,
     the first copy of a key winning; raises TaskError for a line that is no record of this input."""
@@ -167,12 +179,8 @@ def _index(sources: list[Path], key_field: str, input_keys: set[str], input_path
         for n, start, line in _complete_lines(path):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise TaskError(f"{path}:{n}: not a JSON line; this file was not written by neoj batch, or was "
-                                "edited: fix it, or write to a new output") from None
-            if not isinstance(rec, dict) or key_field not in rec or record_key(rec[key_field]) not in input_keys:
+            rec = output_record(path, n, line)
+            if key_field not in rec or record_key(rec[key_field]) not in input_keys:
                 raise TaskError(f"{path}:{n}: not a record of the input {input_path} (no such {key_field!r}); was "
                                 "it written for another input? Write to a new output")
             key, entry = record_key(rec[key_field]), (s, start, len(line), hash(line))
