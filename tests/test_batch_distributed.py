@@ -61,7 +61,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def run_cmd(cmd):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    neoj_lines = [line for line in proc.stderr.splitlines() if line.startswith("neoj:") or "Error" in line]
+    assert proc.returncode == 0, "\n".join(neoj_lines[:20]) + "\n...\n" + proc.stderr[-2000:]
     return proc
 
 

@@ -252,9 +252,13 @@ def plan_parts(input_path, layout: BatchLayout, processes: Processes) -> PartsPl
     if total != len(records):
         raise TaskError(f"rank {processes.rank} reads {len(records)} records in {input_path}, rank 0 {total}: "
                         "every rank must read the same input")
-    if not processes.main and _run_token(layout) != token:
-        raise TaskError(f"rank {processes.rank} does not see the files rank 0 wrote in {layout.parts}: with "
-                        "several machines, -o must be on a file system they all share")
+    # Every rank looks before any goes on: rank 0 may otherwise finish (nothing left to do), merge and remove the
+    # run file before a slower rank has looked for it.
+    blind = [rank for rank, sees in enumerate(processes.gather(_run_token(layout) == token)) if not sees]
+    if blind:
+        message = (f"rank {', '.join(map(str, blind))} does not see the files rank 0 wrote in {layout.parts}: with "
+                   "several machines, -o must be on a file system they all share")
+        raise (TaskError if processes.main else ReportedByRankZero)(message)
     return PartsPlan(key_field, records, pending, len(records) - len(pending), token)
 
 
