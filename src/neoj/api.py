@@ -23,7 +23,7 @@ from .sampling import GenerationParams
 from .tensor_parallel import load_tensor_parallel, tensor_parallel_processes
 from .tokenizer import Tokenizer
 from .distributed import Processes
-from .memory import check_fits, memory_limit, plan
+from .memory import DTYPE_NAMES, check_fits, memory_limit, plan
 from .placement import load_placed, plan_device_map
 from .quantize import QuantSpec, StreamingQuantizer, load_quantized, quantize_model
 from .weights import (BUILTIN_NAME, RANDOM_PREFIX, build_meta, load_model, load_state_into, random_model,
@@ -318,7 +318,7 @@ def _apply_adapter(model: Transformer, adapter: str | os.PathLike, spec: QuantSp
 def _check_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: torch.device, name: str,
                   context: int | None, batch: int) -> None:
     """Raises MemoryPlanError if the model would not fit on `device` (see neoj.memory)."""
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    dtype_name = DTYPE_NAMES[dtype]
     chosen = plan(cfg, dtype_name, spec.scheme if spec else None, context, batch, spec.group_size if spec else 128)
     check_fits(cfg, chosen, memory_limit(available_memory(device)), str(device), name, context, batch,
                spec.group_size if spec else 128)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from .config import PRESETS, ModelConfig, load_config, preset
 from .errors import NeojError
 from .weights import RANDOM_PREFIX, download_config, local_model_dir
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # torch -> plan's
 # The Python runtime, torch's libraries and one tensor being converted while loading.
 RUNTIME_BYTES = 600 << 20
 GIB = 1 << 30
@@ -155,14 +159,20 @@ def memory_limit(available: int) -> int:
         raise NeojError(f"NEOJ_MEMORY_LIMIT={raw!r} is not a size; write it like 8GB or 6GiB") from exc
 
 
+def fitting_plans(cfg: ModelConfig, context: int | None, batch: int, group_size: int,
+                  fits: Callable[[Plan], bool]) -> list[Plan]:
+    """Returns the plans (dtypes and quantizations) for which fits(plan) holds, to suggest instead of one that does
+    not fit. float16 is never suggested for GPT-Neo: its attention overflows fp16 (transformers #11076)."""
+    return [p for p in plans(cfg, context, batch, group_size) if fits(p)
+            and not (p.dtype == "float16" and not p.quantize and not cfg.rotary_dim)]
+
+
 def check_fits(cfg: ModelConfig, chosen: Plan, available: int, device: str, name: str,
                context: int | None = None, batch: int = 1, group_size: int = 128) -> None:
     """Raises MemoryPlanError, naming what is needed and which options would fit, if `chosen` does not fit."""
     if chosen.needed_bytes <= available:
         return
-    # float16 is never suggested for GPT-Neo: its attention overflows fp16 (transformers #11076).
-    fits = [p for p in plans(cfg, context, batch, group_size) if p.needed_bytes <= available
-            and not (p.dtype == "float16" and not p.quantize and not cfg.rotary_dim)]
+    fits = fitting_plans(cfg, context, batch, group_size, lambda p: p.needed_bytes <= available)
     ctx = min(context or cfg.n_positions, cfg.n_positions)
     msg = (f"{name} needs about {chosen.needed_bytes / GIB:.1f} GiB in {chosen.label} (weights "
            f"{chosen.weights_bytes / GIB:.1f} GiB, KV cache {chosen.kv_cache_bytes / GIB:.1f} GiB for {batch} x "

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .memory import (BYTES_PER_DTYPE, GIB, RUNTIME_BYTES, MemoryPlanError, block_weight_bytes, kv_cache_bytes,
-                     weight_bytes)
+from .memory import (BYTES_PER_DTYPE, DTYPE_NAMES, GIB, RUNTIME_BYTES, MemoryPlanError, block_weight_bytes,
+                     kv_cache_bytes, weight_bytes)
 from .placement_map import Placement, block_runs
 
 # On a device that holds blocks but not the embeddings: the activations copied in, one block's temporaries and
 # the allocator's slack (the first device's RUNTIME_BYTES covers these and the runtime there).
 DEVICE_RESERVE_BYTES = 256 << 20
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 NO_CHECK = ". (--no-memory-check / check_memory=False loads anyway.)"
 
 

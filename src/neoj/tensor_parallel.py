@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .devices import available_memory
 from .distributed import Processes, join_processes, process_device, torchrun_world
 from .errors import CheckpointError, ConfigError, NeojError
-from .memory import GIB, RUNTIME_BYTES, MemoryPlanError, memory_limit, plan, plans
+from .memory import DTYPE_NAMES, GIB, RUNTIME_BYTES, MemoryPlanError, fitting_plans, memory_limit, plan
 from .model import Transformer
 from .quantize import GROUP_SIZES, QuantLinear, QuantSpec, quantize_weight, read_quantized, replace_linear
 from .weights import (assign_tensor, build_meta, expected_tensors, fill_model, random_tensors, read_checkpoint,
@@ -365,7 +365,7 @@ def check_rank_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | No
     its device; on a CPU the ranks of one machine share its memory, so their shares are counted together."""
     n = processes.world
     together = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if processes.device.type == "cpu" else 1
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    dtype_name = DTYPE_NAMES[dtype]
     group = spec.group_size if spec else 128
 
     def needed(p) -> int:
@@ -375,8 +375,7 @@ def check_rank_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | No
     available = memory_limit(available_memory(processes.device))
     if needed(chosen) <= available:
         return
-    fits = [p for p in plans(cfg, context, batch, group) if needed(p) <= available
-            and not (p.dtype == "float16" and not p.quantize and not cfg.rotary_dim)]
+    fits = fitting_plans(cfg, context, batch, group, lambda p: needed(p) <= available)
     where = f"{together} ranks on {processes.device}" if together > 1 else str(processes.device)
     msg = (f"{name} split over {n} processes needs about {needed(chosen) / GIB:.1f} GiB in {chosen.label} on {where} "
            f"(1/{n} of weights {chosen.weights_bytes / GIB:.1f} GiB and KV cache {chosen.kv_cache_bytes / GIB:.1f} "
