@@ -24,7 +24,7 @@ WORKER = textwrap.dedent('''
     import httpx, torch
     from neoj.api import from_config
     from neoj.config import ModelConfig
-    from neoj.distributed import join_processes
+    from neoj.distributed import join_processes, leave_processes
     from neoj.engine import Engine
     from neoj.server import run_in_thread
     from neoj.server.app import server_engine
@@ -82,7 +82,9 @@ WORKER = textwrap.dedent('''
         return finished
 
     result = lead() if processes.rank == 0 else follow()
-    json.dump(result, open(f"{out}.{processes.rank}", "w"))
+    with open(f"{out}.{processes.rank}", "w") as f:
+        json.dump(result, f)
+    leave_processes()  # as neoj's CLI does: a process exiting with gloo's threads still running can abort
 ''')
 
 
