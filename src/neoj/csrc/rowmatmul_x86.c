@@ -43,6 +43,7 @@ typedef __m512 vf;
 #define vf_load(p) _mm512_loadu_ps(p)
 #define vf_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vf_set1(s) _mm512_set1_ps(s)
+#define vf_store(p, v) _mm512_storeu_ps(p, v)
 static inline float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 #else
 #define VF 8
@@ -51,6 +52,7 @@ typedef __m256 vf;
 #define vf_load(p) _mm256_loadu_ps(p)
 #define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vf_set1(s) _mm256_set1_ps(s)
+#define vf_store(p, v) _mm256_storeu_ps(p, v)
 /* Always the same order of additions, so a row's sum does not depend on anything but its inputs. */
 static inline float vf_sum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -290,75 +292,86 @@ typedef __m256i vi;
 #define vi_madd(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #define vf_from_vi(a) _mm256_cvtepi32_ps(a)
 #endif
-/* Four weight rows per tile keep four weight streams in flight (one row alone leaves the memory system
- * idle between prefetches) and share each activation load; AVX-512's 32 registers hold four activation
- * rows of sums, AVX2's 16 two. */
-#define I8_NR 4
-#if IV == 32
+/* A tile is `nr` weight rows x `mc` activation rows: each widened weight vector feeds mc multiply-adds and
+ * each activation load nr. The inner loop holds only one block's integer sums (nr x mc registers); the fp32
+ * sums across blocks stay in memory, touched once per block, so nothing spills inside the loop (which
+ * halved the kernel's speed when both lived in registers). One activation row takes I8_NR1 weight rows at
+ * a time (more weight streams in flight for the memory-bound product); several take I8_NR x I8_MR tiles
+ * (AVX2's 16 registers: 2 x 4 sums, AVX-512's 32: 4 x 4). A row's sums are exact integers per block added
+ * in block order, so its result is the same for every tile shape, alone or in a batch. */
+#define I8_NR1 4
 #define I8_MR 4
+#if IV == 32
+#define I8_NR 4
 #else
-#define I8_MR 2
+#define I8_NR 2
 #endif
+#define I8_MAX_NR 4
+#define VL (IV / 2) /* int32 (and fp32) lanes of a vector */
 
-/* Sums of `nr` weight rows (row stride K) against `mc` rows of quantized activations; s[r * I8_MR + m]. */
 static inline __attribute__((always_inline)) void i8_tile(const int8_t *w, long K, int nr, int mc,
                                                           const int16_t *v, const float *xs, float *s) {
     long nb = K / QBLOCK;
-    vf acc[I8_NR][I8_MR];
-    for (int r = 0; r < I8_NR; r++)
-        for (int m = 0; m < I8_MR; m++)
-            if (r < nr && m < mc) acc[r][m] = vf_zero();
+    float sums[I8_MAX_NR][I8_MR][VL] __attribute__((aligned(64)));
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mc; m++)
+            for (int l = 0; l < VL; l++) sums[r][m][l] = 0;
     for (long b = 0; b < nb; b++) {
-        vi t[I8_NR][I8_MR];
-        for (int r = 0; r < I8_NR; r++)
-            for (int m = 0; m < I8_MR; m++)
-                if (r < nr && m < mc) t[r][m] = vi_zero();
+        vi t[I8_MAX_NR][I8_MR];
+        for (int r = 0; r < nr; r++)
+            for (int m = 0; m < mc; m++) t[r][m] = vi_zero();
+        _Pragma("GCC unroll 4")
         for (int c = 0; c < QBLOCK; c += IV) {
             long k = b * QBLOCK + c;
-            vi u[I8_NR];
-            for (int r = 0; r < I8_NR; r++)
-                if (r < nr) {
-                    if (mc <= 2 && (c & 63) == 0) _mm_prefetch((const char *)(w + r * K + k + I8_AHEAD), _MM_HINT_T1);
-                    u[r] = vi_widen(w + r * K + k);
-                }
-            for (int m = 0; m < I8_MR; m++)
-                if (m < mc) {
-                    vi xv = vi_load16(v + m * K + k);
-                    for (int r = 0; r < I8_NR; r++)
-                        if (r < nr) t[r][m] = vi_madd(t[r][m], u[r], xv);
-                }
-        }
-        for (int m = 0; m < I8_MR; m++)
-            if (m < mc) {
-                vf sc = vf_set1(xs[m * nb + b]);
-                for (int r = 0; r < I8_NR; r++)
-                    if (r < nr) acc[r][m] = vf_fma(vf_from_vi(t[r][m]), sc, acc[r][m]);
+            vi u[I8_MAX_NR];
+            for (int r = 0; r < nr; r++) {
+                if (mc <= 2 && (c & 63) == 0) _mm_prefetch((const char *)(w + r * K + k + I8_AHEAD), _MM_HINT_T1);
+                u[r] = vi_widen(w + r * K + k);
             }
+            for (int m = 0; m < mc; m++) {
+                vi xv = vi_load16(v + m * K + k);
+                for (int r = 0; r < nr; r++) t[r][m] = vi_madd(t[r][m], u[r], xv);
+            }
+        }
+        for (int m = 0; m < mc; m++) {
+            vf sc = vf_set1(xs[m * nb + b]);
+            for (int r = 0; r < nr; r++) vf_store(sums[r][m], vf_fma(vf_from_vi(t[r][m]), sc, vf_load(sums[r][m])));
+        }
     }
-    for (int r = 0; r < I8_NR; r++)
-        for (int m = 0; m < I8_MR; m++)
-            if (r < nr && m < mc) s[r * I8_MR + m] = vf_sum(acc[r][m]);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mc; m++) s[r * I8_MR + m] = vf_sum(vf_load(sums[r][m]));
 }
 
-/* Dispatches to a tile specialised for its row counts, so the sums stay in registers. */
+/* Dispatches to a tile specialised for its row counts (nr <= tile_nr, mc <= I8_MR), so its sums stay in
+ * registers. */
 static void i8_tile_any(const int8_t *w, long K, int nr, int mc, const int16_t *v, const float *xs, float *s) {
-#define I8_NR_CASE(M) \
+#define I8_CASE(M) \
     case M: \
         if (nr == 4) i8_tile(w, K, 4, M, v, xs, s); \
         else if (nr == 3) i8_tile(w, K, 3, M, v, xs, s); \
         else if (nr == 2) i8_tile(w, K, 2, M, v, xs, s); \
         else i8_tile(w, K, 1, M, v, xs, s); \
         break;
+    if (mc == 1) {
+        switch (nr) { /* the single-row tiles: up to I8_NR1 weight rows */
+        case 4: i8_tile(w, K, 4, 1, v, xs, s); break;
+        case 3: i8_tile(w, K, 3, 1, v, xs, s); break;
+        case 2: i8_tile(w, K, 2, 1, v, xs, s); break;
+        default: i8_tile(w, K, 1, 1, v, xs, s); break;
+        }
+        return;
+    }
     switch (mc) {
-        I8_NR_CASE(1)
-#if I8_MR == 4
-        I8_NR_CASE(2) I8_NR_CASE(3)
-        default: I8_NR_CASE(4)
+#if I8_NR == 4
+        I8_CASE(2) I8_CASE(3)
+        default: I8_CASE(4)
 #else
-        default: I8_NR_CASE(2)
+    case 2: if (nr == 2) i8_tile(w, K, 2, 2, v, xs, s); else i8_tile(w, K, 1, 2, v, xs, s); break;
+    case 3: if (nr == 2) i8_tile(w, K, 2, 3, v, xs, s); else i8_tile(w, K, 1, 3, v, xs, s); break;
+    default: if (nr == 2) i8_tile(w, K, 2, 4, v, xs, s); else i8_tile(w, K, 1, 4, v, xs, s); break;
 #endif
     }
-#undef I8_NR_CASE
+#undef I8_CASE
 }
 
 int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
@@ -367,13 +380,14 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
     long nb = K / QBLOCK;
     qacts a;
     if (qacts_make(&a, x, M, K, bf16)) return -1;
-    long tiles = (N + I8_NR - 1) / I8_NR;
+    int tile_nr = M == 1 ? I8_NR1 : I8_NR;
+    long tiles = (N + tile_nr - 1) / tile_nr;
     #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
     for (long t = 0; t < tiles; t++) {
-        long n0 = t * I8_NR;
-        int nr = N - n0 < I8_NR ? (int)(N - n0) : I8_NR;
+        long n0 = t * tile_nr;
+        int nr = N - n0 < tile_nr ? (int)(N - n0) : tile_nr;
         for (long m0 = 0; m0 < M; m0 += I8_MR) {
-            float s[I8_NR * I8_MR];
+            float s[I8_MAX_NR * I8_MR];
             int mc = M - m0 < I8_MR ? (int)(M - m0) : I8_MR;
             i8_tile_any(w + n0 * K, K, nr, mc, a.v + m0 * K, a.xs + m0 * nb, s);
             for (int m = 0; m < mc; m++)
