@@ -64,7 +64,8 @@ def test_a_quantized_checkpoint_loads_as_the_streamed_quantization(written, name
 
     tiny, directory = written[name]
     loaded = load_quantized(directory, INT4, torch.bfloat16, torch.device("cpu"), tiny.lm.config)
-    streamed = neoj.load(tiny.path, quantize="int4", group_size=32, device="cpu", check_memory=False).model
+    streamed = neoj.load(tiny.path, quantize="int4", group_size=32, device="cpu", dtype="bfloat16",
+                         check_memory=False).model
     assert isinstance(loaded.lm_head, QuantLinear) and isinstance(loaded.blocks[0].mlp.fc_in, QuantLinear)
     a, b = loaded.state_dict(), streamed.state_dict()
     assert a.keys() == b.keys()

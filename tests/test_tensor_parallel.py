@@ -152,8 +152,11 @@ def test_split_quantized_model_equals_the_single_process_quantized_model(cases, 
 
 @torch.inference_mode()
 def layer_weight(layer) -> torch.Tensor:
-    """Returns the weight (in, out) a linear layer computes with, as its own kernel sees it: its product with the
-    identity, bias left out."""
+    """Returns the weight (in, out) a linear layer computes with: int8 layers' integers times their scales;
+    other layers' (int4's packed weights) as their own kernel sees it, their product with the identity, bias
+    left out."""
+    if getattr(layer, "kernel", None) == "int8pack":
+        return (layer.qweight.float() * layer.scales_fp32[:, None]).t()
     bias, layer.bias = layer.bias, None
     try:
         return layer(torch.eye(layer.in_features, dtype=torch.float32)).float()

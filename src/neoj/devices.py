@@ -67,7 +67,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
     CUDA: bfloat16 where supported. float16 is never picked silently for GPT-Neo: its attention
     overflows fp16 on long inputs (transformers #11076). bf16 has fp32's range, and attention scores
     and softmax always run in fp32.
-    Quantized: bfloat16, the activation dtype PyTorch's int8/int4 kernels are fast with.
+    Quantized: bfloat16 (the activation dtype PyTorch's int8/int4 kernels are fast with) on CUDA and on CPUs
+    with bf16 instructions; on other CPUs float32: there bf16 attention and elementwise ops run 3-5x slower
+    than fp32 (each value converted), neoj's int8 kernel takes fp32 activations as they are, and prefill
+    multiplies dequantized weights in fp32 instead of emulated bf16 (BENCHMARKS.md, portable decode).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -76,7 +79,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
             raise NeojError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         return DTYPES[dtype]
     if quantization is not None:
-        return torch.bfloat16
+        return torch.float32 if device.type == "cpu" and not cpu_has_fast_bf16() else torch.bfloat16
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
