@@ -6,12 +6,13 @@ Greedy decode tokens/s (prefill excluded: first new token to last) of a GPT-J-ar
 checkpoint that every engine loads or converts) at batch 1 and batch 8, and of the GPT-Neo-125M shape
 at batch 1, for:
 
-  neoj fp32 / int8 / int4     with NEOJ_ISA=avx2 (the build and dispatch an AVX2-only CPU gets: no
-                              AVX-512 instruction runs) and with the CPU's own best ISA; dtype "auto"
-                              (int8/int4: bf16 activations), as `neoj.load` picks it
+  neoj fp32 / int8 / int4     dtype "auto" (int8/int4: bf16 activations), as `neoj.load` picks it
   CTranslate2 int8 / fp32     the transformers checkpoint converted by ctranslate2's
                               TransformersConverter; int8 is compute_type="int8" (quantized at load)
   transformers fp32           AutoModelForCausalLM, eager attention
+
+each twice where the CPU has more than AVX2: once held to AVX2 in every library the process uses (AVX2_CAPS:
+the code an AVX2-only CPU runs, neoj's and its peers' alike) and once with the CPU's own best.
 
 Each configuration runs in its own process (load, warm-up, then batch 1 and batch 8 repeats); rounds
 interleave the configurations, and the table reports medians over rounds. The machine may be shared:
@@ -195,7 +196,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     t = time.perf_counter()
     runner = Runner(spec)
-    res = {"load_s": time.perf_counter() - t}
+    res = {"load_s": time.perf_counter() - t, "torch_isa": torch.backends.cpu.get_cpu_capability()}
     if spec["engine"] == "neoj":
         from neoj import rowmatmul
 
@@ -233,8 +234,20 @@ def run_worker(spec: dict, timeout: float) -> dict:
 # Orchestration
 
 
+# An AVX2-only CPU, emulated on a bigger one: every library in the process is held to AVX2 (PyTorch's own
+# kernels, oneDNN, MKL, CTranslate2's), not only neoj's, so each engine runs the code such a CPU would.
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "CT2_FORCE_CPU_ISA": "AVX2"}
+
+
+def isa_env(isa: str) -> dict:
+    """Returns the environment of a worker held to `isa` ("avx2"), or {} for the CPU's own best."""
+    return dict(AVX2_CAPS) if isa == "avx2" else {}
+
+
 def configurations(work: Path, native: str, args) -> list[dict]:
-    """Returns the worker specs: (shape, engine, weights, ISA) with the checkpoint each loads."""
+    """Returns the worker specs: (shape, engine, weights, ISA) with the checkpoint each loads. Each ISA group
+    (avx2, and the CPU's own best where it has more) has its own CTranslate2 and transformers rows."""
     j, neo = work / "gptj-2048x16", work / "gpt-neo-125m"
     base = {"threads": args.threads, "tokens": args.tokens, "prompt": args.prompt, "repeats": args.repeats}
     isas = ["avx2"] + ([native] if native not in ("avx2", "none") else [])
@@ -242,18 +255,19 @@ def configurations(work: Path, native: str, args) -> list[dict]:
     for isa in isas:
         for scheme, path in (("fp32", j), ("int8", work / "gptj-2048x16-int8"), ("int4", work / "gptj-2048x16-int4")):
             specs.append({"name": f"neoj {scheme} {isa}", "shape": "gptj", "engine": "neoj", "scheme": scheme,
-                          "isa": isa, "dir": str(path), "env": {"NEOJ_ISA": isa}, "batches": [1, 8]})
-    for ctype in ("int8", "float32"):
-        specs.append({"name": f"ct2 {ctype}", "shape": "gptj", "engine": "ct2", "scheme": ctype, "isa": "-",
-                      "dir": str(work / "gptj-2048x16-ct2"), "hf_dir": str(j), "compute_type": ctype, "env": {},
-                      "batches": [1, 8]})
-    specs.append({"name": "transformers fp32", "shape": "gptj", "engine": "transformers", "scheme": "fp32",
-                  "isa": "-", "dir": str(j), "env": {}, "batches": [1, 8]})
+                          "isa": isa, "dir": str(path), "env": {**isa_env(isa), "NEOJ_ISA": isa}, "batches": [1, 8]})
+        for ctype in ("int8", "float32"):
+            specs.append({"name": f"ct2 {ctype} {isa}", "shape": "gptj", "engine": "ct2", "scheme": ctype,
+                          "isa": isa, "dir": str(work / "gptj-2048x16-ct2"), "hf_dir": str(j), "compute_type": ctype,
+                          "env": isa_env(isa), "batches": [1, 8]})
+        specs.append({"name": f"transformers fp32 {isa}", "shape": "gptj", "engine": "transformers", "scheme": "fp32",
+                      "isa": isa, "dir": str(j), "env": isa_env(isa), "batches": [1, 8]})
     for isa in isas:
         specs.append({"name": f"neoj int8 {isa} (125M)", "shape": "neo125m", "engine": "neoj", "scheme": "int8",
-                      "isa": isa, "dir": str(work / "gpt-neo-125m-int8"), "env": {"NEOJ_ISA": isa}, "batches": [1]})
-    specs.append({"name": "transformers fp32 (125M)", "shape": "neo125m", "engine": "transformers", "scheme": "fp32",
-                  "isa": "-", "dir": str(neo), "env": {}, "batches": [1]})
+                      "isa": isa, "dir": str(work / "gpt-neo-125m-int8"), "env": {**isa_env(isa), "NEOJ_ISA": isa},
+                      "batches": [1]})
+        specs.append({"name": f"transformers fp32 {isa} (125M)", "shape": "neo125m", "engine": "transformers",
+                      "scheme": "fp32", "isa": isa, "dir": str(neo), "env": isa_env(isa), "batches": [1]})
     return [{**base, **s} for s in specs]
 
 
@@ -292,15 +306,15 @@ def target_lines(m: dict, isa: str) -> list[str]:
 
     lines = []
     for key, label in (("b1", "batch 1"), ("b8", "batch 8")):
-        r8 = ratio(f"neoj int8 {isa}", "ct2 int8", key)
-        r32 = ratio(f"neoj fp32 {isa}", "ct2 float32", key)
+        r8 = ratio(f"neoj int8 {isa}", f"ct2 int8 {isa}", key)
+        r32 = ratio(f"neoj fp32 {isa}", f"ct2 float32 {isa}", key)
         i8_f32 = ratio(f"neoj int8 {isa}", f"neoj fp32 {isa}", key)
         i4_i8 = ratio(f"neoj int4 {isa}", f"neoj int8 {isa}", key)
         lines.append(f"| GPT-J arch, {label}, {isa} | neoj int8 / CT2 int8 = {r8:.2f}x (target >= 1.2x: "
                      f"{'met' if r8 >= 1.2 else 'NOT met'}); neoj fp32 / CT2 fp32 = {r32:.2f}x (target >= 1.0x: "
                      f"{'met' if r32 >= 1.0 else 'NOT met'}); neoj int8 / neoj fp32 = {i8_f32:.2f}x (target >= 1: "
                      f"{'met' if i8_f32 >= 1.0 else 'NOT met'}); int4 / int8 = {i4_i8:.2f}x |")
-    r = ratio(f"neoj int8 {isa} (125M)", "transformers fp32 (125M)", "b1")
+    r = ratio(f"neoj int8 {isa} (125M)", f"transformers fp32 {isa} (125M)", "b1")
     lines.append(f"| GPT-Neo-125M shape, batch 1, {isa} | neoj int8 / transformers fp32 = {r:.2f}x (target >= 4x: "
                  f"{'met' if r >= 4 else 'NOT met'}) |")
     return lines
@@ -320,15 +334,17 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              "compare within this table only)",
              f"- Date: {meta['date']} (took {meta['minutes']:.0f} min); {meta['versions']}",
              f"- Command: `{cmd}`",
-             "- ISA: `avx2` rows ran with NEOJ_ISA=avx2: neoj's AVX2+FMA kernel build (no AVX-512 instruction in it) "
-             "and the dispatch an AVX2-only CPU gets; PyTorch's own kernels still pick their ISA at run time. "
-             f"Other neoj rows: this CPU's best variant ({', '.join(i for i in isas if i != 'avx2') or 'none'}).",
+             "- ISA: `avx2` rows emulate an AVX2-only CPU: every engine's process is held to AVX2 (neoj: NEOJ_ISA=avx2, "
+             "its AVX2+FMA kernel build with no AVX-512 instruction in it; PyTorch: ATEN_CPU_CAPABILITY=avx2; oneDNN: "
+             "ONEDNN_MAX_CPU_ISA=AVX2; MKL: MKL_ENABLE_INSTRUCTIONS=AVX2; CTranslate2: CT2_FORCE_CPU_ISA=AVX2). "
+             f"Other rows: this CPU's best ({', '.join(i for i in isas if i != 'avx2') or 'none'}), no caps. "
+             "Targets compare engines within one ISA group.",
              f"- Greedy decode tokens/s over all rows (first new token to last, {args.tokens} new tokens after a "
              f"{args.prompt}-token prompt), median of {args.repeats} repeats per process and of {args.rounds} "
              "interleaved rounds, each configuration in its own process. neoj loads its own quantized checkpoints "
              "(`neoj quantize` of the same fp32 checkpoint), with dtype auto (int8/int4: bf16 activations); "
              "CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8).", "",
-             "| model | engine | weights | neoj ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
+             "| model | engine | weights | ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
              "|---|---|---|---|---:|---:|"]
     for s in specs:
         r = m.get(s["name"], {})
