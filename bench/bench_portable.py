@@ -6,7 +6,8 @@ Greedy decode tokens/s (prefill excluded: first new token to last) of a GPT-J-ar
 checkpoint that every engine loads or converts) at batch 1 and batch 8, and of the GPT-Neo-125M shape
 at batch 1, for:
 
-  neoj fp32 / int8 / int4     dtype "auto" (int8/int4: bf16 activations), as `neoj.load` picks it
+  neoj fp32 / int8 / int4     dtype "auto", as `neoj.load` picks it (int8/int4: bf16 activations where the
+                              CPU has bf16 instructions, fp32 elsewhere)
   CTranslate2 int8 / fp32     the transformers checkpoint converted by ctranslate2's
                               TransformersConverter; int8 is compute_type="int8" (quantized at load)
   transformers fp32           AutoModelForCausalLM, eager attention
@@ -342,7 +343,8 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              f"- Greedy decode tokens/s over all rows (first new token to last, {args.tokens} new tokens after a "
              f"{args.prompt}-token prompt), median of {args.repeats} repeats per process and of {args.rounds} "
              "interleaved rounds, each configuration in its own process. neoj loads its own quantized checkpoints "
-             "(`neoj quantize` of the same fp32 checkpoint), with dtype auto (int8/int4: bf16 activations); "
+             "(`neoj quantize` of the same fp32 checkpoint), with dtype auto (int8/int4 activations: bf16 on CPUs with bf16 "
+             f"instructions, else fp32; here {'bf16' if meta.get('fast_bf16') else 'fp32'}); "
              "CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8).", "",
              "| model | engine | weights | ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
              "|---|---|---|---|---:|---:|"]
@@ -394,7 +396,9 @@ def main(argv=None) -> None:
     from neoj import rowmatmul
 
     start = time.time()
-    meta = {"load_start": loadavg(), "cpu": cpu_description(),
+    from neoj.devices import cpu_has_fast_bf16
+
+    meta = {"load_start": loadavg(), "cpu": cpu_description(), "fast_bf16": cpu_has_fast_bf16(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "versions": versions()}
     work = Path(args.workdir)
