@@ -138,7 +138,8 @@ RULES: tuple[Rule, ...] = (
     Rule("int8pack_cuda", "int8pack", device="cuda", max_rows=gpu_kernels.MAX_ROWS,
          reason=f"CUDA without Triton: _weight_int8pack_mm where this torch has it ({_GPU_BENCH})"),
     Rule("int8_dequant", "int8pack", final=True,
-         reason=f"reference, and from 64 rows (prefill): dequantize to bf16 and one matmul is faster ({_QUANT_BENCH})"),
+         reason="reference, and from 64 rows (prefill): dequantize and one matmul is faster, in bf16, or in fp32 "
+                f"where the activations are fp32 (2x a 128-token prompt there) ({_QUANT_BENCH}; {_PORTABLE_BENCH})"),
     # ---- int4 weights: packed for tinygemm at load, so its kernel is the only path ----
     Rule("int4pack_cpu", "int4pack_cpu", final=True,
          reason=f"tinygemm's CPU port, 15 GB/s of packed weights at batch 1 ({_QUANT_BENCH})"),
