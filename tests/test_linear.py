@@ -199,6 +199,76 @@ def test_trainable_decode_layers_use_autograd():
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(77, -1))
 
 
+# ---- choices remembered on the layer ----
+
+def test_a_layer_remembers_its_plan_until_the_choices_or_its_weight_change(monkeypatch):
+    described = []
+    real_describe = linear.describe
+    monkeypatch.setattr(linear, "describe", lambda layer, x: described.append(x.shape[0]) or real_describe(layer, x))
+    layer = f32_layer(out=40, inn=64)
+    with torch.inference_mode():
+        for _ in range(3):
+            layer(torch.randn(1, 64))
+        layer(torch.randn(2, 64))  # another row count: described once more
+        layer(torch.randn(2, 64))
+        assert described == [1, 2]
+        linear.reset()  # forgets the layer's plans too
+        layer(torch.randn(1, 64))
+        assert described == [1, 2, 1]
+        layer.weight = torch.nn.Parameter(torch.randn(40, 64), requires_grad=False)  # a new weight
+        want = torch.randn(1, 64)
+        torch.testing.assert_close(layer(want), want @ layer.weight.t() + layer.bias)
+        assert described == [1, 2, 1, 1]
+        layer.to(torch.bfloat16)  # the same Parameter, now bf16: another kind of call
+        y = layer(want.bfloat16())
+        assert y.dtype == torch.bfloat16 and described == [1, 2, 1, 1, 1]
+    layer.float()
+    layer(torch.randn(1, 64))  # with autograd on, every call is described
+    layer(torch.randn(1, 64))
+    assert described[-2:] == [1, 1]
+
+
+def test_the_int8_kernel_product_follows_the_layers_tensors():
+    needs_path("rowmatmul_int8")
+    layer, w, b = quant_layer("int8", out=40, inn=256)
+    b = b.clone()  # the layer's bias shares b's storage and is changed below
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        first = layer(x)
+        product = linear.int8_product(layer)
+        layer(x)
+        assert linear.int8_product(layer) is product  # made once, reused
+        assert relative_error(first, x.double() @ w.t() + b.double()) < 3e-4
+        layer.bias.add_(1.0)  # changed in place: the product's copy of it is remade
+        torch.testing.assert_close(layer(x), first + 1.0)
+        assert linear.int8_product(layer) is not product
+        layer.bias = None
+        torch.testing.assert_close(layer(x), first - b, rtol=1e-5, atol=1e-5)
+        layer.qweight = -layer.qweight  # a new weight tensor
+        torch.testing.assert_close(layer(x), -(first - b), rtol=1e-5, atol=1e-5)
+        y = layer(x.bfloat16())  # bf16 activations: the same product, its own bias dtype
+        assert y.dtype == torch.bfloat16
+
+
+def test_the_int8_product_checks_its_weights_once_and_each_activation():
+    needs_path("rowmatmul_int8")
+    k = rowmatmul.kernels()
+    q, s = torch.randint(-127, 128, (4, 256), dtype=torch.int8), torch.rand(4)
+    with pytest.raises(ValueError, match="scales"):
+        k.bind_int8(q, s[:3])
+    with pytest.raises(ValueError, match="bias"):
+        k.bind_int8(q, s, torch.zeros(5))
+    with pytest.raises(TypeError, match="int8 weights"):
+        k.bind_int8(q.to(torch.int16), s)
+    product = k.bind_int8(q, s, torch.zeros(4))
+    with pytest.raises(ValueError, match="do not fit"):
+        product(torch.randn(1, 512))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        product(torch.randn(1, 256).half())
+    x = torch.randn(3, 256)
+    assert torch.equal(product(x), k.int8(x, q, s, torch.zeros(4)))
+
+
 # ---- failures ----
 
 def test_a_failing_path_turns_off_only_itself(monkeypatch):

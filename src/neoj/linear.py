@@ -229,8 +229,17 @@ def _compiled_matvec(layer, x):
 
 def _rowmatmul_int8(layer, x):
     # The kernel reads x and the bias and writes y in the model's dtype: no conversions around it.
-    b = None if layer.bias is None else layer.bias.to(x.dtype)
-    return rowmatmul.int8_rowmatmul(x, layer.qweight, layer.scales_fp32, b)
+    return int8_product(layer)(x)
+
+
+def int8_product(layer: nn.Module) -> rowmatmul.Int8Product:
+    """Returns the C kernel's product by an int8 layer's weights, made on its first call and kept on the
+    layer until one of its tensors is replaced (or the bias changed)."""
+    qweight, scales, bias = layer.qweight, layer.scales_fp32, layer.bias
+    product = layer.__dict__.get("_int8_product")
+    if product is None or not product.holds(qweight, scales, bias):
+        product = layer.__dict__["_int8_product"] = rowmatmul.kernels().bind_int8(qweight, scales, bias)
+    return product
 
 
 def _compiled_int8_matvec(layer, x):
@@ -286,6 +295,7 @@ IMPLS: dict[str, Callable] = {
 
 _disabled: set[str] = set()
 _plans: dict[Call, tuple[str, ...]] = {}
+_generation = [0]  # bumped whenever _plans is cleared, so plans remembered on layers are dropped too
 
 
 def compile_allowed() -> bool:
@@ -311,13 +321,18 @@ def disable(path: str, exc: BaseException | None = None) -> None:
     """Turns `path` off for the rest of the process (not the reference paths, which always run)."""
     log.warning("linear kernel %s failed (%s); using the next one for the rest of this process", path, exc)
     _disabled.add(path)
-    _plans.clear()
+    _forget_plans()
 
 
 def reset() -> None:
     """Re-enables every path and forgets the cached choices (tests, or after changing NEOJ_COMPILE)."""
     _disabled.clear()
+    _forget_plans()
+
+
+def _forget_plans() -> None:
     _plans.clear()
+    _generation[0] += 1
 
 
 def disabled() -> frozenset:
@@ -346,10 +361,27 @@ def describe(layer: nn.Module, x: torch.Tensor) -> Call:
                 x.dtype, bool(getattr(layer, "allow_compile", False)), isa)
 
 
+def layer_plan(layer: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
+    """Returns plan(describe(layer, x)), remembered on the layer for calls without autograd (decoding calls
+    each layer once per token, and describing a call cost as much as a small layer's product). The
+    memory is dropped when the choices may change (`disable`, `reset`) or the layer's weight is replaced."""
+    if torch.is_grad_enabled():  # autograd decides the kind (kind_of): describe every call
+        return plan(describe(layer, x))
+    weight = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    memory = layer.__dict__.get("_linear_plans")
+    if memory is None or memory[0] != _generation[0] or memory[1] is not weight:
+        memory = layer.__dict__["_linear_plans"] = (_generation[0], weight, {})
+    key = (x.shape[0], x.dtype, x.device, weight.dtype)
+    paths = memory[2].get(key)
+    if paths is None:
+        paths = memory[2][key] = plan(describe(layer, x))
+    return paths
+
+
 def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Returns layer(x) for x (rows, in_features) through the first path of the plan that does not fail."""
     x = x.contiguous()  # e.g. the last position of each row after a prefill: tinygemm refuses strided rows
-    paths = plan(describe(layer, x))
+    paths = layer_plan(layer, x)
     for path in paths[:-1]:
         try:
             return IMPLS[path](layer, x)

@@ -24,24 +24,32 @@ log = logging.getLogger(__name__)
 
 BLOCK = 256  # activations are scaled per block of this many values: in_features must be a multiple
 
-__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Kernels", "Variant", "build",
+__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int8Product", "Kernels", "Variant", "build",
            "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul", "int8_available",
            "int8_rowmatmul", "kernels", "load", "machine", "prepare", "select", "supported_variants",
            "usable_variants", "variant_name"]
+
+
+def _check_weights(weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
+    """Raises ValueError unless weight (N, K), bias and scales (N,) are CPU tensors that fit together."""
+    if any(t is not None and t.device.type != "cpu" for t in (weight, bias, scales)):
+        raise ValueError("the row kernels take CPU tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"row kernel shapes do not fit: weight {tuple(weight.shape)} is not (N, K)")
+    for name, t in (("bias", bias), ("scales", scales)):
+        if t is not None and tuple(t.shape) != (weight.shape[0],):
+            raise ValueError(f"row kernel {name} has shape {tuple(t.shape)}, not ({weight.shape[0]},)")
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   scales: torch.Tensor | None = None) -> None:
     """Raises ValueError unless x (M, K), weight (N, K), bias and scales (N,) are CPU tensors that fit:
     the C code trusts the sizes it is given, so a mismatch would read past a tensor's end."""
-    tensors = [t for t in (x, weight, bias, scales) if t is not None]
-    if any(t.device.type != "cpu" for t in tensors):
+    _check_weights(weight, bias, scales)
+    if x.device.type != "cpu":
         raise ValueError("the row kernels take CPU tensors")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("scales", scales)):
-        if t is not None and tuple(t.shape) != (weight.shape[0],):
-            raise ValueError(f"row kernel {name} has shape {tuple(t.shape)}, not ({weight.shape[0]},)")
 
 
 class Kernels:
@@ -91,18 +99,67 @@ class Kernels:
         """
         if x.dtype not in (torch.float32, torch.bfloat16) or (bias is not None and bias.dtype != x.dtype):
             raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations and bias, got {x.dtype}")
+        return self.bind_int8(qweight, scales, bias)(x)
+
+    def bind_int8(self, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> "Int8Product":
+        """Returns the product by qweight * scales (+ bias), its weights checked now, once."""
+        return Int8Product(self.lib.neoj_rowmatmul_i8, qweight, scales, bias)
+
+
+class Int8Product:
+    """One int8 weight, its scales and bias, checked once and then multiplied by many activations.
+
+    A decode step calls every layer once per token; checking the same weights on every call took longer
+    than a small layer's whole product. The product keeps its tensors referenced (the C code is given
+    their addresses); `holds` tells a caller whether it still describes a layer's current tensors.
+    """
+
+    def __init__(self, fn, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         if qweight.dtype != torch.int8 or scales.dtype != torch.float32:
             raise TypeError(f"int8_rowmatmul takes int8 weights and float32 scales, got {qweight.dtype} and "
                             f"{scales.dtype}")
-        _check_shapes(x, qweight, bias, scales)
-        x, qweight, scales = x.contiguous(), qweight.contiguous(), scales.contiguous()
-        bias = None if bias is None else bias.contiguous()  # kept referenced until the call returns
-        M, K = x.shape
-        N = qweight.shape[0]
+        if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"int8_rowmatmul takes a float32 or bfloat16 bias, got {bias.dtype}")
+        _check_weights(qweight, bias, scales)
+        self._fn = fn
+        self.qweight, self.scales, self.bias = qweight, scales, bias
+        if not (qweight.is_contiguous() and scales.is_contiguous()):
+            self.qweight, self.scales = qweight.contiguous(), scales.contiguous()  # kept: the C code reads them
+        self._bias_key = self._key_of(bias)
+        self._biases: dict[torch.dtype, torch.Tensor] = {}  # the bias in each activation dtype: copies
+
+    @staticmethod
+    def _key_of(bias: torch.Tensor | None) -> tuple | None:
+        return None if bias is None else (bias.data_ptr(), bias._version)
+
+    def holds(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """True when this product is still the one of these tensors (the same tensors, the bias unchanged:
+        the product multiplies by copies of it)."""
+        return (qweight is self.qweight and scales is self.scales and bias is self.bias
+                and self._key_of(bias) == self._bias_key)
+
+    def _bias_ptr(self, dtype: torch.dtype) -> int | None:
+        if self.bias is None:
+            return None
+        b = self._biases.get(dtype)
+        if b is None:
+            b = self._biases[dtype] = self.bias.detach().to(dtype, copy=True).contiguous()
+        return b.data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns x (M, K) @ the weight^T (+ bias), in x's dtype (float32 or bfloat16)."""
+        if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
+            raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations, got {x.dtype}")
+        q = self.qweight  # shape and address read on every call: the tensor's data may have been replaced
+        N, K = q.shape
+        if x.dim() != 2 or x.shape[1] != K or x.device.type != "cpu":
+            raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)} on {x.device}, weight ({N}, {K})")
+        x = x.contiguous()
+        M = x.shape[0]
         y = torch.empty(M, N, dtype=x.dtype)
-        bias_ptr = None if bias is None else bias.data_ptr()
-        if self.lib.neoj_rowmatmul_i8(x.data_ptr(), M, K, qweight.data_ptr(), N, scales.data_ptr(), bias_ptr,
-                                      y.data_ptr(), int(x.dtype == torch.bfloat16)) != 0:
+        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.scales.data_ptr(), self._bias_ptr(x.dtype),
+                    y.data_ptr(), int(x.dtype is torch.bfloat16)) != 0:
             raise RuntimeError(f"int8 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
         return y
 
