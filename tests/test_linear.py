@@ -248,6 +248,9 @@ def test_the_int8_kernel_product_follows_the_layers_tensors():
         torch.testing.assert_close(layer(x), -(first - b), rtol=1e-5, atol=1e-5)
         y = layer(x.bfloat16())  # bf16 activations: the same product, its own bias dtype
         assert y.dtype == torch.bfloat16
+        assert "_int8_product" in layer.__dict__
+        layer.to("cpu")  # moving a layer drops what was remembered (it would keep the old tensors alive)
+        assert "_int8_product" not in layer.__dict__ and "_linear_plans" not in layer.__dict__
 
 
 def test_the_int8_product_checks_its_weights_once_and_each_activation():

@@ -22,6 +22,10 @@ class DecodeLinear(nn.Linear):
 
     allow_compile = False
 
+    def _apply(self, fn, *args, **kwargs):
+        linear.forget(self)  # .to(), .half(), ...: the remembered plans would keep the old weight alive
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type != "cpu" or x.shape[-1] != self.in_features:
             return F.linear(x, self.weight, self.bias)

@@ -378,6 +378,13 @@ def layer_plan(layer: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
     return paths
 
 
+def forget(layer: nn.Module) -> None:
+    """Drops what `run` remembered on the layer (its plans, its kernel product and the tensors they keep),
+    e.g. before the layer's tensors move to another device or dtype."""
+    layer.__dict__.pop("_linear_plans", None)
+    layer.__dict__.pop("_int8_product", None)
+
+
 def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Returns layer(x) for x (rows, in_features) through the first path of the plan that does not fail."""
     x = x.contiguous()  # e.g. the last position of each row after a prefill: tinygemm refuses strided rows

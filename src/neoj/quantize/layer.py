@@ -85,6 +85,10 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.scheme}"
                 f"{f' group {self.spec.group_size}' if self.spec.scheme == 'int4' else ''}, kernel={self.kernel}")
 
+    def _apply(self, fn, *args, **kwargs):
+        linear.forget(self)  # .to(), .cuda(), ...: the remembered product would keep the old tensors alive
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # neoj.linear picks the kernel for this call (its RULES table) and adds the bias.
         return linear.run(self, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
