@@ -26,7 +26,7 @@ BLOCK = 256  # activations are scaled per block of this many values: in_features
 
 __all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int8Product", "Kernels", "Variant", "build",
            "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul", "int8_available",
-           "int8_rowmatmul", "kernels", "load", "machine", "prepare", "select", "supported_variants",
+           "kernels", "load", "machine", "prepare", "select", "supported_variants",
            "usable_variants", "variant_name"]
 
 
@@ -123,9 +123,8 @@ class Int8Product:
             raise TypeError(f"int8_rowmatmul takes a float32 or bfloat16 bias, got {bias.dtype}")
         _check_weights(qweight, bias, scales)
         self._fn = fn
-        self.qweight, self.scales, self.bias = qweight, scales, bias
-        if not (qweight.is_contiguous() and scales.is_contiguous()):
-            self.qweight, self.scales = qweight.contiguous(), scales.contiguous()  # kept: the C code reads them
+        self._given = (qweight, scales)  # what `holds` compares with, even where contiguous copies are read
+        self.qweight, self.scales, self.bias = qweight.contiguous(), scales.contiguous(), bias
         self._bias_key = self._key_of(bias)
         self._biases: dict[torch.dtype, torch.Tensor] = {}  # the bias in each activation dtype: copies
 
@@ -136,7 +135,7 @@ class Int8Product:
     def holds(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """True when this product is still the one of these tensors (the same tensors, the bias unchanged:
         the product multiplies by copies of it)."""
-        return (qweight is self.qweight and scales is self.scales and bias is self.bias
+        return (qweight is self._given[0] and scales is self._given[1] and bias is self.bias
                 and self._key_of(bias) == self._bias_key)
 
     def _bias_ptr(self, dtype: torch.dtype) -> int | None:
@@ -223,9 +222,3 @@ def variant_name() -> str:
 def f32_rowmatmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Kernels.f32 of this process's variant; the caller checks `f32_available()` first."""
     return kernels().f32(x, weight, bias)
-
-
-def int8_rowmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Kernels.int8 of this process's variant; the caller checks `int8_available()` first."""
-    return kernels().int8(x, qweight, scales, bias)
