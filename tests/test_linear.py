@@ -253,6 +253,20 @@ def test_the_int8_kernel_product_follows_the_layers_tensors():
         assert "_int8_product" not in layer.__dict__ and "_linear_plans" not in layer.__dict__
 
 
+def test_a_layers_weight_and_bias_are_found_wherever_the_module_keeps_them():
+    layer, _, _ = quant_layer("int8", out=8, inn=256)
+    assert linear.weight_of(layer) is layer.qweight and linear.bias_of(layer) is layer.bias  # buffer, parameter
+    layer.bias = None
+    assert linear.bias_of(layer) is None
+    plain = torch.nn.Linear(16, 4, bias=False)
+    assert linear.weight_of(plain) is plain.weight and linear.bias_of(plain) is None
+    holder = torch.nn.Module()  # tensors kept as plain attributes
+    holder.qweight, holder.bias = torch.zeros(2, 2, dtype=torch.int8), torch.ones(2)
+    assert linear.weight_of(holder) is holder.qweight and linear.bias_of(holder) is holder.bias
+    del holder.bias
+    assert linear.bias_of(holder) is None
+
+
 def test_the_int8_product_checks_its_weights_once_and_each_activation():
     needs_path("rowmatmul_int8")
     k = rowmatmul.kernels()

@@ -235,7 +235,7 @@ def _rowmatmul_int8(layer, x):
 def int8_product(layer: nn.Module) -> rowmatmul.Int8Product:
     """Returns the C kernel's product by an int8 layer's weights, made on its first call and kept on the
     layer until one of its tensors is replaced (or the bias changed)."""
-    qweight, scales, bias = layer.qweight, layer.scales_fp32, layer.bias
+    qweight, scales, bias = weight_of(layer), layer.scales_fp32, bias_of(layer)
     product = layer.__dict__.get("_int8_product")
     if product is None or not product.holds(qweight, scales, bias):
         product = layer.__dict__["_int8_product"] = rowmatmul.kernels().bind_int8(qweight, scales, bias)
@@ -352,10 +352,29 @@ def kind_of(layer: nn.Module, x: torch.Tensor) -> str:
     return "f32" if w.dtype == torch.float32 else "half"
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """Returns the layer's weight tensor: a QuantLinear's `qweight`, else `weight`.
+
+    Read from the module's tensor dicts where they are: nn.Module's attribute lookup for a buffer or
+    parameter costs microseconds, and a decode step reads each layer's tensors on every call."""
+    w = layer._buffers.get("qweight")
+    if w is None:
+        w = layer._parameters.get("weight")
+    if w is None:
+        w = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    return w
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """Returns the layer's bias (None without one), read as weight_of reads the weight."""
+    params = layer._parameters
+    return params["bias"] if "bias" in params else getattr(layer, "bias", None)
+
+
 def describe(layer: nn.Module, x: torch.Tensor) -> Call:
     """Returns the Call for layer applied to x (rows, in)."""
     kind = kind_of(layer, x)
-    weight = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    weight = weight_of(layer)
     isa = rowmatmul.variant_name() if x.device.type == "cpu" and kind in ("f32", "int8pack") else "none"
     return Call(kind, x.device.type, x.shape[0], layer.in_features, weight.numel() * weight.element_size(),
                 x.dtype, bool(getattr(layer, "allow_compile", False)), isa)
@@ -367,7 +386,7 @@ def layer_plan(layer: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
     memory is dropped when the choices may change (`disable`, `reset`) or the layer's weight is replaced."""
     if torch.is_grad_enabled():  # autograd decides the kind (kind_of): describe every call
         return plan(describe(layer, x))
-    weight = layer.qweight if hasattr(layer, "qweight") else layer.weight
+    weight = weight_of(layer)
     memory = layer.__dict__.get("_linear_plans")
     if memory is None or memory[0] != _generation[0] or memory[1] is not weight:
         memory = layer.__dict__["_linear_plans"] = (_generation[0], weight, {})

@@ -107,6 +107,9 @@ class Kernels:
         return Int8Product(self.lib.neoj_rowmatmul_i8, qweight, scales, bias)
 
 
+_BF16_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the activation dtypes the int8 kernel takes: its bf16 flag
+
+
 class Int8Product:
     """One int8 weight, its scales and bias, checked once and then multiplied by many activations.
 
@@ -148,17 +151,21 @@ class Int8Product:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Returns x (M, K) @ the weight^T (+ bias), in x's dtype (float32 or bfloat16)."""
-        if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
-            raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations, got {x.dtype}")
+        dtype = x.dtype
+        bf16 = _BF16_FLAG.get(dtype)
+        if bf16 is None:
+            raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
         q = self.qweight  # shape and address read on every call: the tensor's data may have been replaced
         N, K = q.shape
-        if x.dim() != 2 or x.shape[1] != K or x.device.type != "cpu":
-            raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)} on {x.device}, weight ({N}, {K})")
-        x = x.contiguous()
-        M = x.shape[0]
-        y = torch.empty(M, N, dtype=x.dtype)
-        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.scales.data_ptr(), self._bias_ptr(x.dtype),
-                    y.data_ptr(), int(x.dtype is torch.bfloat16)) != 0:
+        shape = x.shape
+        if len(shape) != 2 or shape[1] != K or not x.is_cpu:
+            raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        M = shape[0]
+        y = torch.empty(M, N, dtype=dtype)
+        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.scales.data_ptr(), self._bias_ptr(dtype),
+                    y.data_ptr(), bf16) != 0:
             raise RuntimeError(f"int8 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
         return y
 
