@@ -3,8 +3,8 @@
 
 Greedy decode tokens/s (prefill excluded: first new token to last) of a GPT-J-architecture model
 (hidden 2048 x 16 layers, 16 heads, rotary 64, vocab 50400: random weights, one fp32 safetensors
-checkpoint that every engine loads or converts) at batch 1 and batch 8, and of the GPT-Neo-125M shape
-at batch 1, for:
+checkpoint that every engine loads or converts) at batch 1 and batch 8, and of the GPT-Neo-125M and
+GPT-Neo-1.3B shapes at batch 1 (neoj int8 against transformers fp32), for:
 
   neoj fp32 / int8 / int4     dtype "auto", as `neoj.load` picks it (int8/int4: bf16 activations where the
                               CPU has bf16 instructions, fp32 elsewhere)
@@ -19,7 +19,7 @@ Each configuration runs in its own process (load, warm-up, then batch 1 and batc
 interleave the configurations, and the table reports medians over rounds. The machine may be shared:
 compare ratios within the run, not with other runs. Writes a marked section of BENCHMARKS.md.
 
-    python bench/bench_portable.py                 # ~15 min on 2 cores (checkpoints are made once)
+    python bench/bench_portable.py                 # ~30 min on 2 cores (checkpoints are made once)
     python bench/bench_portable.py --quick --out - # smoke test: tiny settings, prints the section
 """
 
@@ -45,6 +45,9 @@ GPTJ = {"model_type": "gptj", "vocab_size": 50400, "n_positions": 2048, "n_embd"
         "n_head": 16, "rotary_dim": 64}
 NEO125 = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 768,
           "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]], "window_size": 256}
+NEO13B = {**NEO125, "hidden_size": 2048, "num_layers": 24, "num_heads": 16, "attention_types": [[["global", "local"], 12]]}
+# The GPT-Neo shapes: (label in the tables, checkpoint directory name, transformers config).
+NEO_SHAPES = (("125M", "gpt-neo-125m", NEO125), ("1.3B", "gpt-neo-1.3b", NEO13B))
 
 
 log = logger("bench_portable")
@@ -249,7 +252,7 @@ def isa_env(isa: str) -> dict:
 def configurations(work: Path, native: str, args) -> list[dict]:
     """Returns the worker specs: (shape, engine, weights, ISA) with the checkpoint each loads. Each ISA group
     (avx2, and the CPU's own best where it has more) has its own CTranslate2 and transformers rows."""
-    j, neo = work / "gptj-2048x16", work / "gpt-neo-125m"
+    j = work / "gptj-2048x16"
     base = {"threads": args.threads, "tokens": args.tokens, "prompt": args.prompt, "repeats": args.repeats}
     isas = ["avx2"] + ([native] if native not in ("avx2", "none") else [])
     specs = []
@@ -263,12 +266,14 @@ def configurations(work: Path, native: str, args) -> list[dict]:
                           "env": isa_env(isa), "batches": [1, 8]})
         specs.append({"name": f"transformers fp32 {isa}", "shape": "gptj", "engine": "transformers", "scheme": "fp32",
                       "isa": isa, "dir": str(j), "env": isa_env(isa), "batches": [1, 8]})
-    for isa in isas:
-        specs.append({"name": f"neoj int8 {isa} (125M)", "shape": "neo125m", "engine": "neoj", "scheme": "int8",
-                      "isa": isa, "dir": str(work / "gpt-neo-125m-int8"), "env": {**isa_env(isa), "NEOJ_ISA": isa},
-                      "batches": [1]})
-        specs.append({"name": f"transformers fp32 {isa} (125M)", "shape": "neo125m", "engine": "transformers",
-                      "scheme": "fp32", "isa": isa, "dir": str(neo), "env": isa_env(isa), "batches": [1]})
+    for label, name, _ in NEO_SHAPES:
+        for isa in isas:
+            specs.append({"name": f"neoj int8 {isa} ({label})", "shape": f"GPT-Neo-{label} shape", "engine": "neoj",
+                          "scheme": "int8", "isa": isa, "dir": str(work / f"{name}-int8"),
+                          "env": {**isa_env(isa), "NEOJ_ISA": isa}, "batches": [1]})
+            specs.append({"name": f"transformers fp32 {isa} ({label})", "shape": f"GPT-Neo-{label} shape",
+                          "engine": "transformers", "scheme": "fp32", "isa": isa, "dir": str(work / name),
+                          "env": isa_env(isa), "batches": [1]})
     return [{**base, **s} for s in specs]
 
 
@@ -278,8 +283,10 @@ def prepare_checkpoints(work: Path, quick: bool) -> None:
     for scheme in ("int8", "int4"):
         ensure(work / f"gptj-2048x16-{scheme}", "neoj_quantized", j, scheme)
     ensure(work / "gptj-2048x16-ct2", "ct2", j)
-    neo = ensure(work / "gpt-neo-125m", "hf_checkpoint", NEO125)
-    ensure(work / "gpt-neo-125m-int8", "neoj_quantized", neo, "int8")
+    for _, name, shape in NEO_SHAPES:
+        small = {**shape, "num_layers": 2, "attention_types": [[["global", "local"], 1]]}
+        neo = ensure(work / name, "hf_checkpoint", shape if not quick else small)
+        ensure(work / f"{name}-int8", "neoj_quantized", neo, "int8")
 
 
 def versions() -> str:
@@ -315,9 +322,10 @@ def target_lines(m: dict, isa: str) -> list[str]:
                      f"{'met' if r8 >= 1.2 else 'NOT met'}); neoj fp32 / CT2 fp32 = {r32:.2f}x (target >= 1.0x: "
                      f"{'met' if r32 >= 1.0 else 'NOT met'}); neoj int8 / neoj fp32 = {i8_f32:.2f}x (target >= 1: "
                      f"{'met' if i8_f32 >= 1.0 else 'NOT met'}); int4 / int8 = {i4_i8:.2f}x |")
-    r = ratio(f"neoj int8 {isa} (125M)", f"transformers fp32 {isa} (125M)", "b1")
-    lines.append(f"| GPT-Neo-125M shape, batch 1, {isa} | neoj int8 / transformers fp32 = {r:.2f}x (target >= 4x: "
-                 f"{'met' if r >= 4 else 'NOT met'}) |")
+    for label, _, _ in NEO_SHAPES:
+        r = ratio(f"neoj int8 {isa} ({label})", f"transformers fp32 {isa} ({label})", "b1")
+        lines.append(f"| GPT-Neo-{label} shape, batch 1, {isa} | neoj int8 / transformers fp32 = {r:.2f}x (target "
+                     f">= 4x: {'met' if r >= 4 else 'NOT met'}) |")
     return lines
 
 
@@ -350,7 +358,7 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              "|---|---|---|---|---:|---:|"]
     for s in specs:
         r = m.get(s["name"], {})
-        shape = "GPT-J arch 2048x16" if s["shape"] == "gptj" else "GPT-Neo-125M shape"
+        shape = "GPT-J arch 2048x16" if s["shape"] == "gptj" else s["shape"]
         b1 = f"{r['b1']:.2f}" if "b1" in r else "—"
         b8 = f"{r['b8']:.2f}" if "b8" in r else "—"
         lines.append(f"| {shape} | {s['engine']} | {s['scheme']} | {s['isa']} | {b1} | {b8} |")
@@ -378,7 +386,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"])
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations")
-    p.add_argument("--quick", action="store_true", help="2-layer GPT-J, 1 round, 1 repeat, 6 tokens")
+    p.add_argument("--quick", action="store_true", help="2-layer models, 1 round, 1 repeat, 6 tokens")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section into, or -")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
