@@ -4,16 +4,22 @@ For the linear layers of GPT-Neo-125M, GPT-Neo-1.3B and GPT-J-6B (random int8 we
 scales) and 1 to 16 activation rows: the time of one product with the weights out of cache (enough
 copies of each weight are rotated to exceed the last-level cache, as in a decode step where every
 layer's weights are read once), as GB/s of weight bytes; next to it the read bandwidth of a plain sum
-over the same copies. PyTorch's op gets bf16 activations (its fast form); neoj's gets fp32. Accuracy:
-the relative error of each against the exact (fp64) product. Rounds are interleaved; medians reported.
+over the same copies. PyTorch's op gets bf16 activations (its fast form); neoj's gets fp32. Beside them,
+fbgemm's dynamic int8 linear (`quantized::linear_dynamic`, what torch.ao's dynamic quantization and
+CTranslate2-like engines do): it quantizes the activations to 7 bits per call, with one scale for the
+whole (rows, in) matrix, so it is both coarser than neoj's 15 bits per 256 values and dependent on the
+other rows of a batch. Accuracy: the relative error of each against the exact (fp64) product. Rounds
+are interleaved; medians reported.
 
     python bench/bench_int8_kernel.py                # this CPU's best variant: writes its section of BENCHMARKS.md
-    python bench/bench_int8_kernel.py --isa avx2     # another variant this CPU runs: a section of its own
+    ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 python bench/bench_int8_kernel.py --isa avx2
+                                                     # an AVX2-only CPU: every library held to AVX2, a section of its own
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -53,18 +59,21 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
     copies = max(2, -(-cold_bytes // (out * inn)))
     weights = [(torch.randint(-127, 128, (out, inn), dtype=torch.int8), torch.rand(out) / 64) for _ in range(copies)]
     bf16_scales = [s.bfloat16() for _, s in weights]
+    packed = [fbgemm_pack(q, s) for q, s in weights]
     items = list(range(copies))
     repeats = max(8, min(60, int(2e9 // (out * inn))))
     result = {"copies": copies}
     for m in ROWS:
         x = torch.randn(m, inn)
         xb = x.bfloat16()
-        theirs, ours, reads = [], [], []
+        theirs, ours, reads, fb = [], [], [], []
         for _ in range(rounds):
             theirs.append(median_time(lambda i: torch.ops.aten._weight_int8pack_mm(xb, weights[i][0], bf16_scales[i]),
                                       items, repeats))
             ours.append(median_time(lambda i: kernels.int8(x, *weights[i]), items, repeats))
             reads.append(median_time(lambda i: weights[i][0].view(torch.int64).sum(), items, repeats))
+            if packed[0] is not None:
+                fb.append(median_time(lambda i: torch.ops.quantized.linear_dynamic(x, packed[i], True), items, repeats))
         q, s = weights[0]
         exact = x.double() @ (q.double() * s.double()[:, None]).t()
         err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
@@ -74,8 +83,27 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
             "sum_gbs": gb / statistics.median(reads),
             "int8pack_err": err(torch.ops.aten._weight_int8pack_mm(xb, q, bf16_scales[0]).float()),
             "neoj_err": err(kernels.int8(x, q, s)),
+            "fbgemm_gbs": gb / statistics.median(fb) if fb else None,
+            "fbgemm_err": err(torch.ops.quantized.linear_dynamic(x, packed[0], True)) if fb else None,
         }
     return result
+
+
+def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
+    """Returns fbgemm's packed form of int8 weights q (out, in) with per-row scales, or None where this torch
+    has no fbgemm (ARM builds, for one)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def caps_line() -> str:
+    """Returns the ISA caps this process runs under (the environment variables libraries read)."""
+    caps = [f"{k}={os.environ[k]}" for k in ("NEOJ_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS")
+            if k in os.environ]
+    return "- ISA caps: " + (", ".join(caps) if caps else "none (each library uses the CPU's best)")
 
 
 def section(results: list, args, load: str, kernels) -> str:
@@ -83,20 +111,22 @@ def section(results: list, args, load: str, kernels) -> str:
     lines = [begin, f"## int8 decode kernel: neoj ({kernels.name}) vs aten._weight_int8pack_mm (CPU)", "",
              f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
              date_line(),
-             f"- Command: `python bench/bench_int8_kernel.py{command_options(args)}`",
+             f"- Command: `python bench/bench_int8_kernel.py{command_options(args)}`", caps_line(),
              "- GB/s of int8 weights per product, weights out of cache (copies rotated past "
              f"{args.cold_mb} MB), median of {args.rounds} interleaved rounds. `sum` is a plain read of the same "
              "bytes: the bandwidth available. Error: relative to the exact fp64 product (bf16 activations for "
-             "PyTorch's op, 15-bit per 256-value block for neoj's).", "",
-             "| model | layer | out x in | rows | _weight_int8pack_mm GB/s | neoj GB/s | speed-up | sum GB/s | "
-             "error int8pack | error neoj |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "PyTorch's op, 15-bit per 256-value block for neoj's, 7-bit per call for fbgemm's dynamic linear, "
+             "whose rows also depend on each other).", "",
+             "| model | layer | out x in | rows | _weight_int8pack_mm GB/s | neoj GB/s | speed-up | fbgemm dynamic "
+             "GB/s | sum GB/s | error int8pack | error neoj | error fbgemm |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, layer, out, inn), r in results:
         for m in ROWS:
             x = r[m]
+            fb = (f"{x['fbgemm_gbs']:.1f}", f"{x['fbgemm_err']:.1e}") if x.get("fbgemm_gbs") else ("—", "—")
             lines.append(f"| {model} | {layer} | {out}x{inn} | {m} | {x['int8pack_gbs']:.1f} | {x['neoj_gbs']:.1f} | "
-                         f"{x['neoj_gbs'] / x['int8pack_gbs']:.2f}x | {x['sum_gbs']:.1f} | {x['int8pack_err']:.1e} | "
-                         f"{x['neoj_err']:.1e} |")
+                         f"{x['neoj_gbs'] / x['int8pack_gbs']:.2f}x | {fb[0]} | {x['sum_gbs']:.1f} | "
+                         f"{x['int8pack_err']:.1e} | {x['neoj_err']:.1e} | {fb[1]} |")
     lines += ["", "Which product neoj runs for each row count and ISA: `neoj.linear.RULES` (rowmatmul_int8 rules).",
               end]
     return "\n".join(lines) + "\n"

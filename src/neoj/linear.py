@@ -124,8 +124,9 @@ RULES: tuple[Rule, ...] = (
          reason="activations within L1 (rows x in <= 8192, 16 KB at 15 bits): VNNI 15-29 GB/s against "
                 f"_weight_int8pack_mm's 9-17; wider, int8pack wins at 4+ rows ({_I8_BENCH})"),
     Rule("rowmatmul_int8", "int8pack", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16, isa=_NO_VNNI,
-         reason="1-16 rows without VNNI: 16-bit multiply-adds, 1.05-1.5x _weight_int8pack_mm at 1-2 rows, at par "
-                f"at 4-16 (it converts every weight byte to float) and 15-bit activations ({_PORTABLE_BENCH})"),
+         reason="1-16 rows without VNNI: 16-bit multiply-adds on 15-bit activations, 1.3-3.3x _weight_int8pack_mm; "
+                "fbgemm's dynamic int8 is 0.8-1.3x at 1 row and 1.4-2.1x at 8, but rounds activations to 7 bits per "
+                f"call: ~300x the error, and a row's result depends on its batch ({_I8_BENCH}, avx2)"),
     Rule("compiled_int8_matvec", "int8pack", max_rows=1, min_weight_bytes=16 << 20, max_in=2048, compiled=True,
          reason="one row, weights >= 16 MB (out of cache) and <= 2048 wide: 22 GB/s against int8pack's 9-16; "
                 f"smaller weights (in cache) and wider inputs are faster in int8pack ({_QUANT_BENCH})"),
