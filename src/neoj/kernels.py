@@ -27,7 +27,7 @@ class DecodeLinear(nn.Linear):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device.type != "cpu" or x.shape[-1] != self.in_features:
+        if not linear.weight_of(self).is_cpu or x.shape[-1] != self.in_features:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
         return linear.run(self, flat).view(*x.shape[:-1], self.out_features)

@@ -207,15 +207,15 @@ def _with_bias(y: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.T
 
 
 def _rowmatmul_f32(layer, x):
-    return rowmatmul.f32_rowmatmul(x, layer.weight, layer.bias)
+    return rowmatmul.f32_rowmatmul(x, weight_of(layer), bias_of(layer))
 
 
 def _blocked_matvec(layer, x):
-    return blocked_matvec(x, layer.weight, layer.bias).view(1, -1)
+    return blocked_matvec(x, weight_of(layer), bias_of(layer)).view(1, -1)
 
 
 def _onednn_linear(layer, x):
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight_of(layer), bias_of(layer), "none", [], "")
 
 
 def _linear(layer, x):
