@@ -24,12 +24,14 @@ SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (-?[0-9.e+\-]+|\+I
 
 @pytest.fixture(scope="module")
 def lm():
-    """A tiny random GPT-Neo (256 positions) that speculates by prompt lookup, with the default prefix cache."""
+    """A tiny random GPT-Neo (256 positions) that speculates by prompt lookup on every step, with the default prefix
+    cache. Adaptive speculation is off: its on/off choice follows measured step times, which on a loaded machine
+    can pause drafting for a whole request and make the reports below depend on timing."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = neoj.from_config(from_hf_dict(tiny_server_config(256, 2)), dtype="float32", device="cpu")
-    model.speculative = "prompt_lookup"
+    model.speculative = neoj.Speculative("prompt_lookup", adaptive=False)
     yield model
     torch.set_num_threads(before)
 
