@@ -6,8 +6,8 @@ Greedy decode tokens/s (prefill excluded: first new token to last) of a GPT-J-ar
 checkpoint that every engine loads or converts) at batch 1 and batch 8, and of the GPT-Neo-125M and
 GPT-Neo-1.3B shapes at batch 1 (neoj int8 against transformers fp32), for:
 
-  neoj fp32 / int8 / int4     dtype "auto", as `neoj.load` picks it (int8/int4: bf16 activations where the
-                              CPU has bf16 instructions, fp32 elsewhere)
+  neoj fp32 / int8 / int4     dtype "auto", as `neoj.load` picks it: bf16 where PyTorch may use the CPU's
+                              bf16 instructions (never in avx2 rows), fp32 elsewhere (the compute column)
   CTranslate2 int8 / fp32     the transformers checkpoint converted by ctranslate2's
                               TransformersConverter; int8 is compute_type="int8" (quantized at load)
   transformers fp32           AutoModelForCausalLM, eager attention
@@ -351,22 +351,31 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              f"- Greedy decode tokens/s over all rows (first new token to last, {args.tokens} new tokens after a "
              f"{args.prompt}-token prompt), median of {args.repeats} repeats per process and of {args.rounds} "
              "interleaved rounds, each configuration in its own process. neoj loads its own quantized checkpoints "
-             "(`neoj quantize` of the same fp32 checkpoint), with dtype auto (int8/int4 activations: bf16 on CPUs with bf16 "
-             f"instructions, else fp32; here {'bf16' if meta.get('fast_bf16') else 'fp32'}); "
+             "(`neoj quantize` of the same fp32 checkpoint) with dtype auto, which is bf16 where PyTorch may use the CPU's bf16 "
+             "instructions (never in avx2 rows) and fp32 elsewhere; the compute column says what each neoj row ran in. "
              "CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8).", "",
-             "| model | engine | weights | ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
-             "|---|---|---|---|---:|---:|"]
+             "| model | engine | weights | compute | ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
+             "|---|---|---|---|---|---:|---:|"]
     for s in specs:
         r = m.get(s["name"], {})
         shape = "GPT-J arch 2048x16" if s["shape"] == "gptj" else s["shape"]
         b1 = f"{r['b1']:.2f}" if "b1" in r else "—"
         b8 = f"{r['b8']:.2f}" if "b8" in r else "—"
-        lines.append(f"| {shape} | {s['engine']} | {s['scheme']} | {s['isa']} | {b1} | {b8} |")
+        compute = compute_dtype(s, meta.get("dtypes", {}).get(s["name"]))
+        lines.append(f"| {shape} | {s['engine']} | {s['scheme']} | {compute} | {s['isa']} | {b1} | {b8} |")
     lines += ["", "| targets (issue 14) | this run |", "|---|---|"]
     for isa in isas:
         lines += target_lines(m, isa)
     lines.append(end)
     return "\n".join(lines) + "\n"
+
+
+def compute_dtype(spec: dict, neoj_dtype: str | None) -> str:
+    """Returns what a row's activations ran in: neoj's model dtype as its worker reported it, CTranslate2's
+    compute type, transformers' fp32."""
+    if spec["engine"] == "neoj":
+        return {"float32": "fp32", "bfloat16": "bf16"}.get(neoj_dtype, neoj_dtype or "?")
+    return {"float32": "fp32"}.get(spec["scheme"], spec["scheme"])
 
 
 def markers(args) -> tuple[str, str]:
@@ -404,9 +413,7 @@ def main(argv=None) -> None:
     from neoj import rowmatmul
 
     start = time.time()
-    from neoj.devices import cpu_has_fast_bf16
-
-    meta = {"load_start": loadavg(), "cpu": cpu_description(), "fast_bf16": cpu_has_fast_bf16(),
+    meta = {"load_start": loadavg(), "cpu": cpu_description(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "versions": versions()}
     work = Path(args.workdir)
@@ -422,6 +429,7 @@ def main(argv=None) -> None:
             log(f"round {rnd + 1}/{args.rounds}: {spec['name']}")
             results[spec["name"]].append(run_worker(spec, timeout=1800))
     meta["load_end"], meta["minutes"] = loadavg(), (time.time() - start) / 60
+    meta["dtypes"] = {name: rounds[0].get("dtype") for name, rounds in results.items() if rounds}
     section = render(specs, medians(results), meta, args)
     write_section(args.out, section, *markers(args))
     if args.out != "-":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +52,14 @@ def test_an_explicit_dtype_is_kept_whatever_the_cpu(fast_bf16, name):
 def test_an_unknown_dtype_names_the_ones_there_are():
     with pytest.raises(NeojError, match="unknown dtype 'fp8'.*float32"):
         devices.resolve_dtype("fp8", CPU, CFG)
+
+
+def test_pytorch_held_to_avx2_means_no_fast_bf16():
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, or one made to act as one) turns PyTorch's bf16 instructions
+    off, so "auto" must not pick bf16 even on a CPU that has them."""
+    code = ("import torch, neoj.devices as d; from neoj.quantize import QuantSpec; from test_devices import CFG; "
+            "print(d.cpu_has_fast_bf16(), d.resolve_dtype('auto', torch.device('cpu'), CFG, QuantSpec('int8', 32)))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "torch.float32"]

@@ -47,7 +47,11 @@ def available_memory(device: torch.device) -> int:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Returns True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    """Returns True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and PyTorch may use those
+    instructions: with PyTorch held below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on an AVX2-only CPU) its bf16
+    kernels are emulated, so neoj chooses as it would on such a CPU."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         try:
             if getattr(torch.cpu, probe)():
