@@ -92,8 +92,8 @@ def test_each_variant_this_cpu_runs_builds_and_names_itself(name, tmp_path, monk
 # ---- int8 ----
 
 @pytest.mark.parametrize("K", [256, 768, 4352])  # 4352 > 4096 takes the VNNI build's two-row path at M = 1
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9])  # tiles of 4 activation rows, and partial ones
-@pytest.mark.parametrize("N", [1, 2, 3, 77])  # tiles of 2 weight rows, an odd last one
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 17])  # groups of 3 or 4 rows, passes of 16, partial ones
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 77])  # tiles of 2-4 weight rows, partial last ones
 def test_int8_rows_equal_the_exact_product(kernels, M, K, N):
     torch.manual_seed(M * K + N)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)

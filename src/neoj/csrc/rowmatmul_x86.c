@@ -271,10 +271,10 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
 #else
 /* int8 weights without VNNI: each weight byte is sign-extended to 16 bits in the register and multiplied
  * with the 15-bit activations by vpmaddwd (16-bit products summed in pairs to 32 bits, no saturation),
- * so a block's integer sum is exact, the same as the VNNI kernel's. One widening serves every activation
- * row of the tile, so rows beyond the first cost one multiply-add and one add per vector each.
- * I8_NR weight rows share each activation load (which matters once the activations, 2 bytes per value,
- * no longer fit in L1 beside the streaming weights); I8_MR activation rows share each weight widening. */
+ * so a block's integer sum is exact, the same as the VNNI kernel's. One widening serves a group of activation
+ * rows, so rows beyond the first cost one multiply-add and one add per vector each. I8_NR weight rows share
+ * each activation load (which matters once the activations, 2 bytes per value, no longer fit in L1 beside
+ * the streaming weights); I8_G activation rows share each weight widening. */
 #if defined(__AVX512BW__)
 #define IV 32 /* weights per multiply-add */
 typedef __m512i vi;
@@ -292,86 +292,94 @@ typedef __m256i vi;
 #define vi_madd(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #define vf_from_vi(a) _mm256_cvtepi32_ps(a)
 #endif
-/* A tile is `nr` weight rows x `mc` activation rows: each widened weight vector feeds mc multiply-adds and
- * each activation load nr. The inner loop holds only one block's integer sums (nr x mc registers); the fp32
- * sums across blocks stay in memory, touched once per block, so nothing spills inside the loop (which
- * halved the kernel's speed when both lived in registers). One activation row takes I8_NR1 weight rows at
- * a time (more weight streams in flight for the memory-bound product); several take I8_NR x I8_MR tiles
- * (AVX2's 16 registers: 2 x 4 sums, AVX-512's 32: 4 x 4). A row's sums are exact integers per block added
- * in block order, so its result is the same for every tile shape, alone or in a batch. */
+/* A tile is `nr` weight rows x all M activation rows (up to I8_MAXM per pass). Block by block (QBLOCK
+ * weights of each row), the activation rows go in groups of I8_G: a group's integer sums (nr x g registers)
+ * take each widened weight vector g times and each activation load nr times, and the block's weights
+ * (nr x 256 bytes) come from memory once and stay in L1 for the other groups. Reading the weights once per
+ * tile rather than once per group of rows made 8 rows 1.2-1.5x faster on AVX2 (BENCHMARKS.md, int8 decode
+ * kernel, avx2). The fp32 sums across blocks stay in memory, touched once per block and group, so nothing
+ * spills inside the loop. One activation row takes I8_NR1 weight rows at a time (more weight streams in
+ * flight for the memory-bound product). A row's sums are exact integers per block added in block order, so
+ * its result is the same for every tile shape and group, alone or in a batch. */
 #define I8_NR1 4
-#define I8_MR 4
+#define I8_MAXM 16
 #if IV == 32
-#define I8_NR 4
+#define I8_NR 4 /* AVX-512's 32 registers: 4 x 4 sums */
+#define I8_G 4
 #else
-#define I8_NR 2
+#define I8_NR 3 /* AVX2's 16 registers: 3 x 3 sums, 3 widened weights, 1 activation vector */
+#define I8_G 3
 #endif
 #define I8_MAX_NR 4
 #define VL (IV / 2) /* int32 (and fp32) lanes of a vector */
 
+/* One block's integer sums of `g` activation rows (v, row stride K) against `nr` weight rows, from k0. */
+static inline __attribute__((always_inline)) void i8_group(const int8_t *w, long K, int nr, int g, long k0,
+                                                           const int16_t *v, vi t[I8_MAX_NR][I8_G]) {
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < g; m++) t[r][m] = vi_zero();
+    _Pragma("GCC unroll 4")
+    for (int c = 0; c < QBLOCK; c += IV) {
+        long k = k0 + c;
+        vi u[I8_MAX_NR];
+        for (int r = 0; r < nr; r++) u[r] = vi_widen(w + r * K + k);
+        for (int m = 0; m < g; m++) {
+            vi xv = vi_load16(v + m * K + k);
+            for (int r = 0; r < nr; r++) t[r][m] = vi_madd(t[r][m], u[r], xv);
+        }
+    }
+}
+
+/* Dispatches a group to the variant specialised for its row count, so its sums stay in registers. */
+static inline __attribute__((always_inline)) void i8_group_any(const int8_t *w, long K, int nr, int g, long k0,
+                                                               const int16_t *v, vi t[I8_MAX_NR][I8_G]) {
+    switch (g) {
+    case 1: i8_group(w, K, nr, 1, k0, v, t); break;
+    case 2: i8_group(w, K, nr, 2, k0, v, t); break;
+#if I8_G > 3
+    case 3: i8_group(w, K, nr, 3, k0, v, t); break;
+#endif
+    default: i8_group(w, K, nr, I8_G, k0, v, t); break;
+    }
+}
+
+/* s[r * I8_MAXM + m] = the sum over K of weight row r times activation row m (scaled per block by xs), for
+ * nr weight rows and mc <= I8_MAXM activation rows. */
 static inline __attribute__((always_inline)) void i8_tile(const int8_t *w, long K, int nr, int mc,
                                                           const int16_t *v, const float *xs, float *s) {
     long nb = K / QBLOCK;
-    float sums[I8_MAX_NR][I8_MR][VL] __attribute__((aligned(64)));
+    float sums[I8_MAX_NR][I8_MAXM][VL] __attribute__((aligned(64)));
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mc; m++)
             for (int l = 0; l < VL; l++) sums[r][m][l] = 0;
     for (long b = 0; b < nb; b++) {
-        vi t[I8_MAX_NR][I8_MR];
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < mc; m++) t[r][m] = vi_zero();
-        _Pragma("GCC unroll 4")
-        for (int c = 0; c < QBLOCK; c += IV) {
-            long k = b * QBLOCK + c;
-            vi u[I8_MAX_NR];
-            for (int r = 0; r < nr; r++) {
-                if (mc <= 2 && (c & 63) == 0) _mm_prefetch((const char *)(w + r * K + k + I8_AHEAD), _MM_HINT_T1);
-                u[r] = vi_widen(w + r * K + k);
+        if (mc <= 2)
+            for (int r = 0; r < nr; r++)
+                for (int c = 0; c < QBLOCK; c += 64)
+                    _mm_prefetch((const char *)(w + r * K + b * QBLOCK + c + I8_AHEAD), _MM_HINT_T1);
+        for (int m0 = 0; m0 < mc; m0 += I8_G) {
+            int g = mc - m0 < I8_G ? mc - m0 : I8_G;
+            vi t[I8_MAX_NR][I8_G];
+            i8_group_any(w, K, nr, g, b * QBLOCK, v + m0 * K, t);
+            for (int m = 0; m < g; m++) {
+                vf sc = vf_set1(xs[(m0 + m) * nb + b]);
+                for (int r = 0; r < nr; r++)
+                    vf_store(sums[r][m0 + m], vf_fma(vf_from_vi(t[r][m]), sc, vf_load(sums[r][m0 + m])));
             }
-            for (int m = 0; m < mc; m++) {
-                vi xv = vi_load16(v + m * K + k);
-                for (int r = 0; r < nr; r++) t[r][m] = vi_madd(t[r][m], u[r], xv);
-            }
-        }
-        for (int m = 0; m < mc; m++) {
-            vf sc = vf_set1(xs[m * nb + b]);
-            for (int r = 0; r < nr; r++) vf_store(sums[r][m], vf_fma(vf_from_vi(t[r][m]), sc, vf_load(sums[r][m])));
         }
     }
     for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mc; m++) s[r * I8_MR + m] = vf_sum(vf_load(sums[r][m]));
+        for (int m = 0; m < mc; m++) s[r * I8_MAXM + m] = vf_sum(vf_load(sums[r][m]));
 }
 
-/* Dispatches to a tile specialised for its row counts (nr <= tile_nr, mc <= I8_MR), so its sums stay in
- * registers. */
+/* Dispatches to a tile specialised for its weight row count (nr <= I8_MAX_NR). */
 static void i8_tile_any(const int8_t *w, long K, int nr, int mc, const int16_t *v, const float *xs, float *s) {
-#define I8_CASE(M) \
-    case M: \
-        if (nr == 4) i8_tile(w, K, 4, M, v, xs, s); \
-        else if (nr == 3) i8_tile(w, K, 3, M, v, xs, s); \
-        else if (nr == 2) i8_tile(w, K, 2, M, v, xs, s); \
-        else i8_tile(w, K, 1, M, v, xs, s); \
-        break;
-    if (mc == 1) {
-        switch (nr) { /* the single-row tiles: up to I8_NR1 weight rows */
-        case 4: i8_tile(w, K, 4, 1, v, xs, s); break;
-        case 3: i8_tile(w, K, 3, 1, v, xs, s); break;
-        case 2: i8_tile(w, K, 2, 1, v, xs, s); break;
-        default: i8_tile(w, K, 1, 1, v, xs, s); break;
-        }
-        return;
+    switch (nr) {
+    case 4: i8_tile(w, K, 4, mc, v, xs, s); break;
+    case 3: i8_tile(w, K, 3, mc, v, xs, s); break;
+    case 2: i8_tile(w, K, 2, mc, v, xs, s); break;
+    default: i8_tile(w, K, 1, mc, v, xs, s); break;
     }
-    switch (mc) {
-#if I8_NR == 4
-        I8_CASE(2) I8_CASE(3)
-        default: I8_CASE(4)
-#else
-    case 2: if (nr == 2) i8_tile(w, K, 2, 2, v, xs, s); else i8_tile(w, K, 1, 2, v, xs, s); break;
-    case 3: if (nr == 2) i8_tile(w, K, 2, 3, v, xs, s); else i8_tile(w, K, 1, 3, v, xs, s); break;
-    default: if (nr == 2) i8_tile(w, K, 2, 4, v, xs, s); else i8_tile(w, K, 1, 4, v, xs, s); break;
-#endif
-    }
-#undef I8_CASE
 }
 
 int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, const float *scale,
@@ -386,14 +394,14 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
     for (long t = 0; t < tiles; t++) {
         long n0 = t * tile_nr;
         int nr = N - n0 < tile_nr ? (int)(N - n0) : tile_nr;
-        for (long m0 = 0; m0 < M; m0 += I8_MR) {
-            float s[I8_MAX_NR * I8_MR];
-            int mc = M - m0 < I8_MR ? (int)(M - m0) : I8_MR;
+        for (long m0 = 0; m0 < M; m0 += I8_MAXM) {
+            float s[I8_MAX_NR * I8_MAXM];
+            int mc = M - m0 < I8_MAXM ? (int)(M - m0) : I8_MAXM;
             i8_tile_any(w + n0 * K, K, nr, mc, a.v + m0 * K, a.xs + m0 * nb, s);
             for (int m = 0; m < mc; m++)
                 for (int r = 0; r < nr; r++)
                     put(y, (m0 + m) * N + n0 + r,
-                        s[r * I8_MR + m] * scale[n0 + r] + (bias ? get(bias, n0 + r, bf16) : 0.0f), bf16);
+                        s[r * I8_MAXM + m] * scale[n0 + r] + (bias ? get(bias, n0 + r, bf16) : 0.0f), bf16);
         }
     }
     qacts_free(&a);
