@@ -79,6 +79,11 @@ def test_every_threshold_gives_its_reason_and_where_it_was_measured():
     (call("int8pack", rows=4, device="cuda"), ("triton_int8", "int8pack_cuda", "int8_dequant")),
     (call("int8pack", rows=17, device="cuda"), ("int8_dequant",)),  # prefill: one tensor-core matmul
     (call("int4pack_cpu", rows=1), ("int4pack_cpu",)),
+    (call("dequantize", rows=1, isa="avx2"), ("rowmatmul_int4", "int4_dequant")),  # int4, neoj's portable form
+    (call("dequantize", rows=16, inn=2048, isa="avx2"), ("rowmatmul_int4", "int4_dequant")),
+    (call("dequantize", rows=17, isa="avx2"), ("int4_dequant",)),  # prefill
+    (call("dequantize", rows=1, isa="avx512_vnni"), ("int4_dequant",)),  # such layers use tinygemm's form there
+    (call("dequantize", rows=1, isa="neon"), ("int4_dequant",)),
     (call("int8_grad", rows=1), ("int8_dequant",)),
 ])
 def test_the_plan_for_a_call(c, want):
@@ -106,7 +111,8 @@ def relative_error(got, want):
 
 
 def needs_path(path):
-    kernel_available = {"rowmatmul_f32": rowmatmul.f32_available, "rowmatmul_int8": rowmatmul.int8_available}
+    kernel_available = {"rowmatmul_f32": rowmatmul.f32_available, "rowmatmul_int8": rowmatmul.int8_available,
+                        "rowmatmul_int4": rowmatmul.int4_available}
     if path in kernel_available and not kernel_available[path]():
         pytest.skip("no kernel variant for this CPU, or no C compiler")
     if path.startswith("compiled") and not linear.compile_allowed():
@@ -154,13 +160,37 @@ def test_int8_paths_equal_the_exact_product(path, rows, dtype, tolerance):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int4_path_equals_the_exact_product(rows):
+def test_int4_in_tinygemms_form_equals_the_exact_product(rows, monkeypatch):
+    monkeypatch.setattr(linear, "int4_kernel_on_cpu", lambda: False)  # as with AVX-512 (INT4_KERNEL_ISAS)
     layer, w, b = quant_layer("int4")
     assert layer.kernel == "int4pack_cpu"
     x = torch.randn(rows, 768)
     with torch.inference_mode():
         got = layer(x)
     assert relative_error(got, x.double() @ w.t() + b.double()) < 1e-2  # bf16 activations and scales
+
+
+@pytest.mark.parametrize("path,rows,dtype,tolerance", [
+    ("rowmatmul_int4", 1, torch.float32, 3e-4), ("rowmatmul_int4", 7, torch.float32, 3e-4),
+    ("rowmatmul_int4", 2, torch.bfloat16, 5e-3), ("int4_dequant", 40, torch.float32, 1e-6),
+])
+def test_int4_in_the_portable_form_equals_the_exact_product(path, rows, dtype, tolerance, monkeypatch):
+    """Where neoj's int4 kernel runs (AVX2), CPU int4 layers keep the portable form: its kernel for a few rows,
+    dequantizing a block of output rows at a time for prefill."""
+    if not rowmatmul.int4_available():
+        pytest.skip("no x86 kernel variant for this CPU, or no C compiler")
+    monkeypatch.setattr(linear, "int4_kernel_on_cpu", lambda: True)
+    monkeypatch.setattr(linear, "_DEQUANT_ROWS", 32)  # 77 rows: three blocks
+    layer, w, b = quant_layer("int4")
+    assert layer.kernel == "dequantize" and layer.qweight.dtype == torch.uint8
+    x = torch.randn(rows, 768).to(dtype)
+    with torch.inference_mode():
+        got = linear.IMPLS[path](layer, x)
+        via_forward = layer(x)
+    assert got.shape == (rows, 77) and got.dtype == dtype
+    assert relative_error(got, x.double() @ w.t() + b.double()) < tolerance
+    if path == "rowmatmul_int4" and rowmatmul.variant_name() in linear.INT4_KERNEL_ISAS:
+        assert torch.equal(via_forward, got)
 
 
 # ---- rows alone or in a batch ----

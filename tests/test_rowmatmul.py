@@ -120,6 +120,67 @@ def test_int8_rows_do_not_depend_on_their_batch_mates(kernels):
         assert torch.equal(kernels.int8(x[: i + 1], q, scales, b)[i], together[i])
 
 
+# ---- int4 (x86 builds) ----
+
+def int4_weight(N: int, K: int, group: int, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """Returns neoj's portable int4 parts of a random (N, K) weight and the fp64 weight they stand for."""
+    torch.manual_seed(seed)
+    spec = QuantSpec("int4", group)
+    parts = quantize_weight(torch.randn(N, K) / 30, spec)
+    return parts, dequantize(parts, spec).double()
+
+
+def needs_int4(kernels):
+    if kernels.int4_fn is None:
+        pytest.skip(f"the {kernels.name} build has no int4 product (x86 only)")
+
+
+@pytest.mark.parametrize("K,group", [(256, 32), (768, 128), (2048, 64), (512, 256)])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 17])  # one row (4 weight rows a tile), groups of 3, passes of 16
+@pytest.mark.parametrize("N", [1, 3, 5])
+def test_int4_rows_equal_the_exact_product(kernels, M, K, N, group):
+    needs_int4(kernels)
+    parts, w = int4_weight(N, K, group, seed=M * K + N)
+    x, b = torch.randn(M, K), torch.randn(N)
+    got = kernels.int4(x, parts["qweight"], parts["scales"], parts["mins"], b)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    # The q * scale part rounds each activation to 1/32766 of its block's largest magnitude; the min part is
+    # an fp32 sum of the activations themselves.
+    want = x.double() @ w.t() + b.double()
+    bound = x.double().abs().amax(1, keepdim=True) * w.abs().sum(1)[None] / 32766
+    assert ((got.double() - want).abs() <= bound + 1e-5 * want.abs() + 1e-5).all()
+
+
+def test_int4_rows_do_not_depend_on_their_batch_mates_and_take_bf16(kernels):
+    needs_int4(kernels)
+    parts, w = int4_weight(37, 1024, 128)
+    x, b = torch.randn(11, 1024), torch.randn(37)
+    args = (parts["qweight"], parts["scales"], parts["mins"])
+    together = kernels.int4(x, *args, b)
+    for i in range(11):
+        assert torch.equal(kernels.int4(x[i : i + 1], *args, b)[0], together[i])
+        assert torch.equal(kernels.int4(x[: i + 1], *args, b)[i], together[i])
+    half = kernels.int4(x.bfloat16(), *args, b.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert relative_error(half, x.bfloat16().double() @ w.t() + b.bfloat16().double()) < 5e-3
+
+
+def test_int4_product_refuses_what_does_not_fit(kernels):
+    needs_int4(kernels)
+    parts, _ = int4_weight(4, 512, 128)
+    q, scales, mins = parts["qweight"], parts["scales"], parts["mins"]
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kernels.int4(torch.randn(2, 256), q, scales, mins)
+    with pytest.raises(ValueError, match="group size 16"):
+        kernels.int4(torch.randn(2, 512), q, scales.repeat(1, 8), mins.repeat(1, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.int4(torch.randn(2, 512), q, scales, mins[:, :2])
+    with pytest.raises(TypeError, match="uint8"):
+        kernels.int4(torch.randn(2, 512), q.view(torch.int8), scales, mins)
+    with pytest.raises(TypeError, match="activations"):
+        kernels.int4(torch.randn(2, 512).half(), q, scales, mins)
+
+
 @pytest.mark.parametrize("outlier", [None, 300.0])  # GPT-Neo's residual stream has a few such values
 def test_int8_rows_are_more_accurate_than_the_bf16_kernel_they_replace(kernels, outlier):
     torch.manual_seed(0)

@@ -92,6 +92,10 @@ _I8_BENCH = "BENCHMARKS.md, int8 decode kernel (bench/bench_int8_kernel.py)"
 _PORTABLE_BENCH = "BENCHMARKS.md, portable decode (bench/bench_portable.py)"
 _QUANT_BENCH = "BENCHMARKS.md, quantization (bench/bench_quant.py)"
 _GPU_BENCH = "BENCHMARKS.md, GPU decode (bench/bench_gpu.py)"
+_I4_BENCH = "BENCHMARKS.md, int4 decode kernel (bench/bench_int4_kernel.py)"
+# Where CPU int4 layers keep neoj's portable form for its kernel (the rowmatmul_int4 rule) instead of
+# tinygemm's packed form, which is faster with AVX-512 (its bf16 kernels): BENCHMARKS.md, int4 decode kernel.
+INT4_KERNEL_ISAS = ("avx2",)
 
 RULES: tuple[Rule, ...] = (
     # ---- fp32 weights (DecodeLinear) ----
@@ -141,7 +145,13 @@ RULES: tuple[Rule, ...] = (
     Rule("int8_dequant", "int8pack", final=True,
          reason="reference, and from 64 rows (prefill): dequantize and one matmul is faster, in bf16, or in fp32 "
                 f"where the activations are fp32 (2x a 128-token prompt there) ({_QUANT_BENCH}; {_PORTABLE_BENCH})"),
-    # ---- int4 weights: packed for tinygemm at load, so its kernel is the only path ----
+    # ---- int4 weights: neoj's portable form where its kernel is the measured faster path (INT4_KERNEL_ISAS),
+    # else packed for tinygemm at load, so its kernel is the only path ----
+    Rule("rowmatmul_int4", "dequantize", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
+         isa=INT4_KERNEL_ISAS,
+         reason="1-16 rows, AVX2: 16-bit multiply-adds of the nibbles with 15-bit activations, 1.5x neoj's int8 at "
+                "one row (half the bytes) and 1.2-3.5x tinygemm, which converts every weight to float "
+                f"({_I4_BENCH})"),
     Rule("int4pack_cpu", "int4pack_cpu", final=True,
          reason=f"tinygemm's CPU port, 15 GB/s of packed weights at batch 1 ({_QUANT_BENCH})"),
     Rule("int4pack_cuda", "int4pack_cuda", final=True, reason="tinygemm on CUDA"),
@@ -277,8 +287,27 @@ def _int4pack_cuda(layer, x):
     return _with_bias(y[:, : layer.out_features], layer, x.dtype)
 
 
+def _rowmatmul_int4(layer, x):
+    qweight, scales, mins, bias = weight_of(layer), layer.scales, layer.mins, bias_of(layer)
+    product = layer.__dict__.get("_int4_product")
+    if product is None or not product.holds(qweight, scales, bias, mins):
+        product = layer.__dict__["_int4_product"] = rowmatmul.kernels().bind_int4(qweight, scales, mins, bias)
+    return product(x)
+
+
+_DEQUANT_ROWS = 4096  # output rows dequantized at a time: GPT-J-6B's head at once would be an 825 MB fp32 copy
+
+
 def _int4_dequant(layer, x):
-    return _with_bias(F.linear(x, layer.dequantized_weight().to(x.dtype)), layer, x.dtype)
+    parts = [F.linear(x, layer.dequantized_weight(slice(start, start + _DEQUANT_ROWS)).to(x.dtype))
+             for start in range(0, layer.out_features, _DEQUANT_ROWS)]
+    return _with_bias(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), layer, x.dtype)
+
+
+def int4_kernel_on_cpu() -> bool:
+    """True when CPU int4 layers should keep neoj's portable form: neoj's int4 kernel is built here and is the
+    measured faster path for this CPU's variant (INT4_KERNEL_ISAS)."""
+    return rowmatmul.int4_available() and rowmatmul.variant_name() in INT4_KERNEL_ISAS
 
 
 IMPLS: dict[str, Callable] = {
@@ -286,7 +315,7 @@ IMPLS: dict[str, Callable] = {
     "linear": _linear, "compiled_matvec": _compiled_matvec, "rowmatmul_int8": _rowmatmul_int8,
     "compiled_int8_matvec": _compiled_int8_matvec, "int8pack": _int8pack, "int8pack_cuda": _int8pack, "triton_int8": _triton_int8,
     "int8_dequant": _int8_dequant, "int4pack_cpu": _int4pack_cpu, "int4pack_cuda": _int4pack_cuda,
-    "int4_dequant": _int4_dequant,
+    "int4_dequant": _int4_dequant, "rowmatmul_int4": _rowmatmul_int4,
 }
 
 
@@ -376,7 +405,7 @@ def describe(layer: nn.Module, x: torch.Tensor) -> Call:
     """Returns the Call for layer applied to x (rows, in)."""
     kind = kind_of(layer, x)
     weight = weight_of(layer)
-    isa = rowmatmul.variant_name() if x.device.type == "cpu" and kind in ("f32", "int8pack") else "none"
+    isa = rowmatmul.variant_name() if x.device.type == "cpu" and kind in ("f32", "int8pack", "dequantize") else "none"
     return Call(kind, x.device.type, x.shape[0], layer.in_features, weight.numel() * weight.element_size(),
                 x.dtype, bool(getattr(layer, "allow_compile", False)), isa)
 
@@ -403,6 +432,7 @@ def forget(layer: nn.Module) -> None:
     e.g. before the layer's tensors move to another device or dtype."""
     layer.__dict__.pop("_linear_plans", None)
     layer.__dict__.pop("_int8_product", None)
+    layer.__dict__.pop("_int4_product", None)
 
 
 def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

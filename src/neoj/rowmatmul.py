@@ -1,5 +1,6 @@
-"""Few-row matrix products for CPU decoding (csrc/rowmatmul_*.c): int8 weights with 15-bit activations,
-and fp32 weights (a server's decode batch, or one row of a wide layer).
+"""Few-row matrix products for CPU decoding (csrc/rowmatmul_*.c): int8 weights with 15-bit activations, int4
+weights in neoj's portable form (x86 builds), and fp32 weights (a server's decode batch, or one row of a wide
+layer).
 
 Each process uses the best ISA variant this CPU supports that builds and loads (see neoj.rowmatmul_build
 for the variants, NEOJ_ISA, and how libraries are built and cached safely); a variant that fails to build
@@ -24,10 +25,10 @@ log = logging.getLogger(__name__)
 
 BLOCK = 256  # activations are scaled per block of this many values: in_features must be a multiple
 
-__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int8Product", "Kernels", "Variant", "build",
-           "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul", "int8_available",
-           "kernels", "load", "machine", "prepare", "select", "supported_variants",
-           "usable_variants", "variant_name"]
+__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int4Product", "Int8Product", "Kernels", "Variant",
+           "build", "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul",
+           "int4_available", "int8_available", "kernels", "load", "machine", "prepare", "select",
+           "supported_variants", "usable_variants", "variant_name"]
 
 
 def _check_weights(weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
@@ -65,6 +66,12 @@ class Kernels:
         lib.neoj_rowmatmul_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                            ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
         lib.neoj_rowmatmul_f32.restype = ctypes.c_int
+        self.int4_fn = getattr(lib, "neoj_rowmatmul_i4", None)  # x86 builds only
+        if self.int4_fn is not None:
+            self.int4_fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                                     ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_int]
+            self.int4_fn.restype = ctypes.c_int
 
     def __repr__(self) -> str:
         return f"Kernels({self.name})"
@@ -105,6 +112,22 @@ class Kernels:
                   bias: torch.Tensor | None = None) -> "Int8Product":
         """Returns the product by qweight * scales (+ bias), its weights checked now, once."""
         return Int8Product(self.lib.neoj_rowmatmul_i8, qweight, scales, bias)
+
+
+    def int4(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns x (M, K) @ w^T + bias for int4 weights in neoj's portable form (qweight uint8 (N, K / 2), the
+        even column in the high nibble; scales and mins fp32 (N, K / group), w = q * scale + min), an (M, N)
+        tensor in x's dtype. The group size (32-256) divides BLOCK; K a multiple of BLOCK. A row's values do not
+        depend on the rows beside it."""
+        return self.bind_int4(qweight, scales, mins, bias)(x)
+
+    def bind_int4(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> "Int4Product":
+        """Returns the product by an int4 weight (+ bias), its tensors checked now, once."""
+        if self.int4_fn is None:
+            raise RuntimeError(f"the {self.name} kernels have no int4 product")
+        return Int4Product(self.int4_fn, qweight, scales, mins, bias)
 
 
 _BF16_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the activation dtypes the int8 kernel takes: its bf16 flag
@@ -170,6 +193,56 @@ class Int8Product:
         return y
 
 
+class Int4Product(Int8Product):
+    """One int4 weight (neoj's portable form), its scales, mins and bias, checked once; see Kernels.int4."""
+
+    def __init__(self, fn, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        if qweight.dtype != torch.uint8 or scales.dtype != torch.float32 or mins.dtype != torch.float32:
+            raise TypeError(f"int4_rowmatmul takes uint8 weights and float32 scales and mins, got {qweight.dtype}, "
+                            f"{scales.dtype} and {mins.dtype}")
+        if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"int4_rowmatmul takes a float32 or bfloat16 bias, got {bias.dtype}")
+        _check_weights(qweight, bias)
+        N, half = qweight.shape
+        if scales.dim() != 2 or tuple(mins.shape) != tuple(scales.shape) or scales.shape[0] != N or \
+                (2 * half) % scales.shape[1]:
+            raise ValueError(f"int4 row kernel scales {tuple(scales.shape)} and mins {tuple(mins.shape)} do not fit "
+                             f"a weight of {N} rows x {2 * half} columns")
+        self.group_size = 2 * half // scales.shape[1]
+        if self.group_size < 32 or BLOCK % self.group_size:
+            raise ValueError(f"int4 row kernel group size {self.group_size} does not divide {BLOCK}")
+        self._fn = fn
+        self._given = (qweight, scales, mins)
+        self.qweight, self.scales, self.mins, self.bias = (qweight.contiguous(), scales.contiguous(),
+                                                           mins.contiguous(), bias)
+        self._bias_key = self._key_of(bias)
+        self._biases = {}
+
+    def holds(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              mins: torch.Tensor | None = None) -> bool:
+        """True when this product is still the one of these tensors (see Int8Product.holds)."""
+        return super().holds(qweight, scales, bias) and mins is self._given[2]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns x (M, K) @ the weight^T (+ bias), in x's dtype (float32 or bfloat16)."""
+        dtype = x.dtype
+        bf16 = _BF16_FLAG.get(dtype)
+        if bf16 is None:
+            raise TypeError(f"int4_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
+        q = self.qweight
+        N, K = q.shape[0], 2 * q.shape[1]
+        if x.dim() != 2 or x.shape[1] != K or not x.is_cpu:
+            raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)} on {x.device}, weight ({N}, {K})")
+        x = x.contiguous()
+        M = x.shape[0]
+        y = torch.empty(M, N, dtype=dtype)
+        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.group_size, self.scales.data_ptr(),
+                    self.mins.data_ptr(), self._bias_ptr(dtype), y.data_ptr(), bf16) != 0:
+            raise RuntimeError(f"int4 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+        return y
+
+
 def load(name: str) -> Kernels:
     """Returns the variant called `name` built and loaded (tests, benchmarks), even above NEOJ_ISA.
 
@@ -213,6 +286,12 @@ def prepare() -> Kernels | None:
 def int8_available() -> bool:
     """True when the int8 kernel can be used in this process."""
     return kernels() is not None
+
+
+def int4_available() -> bool:
+    """True when this process's kernels have the int4 product (the x86 builds)."""
+    k = kernels()
+    return k is not None and k.int4_fn is not None
 
 
 def f32_available() -> bool:

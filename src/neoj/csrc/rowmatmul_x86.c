@@ -408,3 +408,177 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
     return 0;
 }
 #endif
+
+/* =============================== int4 ===============================
+ * neoj_rowmatmul_i4: y (M, N) = x (M, K) @ w^T + bias for int4 weights in neoj's portable form: w (N, K / 2)
+ * bytes, each holding two 4-bit values q (the even column in the high nibble), and per group of `gs` columns
+ * a scale and a min, weight = q * scale + min. x, bias and y all fp32 or all bf16; K a multiple of QBLOCK,
+ * gs (32..256) a divisor of QBLOCK, so each group lies in one activation block.
+ *
+ * A group's sum of q * x is (exact integer sum of q * v) * scale * xs for the block's 15-bit activations v,
+ * and its sum of min * x is min * (the group's fp32 sum of x), taken once per row at the end. The nibbles are
+ * widened to 16 bits (high ones by a shift, low ones by a mask) and multiplied by vpmaddwd with the
+ * activations of the even and the odd columns, which are laid out apart once per call. The same AVX2 code in
+ * every x86 build: half the bytes of int8 for a few more instructions per weight. Tiles as the int8 kernel's
+ * (see above): I4_NR weight rows x groups of I4_G activation rows, every row of the batch per weight block. */
+#define I4_NR1 4
+#define I4_NR 2
+#define I4_G 3
+#define I4_MAXM 16
+#define I4_MAX_NR 4
+
+/* One weight group's integer sums: `nr` weight rows (row stride kb bytes) x `g` activation rows of vd (the
+ * deinterleaved 15-bit activations, row stride K), columns [k0, k0 + gs). */
+static inline __attribute__((always_inline)) void i4_group(const uint8_t *w, long kb, int nr, int g, long k0,
+                                                           long gs, const int16_t *vd, long K,
+                                                           __m256i t[I4_MAX_NR][I4_G]) {
+    const __m256i low = _mm256_set1_epi16(15);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < g; m++) t[r][m] = _mm256_setzero_si256();
+    for (long c = 0; c < gs; c += 32) {
+        long k = k0 + c;
+        __m256i hi[I4_MAX_NR], lo[I4_MAX_NR];
+        for (int r = 0; r < nr; r++) {
+            __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + r * kb + k / 2)));
+            hi[r] = _mm256_srli_epi16(b, 4);
+            lo[r] = _mm256_and_si256(b, low);
+        }
+        for (int m = 0; m < g; m++) {
+            __m256i even = _mm256_loadu_si256((const __m256i *)(vd + m * K + k));
+            __m256i odd = _mm256_loadu_si256((const __m256i *)(vd + m * K + k + 16));
+            for (int r = 0; r < nr; r++)
+                t[r][m] = _mm256_add_epi32(t[r][m], _mm256_add_epi32(_mm256_madd_epi16(hi[r], even),
+                                                                     _mm256_madd_epi16(lo[r], odd)));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void i4_group_any(const uint8_t *w, long kb, int nr, int g, long k0,
+                                                               long gs, const int16_t *vd, long K,
+                                                               __m256i t[I4_MAX_NR][I4_G]) {
+    switch (g) {
+    case 1: i4_group(w, kb, nr, 1, k0, gs, vd, K, t); break;
+    case 2: i4_group(w, kb, nr, 2, k0, gs, vd, K, t); break;
+#if I4_G > 3
+    case 3: i4_group(w, kb, nr, 3, k0, gs, vd, K, t); break;
+#endif
+    default: i4_group(w, kb, nr, I4_G, k0, gs, vd, K, t); break;
+    }
+}
+
+/* The activations' side of an int4 product, made once per call. */
+typedef struct {
+    qacts q;        /* 15-bit activations per block (q.v is not used past deinterleave) */
+    int16_t *vd;    /* q.v with each 32 columns laid out as their 16 even, then their 16 odd ones */
+    float *xsum;    /* (M, K / gs): each group's fp32 sum of x */
+} i4acts;
+
+static void i4acts_free(i4acts *a) {
+    qacts_free(&a->q);
+    free(a->vd);
+    free(a->xsum);
+}
+
+static int i4acts_make(i4acts *a, const void *x, long M, long K, long gs, int bf16) {
+    long ng = K / gs;
+    a->vd = malloc(sizeof(int16_t) * M * K);
+    a->xsum = malloc(sizeof(float) * M * ng);
+    if (!a->vd || !a->xsum || qacts_make(&a->q, x, M, K, bf16)) {
+        free(a->vd);
+        free(a->xsum);
+        return -1;
+    }
+    for (long m = 0; m < M; m++) {
+        const int16_t *v = a->q.v + m * K;
+        int16_t *d = a->vd + m * K;
+        for (long c = 0; c < K; c += 32)
+            for (int j = 0; j < 16; j++) {
+                d[c + j] = v[c + 2 * j];
+                d[c + 16 + j] = v[c + 2 * j + 1];
+            }
+        for (long g = 0; g < ng; g++) {
+            float s = 0;
+            for (long j = 0; j < gs; j++) s += get(x, m * K + g * gs + j, bf16);
+            a->xsum[m * ng + g] = s;
+        }
+    }
+    return 0;
+}
+
+/* s[r * I4_MAXM + m] = row r of the weight times activation row m, for nr weight rows, mc <= I4_MAXM rows. */
+static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long K, long gs, int nr, int mc,
+                                                          const i4acts *a, long m_first, const float *scales,
+                                                          const float *mins, float *s) {
+    long kb = K / 2, ng = K / gs, nb = K / QBLOCK;
+    const int16_t *vd = a->vd + m_first * K;
+    const float *xs = a->q.xs + m_first * nb;
+    float sums[I4_MAX_NR][I4_MAXM][8] __attribute__((aligned(32)));
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mc; m++)
+            for (int l = 0; l < 8; l++) sums[r][m][l] = 0;
+    for (long g = 0; g < ng; g++) {
+        long k0 = g * gs, b = k0 / QBLOCK;
+        if (mc <= 2)
+            for (int r = 0; r < nr; r++)
+                for (long c = 0; c < gs / 2; c += 64)
+                    _mm_prefetch((const char *)(w + r * kb + k0 / 2 + c + I8_AHEAD), _MM_HINT_T1);
+        for (int m0 = 0; m0 < mc; m0 += I4_G) {
+            int gm = mc - m0 < I4_G ? mc - m0 : I4_G;
+            __m256i t[I4_MAX_NR][I4_G];
+            i4_group_any(w, kb, nr, gm, k0, gs, vd + m0 * K, K, t);
+            for (int m = 0; m < gm; m++)
+                for (int r = 0; r < nr; r++) {
+                    __m256 f = _mm256_set1_ps(scales[r * ng + g] * xs[(m0 + m) * nb + b]);
+                    __m256 acc = _mm256_load_ps(sums[r][m0 + m]);
+                    _mm256_store_ps(sums[r][m0 + m], _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][m]), f, acc));
+                }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mc; m++) {
+            float total = 0;
+            const float *xsum = a->xsum + (m_first + m) * ng;
+            for (long g = 0; g < ng; g++) total += mins[r * ng + g] * xsum[g];
+            __m256 v = _mm256_load_ps(sums[r][m]);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            s[r * I4_MAXM + m] = _mm_cvtss_f32(h) + total;
+        }
+}
+
+static void i4_tile_any(const uint8_t *w, long K, long gs, int nr, int mc, const i4acts *a, long m_first,
+                        const float *scales, const float *mins, float *s) {
+    switch (nr) {
+    case 4: i4_tile(w, K, gs, 4, mc, a, m_first, scales, mins, s); break;
+    case 3: i4_tile(w, K, gs, 3, mc, a, m_first, scales, mins, s); break;
+    case 2: i4_tile(w, K, gs, 2, mc, a, m_first, scales, mins, s); break;
+    default: i4_tile(w, K, gs, 1, mc, a, m_first, scales, mins, s); break;
+    }
+}
+
+int neoj_rowmatmul_i4(const void *x, long M, long K, const uint8_t *w, long N, long gs, const float *scales,
+                      const float *mins, const void *bias, void *y, int bf16) {
+    if (K % QBLOCK || M < 1 || gs < 32 || gs > QBLOCK || QBLOCK % gs) return -1;
+    long ng = K / gs;
+    i4acts a;
+    if (i4acts_make(&a, x, M, K, gs, bf16)) return -1;
+    int tile_nr = M == 1 ? I4_NR1 : I4_NR;
+    long tiles = (N + tile_nr - 1) / tile_nr;
+    #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WEIGHTS)
+    for (long t = 0; t < tiles; t++) {
+        long n0 = t * tile_nr;
+        int nr = N - n0 < tile_nr ? (int)(N - n0) : tile_nr;
+        for (long m0 = 0; m0 < M; m0 += I4_MAXM) {
+            float s[I4_MAX_NR * I4_MAXM];
+            int mc = M - m0 < I4_MAXM ? (int)(M - m0) : I4_MAXM;
+            i4_tile_any(w + n0 * (K / 2), K, gs, nr, mc, &a, m0, scales + n0 * ng, mins + n0 * ng, s);
+            for (int m = 0; m < mc; m++)
+                for (int r = 0; r < nr; r++)
+                    put(y, (m0 + m) * N + n0 + r,
+                        s[r * I4_MAXM + m] + (bias ? get(bias, n0 + r, bf16) : 0.0f), bf16);
+        }
+    }
+    i4acts_free(&a);
+    return 0;
+}

@@ -1,10 +1,12 @@
 """QuantLinear, the int8/int4 linear layer, and putting it in place of a model's linear layers.
 
 A QuantLinear keeps its weight in the fast layout of its device: int8 as is (with bf16 and fp32
-scales), int4 in tinygemm's packed form where this torch has the kernel (otherwise in the portable
-form, dequantized on the fly: memory saved, speed of the compute dtype). Its forward hands every call
-to neoj.linear, whose RULES table picks the kernel by measurement (see BENCHMARKS.md for the figures):
-neoj's own integer kernels (rowmatmul) for a few int8 rows on CPU, aten's int8/int4 pack kernels
+scales), int4 in the portable form on CPUs where neoj's own int4 kernel is the faster path
+(linear.int4_kernel_on_cpu: AVX2), else in tinygemm's packed form where this torch has the kernel
+(otherwise in the portable form, dequantized on the fly: memory saved, speed of the compute dtype). Its
+forward hands every call to neoj.linear, whose RULES table picks the kernel by measurement (see
+BENCHMARKS.md for the figures): neoj's own integer kernels (rowmatmul) for a few int8 (and, on AVX2, int4)
+rows on CPU, aten's int8/int4 pack kernels
 otherwise, and dequantizing to bf16 for one matmul when many rows (prefill) make that faster.
 """
 
@@ -55,6 +57,10 @@ class QuantLinear(nn.Module):
         # Its kernels want the row count a multiple of 16: pad with zero rows (GPT-Neo's head has 50257)
         # and slice them off the output.
         qweight, scales, mins = parts["qweight"], parts["scales"].float(), parts["mins"].float()
+        if device.type == "cpu" and linear.int4_kernel_on_cpu():  # neoj's kernel reads the portable form
+            for key, t in (("qweight", qweight), ("scales", scales), ("mins", mins)):
+                self.register_buffer(key, t.to(device).contiguous())
+            return
         pad = -self.out_features % 16
         if pad:
             qweight = F.pad(qweight, (0, 0, 0, pad))
@@ -77,9 +83,10 @@ class QuantLinear(nn.Module):
             for key in ("qweight", "scales", "mins"):
                 self.register_buffer(key, parts[key].to(device))
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Returns the fp32 weight of a layer kept in the portable int4 form (kernel "dequantize")."""
-        return dequantize_int4({"qweight": self.qweight, "scales": self.scales, "mins": self.mins})
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Returns the fp32 weight (those output rows) of a layer kept in the portable int4 form (kernel
+        "dequantize")."""
+        return dequantize_int4({"qweight": self.qweight[rows], "scales": self.scales[rows], "mins": self.mins[rows]})
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.scheme}"
@@ -87,7 +94,14 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         linear.forget(self)  # .to(), .cuda(), ...: the remembered product would keep the old tensors alive
-        return super()._apply(fn, *args, **kwargs)
+        # The portable int4 form's scales and mins stay fp32 when the model is cast (.to(bfloat16)): neoj's
+        # kernel reads fp32, and rounding them would move every weight.
+        fp32 = {k: self._buffers[k] for k in ("scales", "mins") if self.kernel == "dequantize" and k in self._buffers}
+        out = super()._apply(fn, *args, **kwargs)
+        for key, before in fp32.items():
+            if self._buffers[key].dtype != torch.float32:
+                self._buffers[key] = before.to(self._buffers[key].device, torch.float32)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # neoj.linear picks the kernel for this call (its RULES table) and adds the bias.
