@@ -324,6 +324,23 @@ def test_the_c_check_passes_for_each_variant(name, tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == f"{name} ok", out.stdout + out.stderr
 
 
+def test_the_avx2_activation_quantizer_gives_the_c_ones_values(tmp_path):
+    """quantize_row has an AVX2 form (x86 builds) and a C form (ARM64): the same 15-bit values, scales and
+    sums bit for bit, NaNs, infinities, zeros and rounding ties included, from fp32 and bf16 rows."""
+    if rowmatmul.machine() != "x86_64" or "avx2" not in rowmatmul.cpu_features():
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    cc = rowmatmul.compiler()
+    if not cc:
+        pytest.skip("no C compiler")
+    source = Path(__file__).parent / "quantize_check.c"
+    hashes = []
+    for name, flags in (("c", []), ("avx2", ["-mavx2", "-mfma"])):
+        exe = tmp_path / name
+        subprocess.run([cc, "-O3", "-std=gnu11", *flags, "-o", str(exe), str(source), "-lm"], check=True)
+        hashes.append(subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout)
+    assert hashes[0] == hashes[1] and len(hashes[0].strip()) == 16
+
+
 # ---- choosing a variant ----
 
 X86_AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
