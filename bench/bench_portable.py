@@ -186,6 +186,11 @@ class Runner:
                                 callback=step)
         return times
 
+    def first_token_seconds(self, prompt: list[int]) -> float:
+        """Returns the seconds from the call to the first new token of one prompt: prefill, mostly."""
+        start = time.perf_counter()
+        return self.stamps([prompt], 2)[0] - start
+
     def decode_rate(self, prompts: list[list[int]], n: int) -> float:
         """Returns decode tokens/s over all rows: first new token to last, prefill excluded."""
         t = self.stamps(prompts, n)
@@ -209,6 +214,9 @@ def worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 50256, (max(spec["batches"]), spec["prompt"]), generator=gen).tolist()
     runner.decode_rate(prompts[:1], 4)  # warm-up: first-call allocations, kernel choices
+    if spec.get("long_prompt"):
+        long = torch.randint(0, 50256, (1, spec["long_prompt"]), generator=gen)[0].tolist()
+        res["first_token_s"] = [runner.first_token_seconds(long) for _ in range(2)]
     for b in spec["batches"]:
         if b > 1:
             runner.decode_rate(prompts[:b], 4)
@@ -254,17 +262,19 @@ def configurations(work: Path, native: str, args) -> list[dict]:
     (avx2, and the CPU's own best where it has more) has its own CTranslate2 and transformers rows."""
     j = work / "gptj-2048x16"
     base = {"threads": args.threads, "tokens": args.tokens, "prompt": args.prompt, "repeats": args.repeats}
+    gptj = {"long_prompt": args.long_prompt}  # GPT-J rows also time a long prompt's first token
     isas = ["avx2"] + ([native] if native not in ("avx2", "none") else [])
     specs = []
     for isa in isas:
         for scheme, path in (("fp32", j), ("int8", work / "gptj-2048x16-int8"), ("int4", work / "gptj-2048x16-int4")):
-            specs.append({"name": f"neoj {scheme} {isa}", "shape": "gptj", "engine": "neoj", "scheme": scheme,
+            specs.append({**gptj, "name": f"neoj {scheme} {isa}", "shape": "gptj", "engine": "neoj", "scheme": scheme,
                           "isa": isa, "dir": str(path), "env": {**isa_env(isa), "NEOJ_ISA": isa}, "batches": [1, 8]})
         for ctype in ("int8", "float32"):
-            specs.append({"name": f"ct2 {ctype} {isa}", "shape": "gptj", "engine": "ct2", "scheme": ctype,
+            specs.append({**gptj, "name": f"ct2 {ctype} {isa}", "shape": "gptj", "engine": "ct2", "scheme": ctype,
                           "isa": isa, "dir": str(work / "gptj-2048x16-ct2"), "hf_dir": str(j), "compute_type": ctype,
                           "env": isa_env(isa), "batches": [1, 8]})
-        specs.append({"name": f"transformers fp32 {isa}", "shape": "gptj", "engine": "transformers", "scheme": "fp32",
+        specs.append({**gptj, "name": f"transformers fp32 {isa}", "shape": "gptj", "engine": "transformers",
+                      "scheme": "fp32",
                       "isa": isa, "dir": str(j), "env": isa_env(isa), "batches": [1, 8]})
     for label, name, _ in NEO_SHAPES:
         for isa in isas:
@@ -300,7 +310,7 @@ def medians(results: dict) -> dict:
     out = {}
     for name, rounds in results.items():
         out[name] = {}
-        for key in ("b1", "b8"):
+        for key in ("b1", "b8", "first_token_s"):
             per_round = [statistics.median(r[key]) for r in rounds if key in r]
             if per_round:
                 out[name][key] = statistics.median(per_round)
@@ -333,7 +343,7 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
     model, flags = meta["cpu"]
     isas = sorted({s["isa"] for s in specs if s["engine"] == "neoj"}, key=lambda i: i != "avx2")
     cmd = "python bench/bench_portable.py" + "".join(
-        f" --{k} {getattr(args, k)}" for k in ("rounds", "repeats", "tokens", "threads")
+        f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("rounds", "repeats", "tokens", "threads", "long_prompt")
         if getattr(args, k) != DEFAULTS[k])
     begin, end = markers(args)
     lines = [begin, f"## Portable decode: neoj per ISA vs CTranslate2 and transformers (CPU, {args.threads} "
@@ -354,15 +364,19 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              "(`neoj quantize` of the same fp32 checkpoint) with dtype auto, which is bf16 where PyTorch may use the CPU's bf16 "
              "instructions (never in avx2 rows) and fp32 elsewhere; the compute column says what each neoj row ran in. "
              "CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8).", "",
-             "| model | engine | weights | compute | ISA | batch 1 tok/s | batch 8 tok/s (all rows) |",
-             "|---|---|---|---|---|---:|---:|"]
+             f"- First token: seconds from the call to the first new token of one {args.long_prompt}-token prompt "
+             "(prefill, mostly), GPT-J arch only, median of 2 per process and of the rounds.", "",
+             "| model | engine | weights | compute | ISA | batch 1 tok/s | batch 8 tok/s (all rows) | "
+             f"first token, {args.long_prompt}-token prompt (s) |",
+             "|---|---|---|---|---|---:|---:|---:|"]
     for s in specs:
         r = m.get(s["name"], {})
         shape = "GPT-J arch 2048x16" if s["shape"] == "gptj" else s["shape"]
         b1 = f"{r['b1']:.2f}" if "b1" in r else "—"
         b8 = f"{r['b8']:.2f}" if "b8" in r else "—"
+        first = f"{r['first_token_s']:.2f}" if "first_token_s" in r else "—"
         compute = compute_dtype(s, meta.get("dtypes", {}).get(s["name"]))
-        lines.append(f"| {shape} | {s['engine']} | {s['scheme']} | {compute} | {s['isa']} | {b1} | {b8} |")
+        lines.append(f"| {shape} | {s['engine']} | {s['scheme']} | {compute} | {s['isa']} | {b1} | {b8} | {first} |")
     lines += ["", "| targets (issue 14) | this run |", "|---|---|"]
     for isa in isas:
         lines += target_lines(m, isa)
@@ -383,7 +397,7 @@ def markers(args) -> tuple[str, str]:
     return section_markers("bench_portable", "" if args.threads == DEFAULTS["threads"] else f"[threads={args.threads}]")
 
 
-DEFAULTS = {"rounds": 2, "repeats": 2, "tokens": 16, "prompt": 16, "threads": 2}
+DEFAULTS = {"rounds": 2, "repeats": 2, "tokens": 16, "prompt": 16, "threads": 2, "long_prompt": 128}
 
 
 def parse_args(argv=None):
@@ -392,6 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
     p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
     p.add_argument("--prompt", type=int, default=DEFAULTS["prompt"])
+    p.add_argument("--long-prompt", type=int, default=DEFAULTS["long_prompt"],
+                   help="prompt tokens for the GPT-J rows' first-token time")
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"])
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations")

@@ -81,7 +81,8 @@ def test_every_threshold_gives_its_reason_and_where_it_was_measured():
     (call("int4pack_cpu", rows=1), ("int4pack_cpu",)),
     (call("dequantize", rows=1, isa="avx2"), ("rowmatmul_int4", "int4_dequant")),  # int4, neoj's portable form
     (call("dequantize", rows=16, inn=2048, isa="avx2"), ("rowmatmul_int4", "int4_dequant")),
-    (call("dequantize", rows=17, isa="avx2"), ("int4_dequant",)),  # prefill
+    (call("dequantize", rows=128, isa="avx2"), ("rowmatmul_int4", "int4_dequant")),  # prefill: still the kernel
+    (call("dequantize", rows=513, isa="avx2"), ("int4_dequant",)),  # long prompts
     (call("dequantize", rows=1, isa="avx512_vnni"), ("int4_dequant",)),  # such layers use tinygemm's form there
     (call("dequantize", rows=1, isa="neon"), ("int4_dequant",)),
     (call("int8_grad", rows=1), ("int8_dequant",)),
@@ -172,6 +173,7 @@ def test_int4_in_tinygemms_form_equals_the_exact_product(rows, monkeypatch):
 
 @pytest.mark.parametrize("path,rows,dtype,tolerance", [
     ("rowmatmul_int4", 1, torch.float32, 3e-4), ("rowmatmul_int4", 7, torch.float32, 3e-4),
+    ("rowmatmul_int4", 40, torch.float32, 3e-4),
     ("rowmatmul_int4", 2, torch.bfloat16, 5e-3), ("int4_dequant", 40, torch.float32, 1e-6),
 ])
 def test_int4_in_the_portable_form_equals_the_exact_product(path, rows, dtype, tolerance, monkeypatch):

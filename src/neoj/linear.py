@@ -128,8 +128,8 @@ RULES: tuple[Rule, ...] = (
          reason="activations within L1 (rows x in <= 8192, 16 KB at 15 bits): VNNI 15-29 GB/s against "
                 f"_weight_int8pack_mm's 9-17; wider, int8pack wins at 4+ rows ({_I8_BENCH})"),
     Rule("rowmatmul_int8", "int8pack", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16, isa=_NO_VNNI,
-         reason="1-16 rows without VNNI: 16-bit multiply-adds on 15-bit activations, 1.3-3.3x _weight_int8pack_mm; "
-                "fbgemm's dynamic int8 is 0.8-1.3x at 1 row and 1.4-2.1x at 8, but rounds activations to 7 bits per "
+         reason="1-16 rows without VNNI: 16-bit multiply-adds on 15-bit activations, 1.0-2.3x _weight_int8pack_mm; "
+                "fbgemm's dynamic int8 is 0.9-1.6x at 1 row and 1.6-2.2x at 8, but rounds activations to 7 bits per "
                 f"call: ~300x the error, and a row's result depends on its batch ({_I8_BENCH}, avx2)"),
     Rule("compiled_int8_matvec", "int8pack", max_rows=1, min_weight_bytes=16 << 20, max_in=2048, compiled=True,
          reason="one row, weights >= 16 MB (out of cache) and <= 2048 wide: 22 GB/s against int8pack's 9-16; "
@@ -147,11 +147,13 @@ RULES: tuple[Rule, ...] = (
                 f"where the activations are fp32 (2x a 128-token prompt there) ({_QUANT_BENCH}; {_PORTABLE_BENCH})"),
     # ---- int4 weights: neoj's portable form where its kernel is the measured faster path (INT4_KERNEL_ISAS),
     # else packed for tinygemm at load, so its kernel is the only path ----
-    Rule("rowmatmul_int4", "dequantize", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
+    Rule("rowmatmul_int4", "dequantize", max_rows=512, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
          isa=INT4_KERNEL_ISAS,
-         reason="1-16 rows, AVX2: 16-bit multiply-adds of the nibbles with 15-bit activations, 1.5x neoj's int8 at "
-                "one row (half the bytes) and 1.2-3.5x tinygemm, which converts every weight to float "
-                f"({_I4_BENCH})"),
+         reason="AVX2: 16-bit multiply-adds of the nibbles with 15-bit activations; one row 1.3-3.5x tinygemm (which "
+                "converts every weight to float) and 1.2-2x neoj's int8 at GPT-Neo-1.3B/GPT-J widths, 2-16 rows "
+                "0.7-2x tinygemm; GPT-J-arch prefill of 128 / 512 tokens (A/B at 2 threads, AVX2) 1.3 / 5.9 s against "
+                "tinygemm's 1.8 / 6.3 and dequantizing's 4.1 / 7.4, whose fixed cost pays off only past that "
+                f"({_I4_BENCH}; first-token column of {_PORTABLE_BENCH})"),
     Rule("int4pack_cpu", "int4pack_cpu", final=True,
          reason=f"tinygemm's CPU port, 15 GB/s of packed weights at batch 1 ({_QUANT_BENCH})"),
     Rule("int4pack_cuda", "int4pack_cuda", final=True, reason="tinygemm on CUDA"),
