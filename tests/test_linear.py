@@ -68,10 +68,12 @@ def test_every_threshold_gives_its_reason_and_where_it_was_measured():
     (call("int8pack", rows=16, isa="avx512_vnni"), ("int8pack", "int8_dequant")),  # past L1 at VNNI's speed
     (call("int8pack", rows=8, inn=2048, isa="avx2"), ("rowmatmul_int8", "int8pack", "int8_dequant")),
     (call("int8pack", rows=8, inn=2048, isa="avx512"), ("rowmatmul_int8", "int8pack", "int8_dequant")),
-    (call("int8pack", rows=17, isa="avx2"), ("int8pack", "int8_dequant")),
+    (call("int8pack", rows=17, isa="avx512"), ("int8pack", "int8_dequant")),
+    (call("int8pack", rows=128, inn=2048, isa="avx2"), ("rowmatmul_int8", "int8_dequant")),  # AVX2 prefill
+    (call("int8pack", rows=513, inn=2048, isa="avx2"), ("int8_dequant",)),
     (call("int8pack", rows=1, inn=320, isa="avx2"), ("int8pack", "int8_dequant")),  # not a multiple of 256
     (call("int8pack", rows=1, dtype=torch.float16, isa="avx2"), ("int8pack", "int8_dequant")),
-    (call("int8pack", rows=64), ("int8_dequant",)),  # prefill
+    (call("int8pack", rows=64, isa="avx512_vnni"), ("int8_dequant",)),  # prefill
     (call("int8pack", rows=1, inn=2048, isa="none", weight_bytes=16 << 20, allow_compile=True),
      ("compiled_int8_matvec", "int8pack", "int8_dequant")),
     (call("int8pack", rows=1, inn=4096, isa="none", weight_bytes=16 << 20, allow_compile=True),
@@ -145,6 +147,7 @@ def test_the_compiled_half_precision_row_equals_the_exact_product():
 
 @pytest.mark.parametrize("path,rows,dtype,tolerance", [
     ("rowmatmul_int8", 1, torch.float32, 3e-4), ("rowmatmul_int8", 6, torch.float32, 3e-4),
+    ("rowmatmul_int8", 40, torch.float32, 3e-4),
     ("rowmatmul_int8", 3, torch.bfloat16, 5e-3), ("compiled_int8_matvec", 1, torch.float32, 1e-5),
     ("int8pack", 3, torch.float32, 5e-3), ("int8_dequant", 70, torch.float32, 1e-6),
     ("int8_dequant", 70, torch.bfloat16, 5e-3),

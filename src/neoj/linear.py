@@ -127,6 +127,11 @@ RULES: tuple[Rule, ...] = (
          isa=("avx512_vnni",),
          reason="activations within L1 (rows x in <= 8192, 16 KB at 15 bits): VNNI 15-29 GB/s against "
                 f"_weight_int8pack_mm's 9-17; wider, int8pack wins at 4+ rows ({_I8_BENCH})"),
+    Rule("rowmatmul_int8", "int8pack", min_rows=17, max_rows=512, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
+         isa=("avx2",),
+         reason="17-512 rows, AVX2 (prefill): GPT-J-arch prompts of 32 / 128 / 512 tokens 0.26 / 1.09 / 4.07 s against "
+                "0.46 / 2.00 / 5.72 through _weight_int8pack_mm and dequantizing (A/B at 2 threads; first-token "
+                f"column of {_PORTABLE_BENCH})"),
     Rule("rowmatmul_int8", "int8pack", max_rows=16, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16, isa=_NO_VNNI,
          reason="1-16 rows without VNNI: 16-bit multiply-adds on 15-bit activations, 1.0-2.3x _weight_int8pack_mm; "
                 "fbgemm's dynamic int8 is 0.9-1.6x at 1 row and 1.6-2.2x at 8, but rounds activations to 7 bits per "
