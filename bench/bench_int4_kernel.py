@@ -21,9 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the int8 benchmark's helpers, report.py
-from bench_int8_kernel import (ROWS, caps_line, command_options, machine_line, markers, median_time,  # noqa: E402
-                               run_kernel_bench)
-from report import date_line  # noqa: E402
+from bench_int8_kernel import ROWS, median_time, run_kernel_bench, section_head  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -79,12 +77,9 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
 
 
 def section(results: list, args, load: str, kernels) -> str:
-    begin, end = markers(NAME, args.isa)
-    lines = [begin, f"## int4 decode kernel: neoj ({kernels.name}) vs tinygemm and neoj's int8 (CPU)", "",
-             f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
-             date_line(),
-             f"- Command: `python bench/bench_int4_kernel.py{command_options(args)}`", caps_line(),
-             f"- GB/s of int4 weights (half a byte each, group {GROUP}) per product, weights out of cache (copies "
+    lines, end = section_head(NAME, f"## int4 decode kernel: neoj ({kernels.name}) vs tinygemm and neoj's int8 (CPU)",
+                              args, load)
+    lines += [f"- GB/s of int4 weights (half a byte each, group {GROUP}) per product, weights out of cache (copies "
              f"rotated past {args.cold_mb} MB), median of {args.rounds} interleaved rounds. int4 / int8: neoj's int4 "
              "product's speed over neoj's int8 product of the same shape (twice the bytes). Error: relative to the "
              "exact fp64 product with the dequantized weight (bf16 activations for tinygemm, 15-bit per 256-value "

@@ -106,13 +106,19 @@ def caps_line() -> str:
     return "- ISA caps: " + (", ".join(caps) if caps else "none (each library uses the CPU's best)")
 
 
+def section_head(name: str, title: str, args, load: str) -> tuple[list[str], str]:
+    """Returns a kernel benchmark section's first lines (its begin marker, title, machine, date, command and
+    ISA caps) and its end marker."""
+    begin, end = markers(name, args.isa)
+    return [begin, title, "", f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at "
+            f"start {load}", date_line(), f"- Command: `python bench/{name}.py{command_options(args)}`",
+            caps_line()], end
+
+
 def section(results: list, args, load: str, kernels) -> str:
-    begin, end = markers(NAME, args.isa)
-    lines = [begin, f"## int8 decode kernel: neoj ({kernels.name}) vs aten._weight_int8pack_mm (CPU)", "",
-             f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
-             date_line(),
-             f"- Command: `python bench/bench_int8_kernel.py{command_options(args)}`", caps_line(),
-             "- GB/s of int8 weights per product, weights out of cache (copies rotated past "
+    lines, end = section_head(NAME, f"## int8 decode kernel: neoj ({kernels.name}) vs aten._weight_int8pack_mm (CPU)",
+                              args, load)
+    lines += ["- GB/s of int8 weights per product, weights out of cache (copies rotated past "
              f"{args.cold_mb} MB), median of {args.rounds} interleaved rounds. `sum` is a plain read of the same "
              "bytes: the bandwidth available. Error: relative to the exact fp64 product (bf16 activations for "
              "PyTorch's op, 15-bit per 256-value block for neoj's, 7-bit per call for fbgemm's dynamic linear, "

@@ -172,14 +172,22 @@ class Int8Product:
             b = self._biases[dtype] = self.bias.detach().to(dtype, copy=True).contiguous()
         return b.data_ptr()
 
+    NAME = "int8"
+
+    def _weight_shape(self) -> tuple[int, int]:
+        return self.qweight.shape  # read on every call: the tensor's data may have been replaced
+
+    def _run(self, x: torch.Tensor, M: int, K: int, N: int, y: torch.Tensor, bf16: int) -> int:
+        return self._fn(x.data_ptr(), M, K, self.qweight.data_ptr(), N, self.scales.data_ptr(),
+                        self._bias_ptr(y.dtype), y.data_ptr(), bf16)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Returns x (M, K) @ the weight^T (+ bias), in x's dtype (float32 or bfloat16)."""
         dtype = x.dtype
         bf16 = _BF16_FLAG.get(dtype)
         if bf16 is None:
-            raise TypeError(f"int8_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
-        q = self.qweight  # shape and address read on every call: the tensor's data may have been replaced
-        N, K = q.shape
+            raise TypeError(f"{self.NAME}_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
+        N, K = self._weight_shape()
         shape = x.shape
         if len(shape) != 2 or shape[1] != K or not x.is_cpu:
             raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
@@ -187,9 +195,8 @@ class Int8Product:
             x = x.contiguous()
         M = shape[0]
         y = torch.empty(M, N, dtype=dtype)
-        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.scales.data_ptr(), self._bias_ptr(dtype),
-                    y.data_ptr(), bf16) != 0:
-            raise RuntimeError(f"int8 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+        if self._run(x, M, K, N, y, bf16) != 0:
+            raise RuntimeError(f"{self.NAME} row kernel refused a ({M}, {K}) x ({N}, {K}) product")
         return y
 
 
@@ -224,23 +231,15 @@ class Int4Product(Int8Product):
         """True when this product is still the one of these tensors (see Int8Product.holds)."""
         return super().holds(qweight, scales, bias) and mins is self._given[2]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns x (M, K) @ the weight^T (+ bias), in x's dtype (float32 or bfloat16)."""
-        dtype = x.dtype
-        bf16 = _BF16_FLAG.get(dtype)
-        if bf16 is None:
-            raise TypeError(f"int4_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
+    NAME = "int4"
+
+    def _weight_shape(self) -> tuple[int, int]:
         q = self.qweight
-        N, K = q.shape[0], 2 * q.shape[1]
-        if x.dim() != 2 or x.shape[1] != K or not x.is_cpu:
-            raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)} on {x.device}, weight ({N}, {K})")
-        x = x.contiguous()
-        M = x.shape[0]
-        y = torch.empty(M, N, dtype=dtype)
-        if self._fn(x.data_ptr(), M, K, q.data_ptr(), N, self.group_size, self.scales.data_ptr(),
-                    self.mins.data_ptr(), self._bias_ptr(dtype), y.data_ptr(), bf16) != 0:
-            raise RuntimeError(f"int4 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
-        return y
+        return q.shape[0], 2 * q.shape[1]  # two weights per byte
+
+    def _run(self, x: torch.Tensor, M: int, K: int, N: int, y: torch.Tensor, bf16: int) -> int:
+        return self._fn(x.data_ptr(), M, K, self.qweight.data_ptr(), N, self.group_size, self.scales.data_ptr(),
+                        self.mins.data_ptr(), self._bias_ptr(y.dtype), y.data_ptr(), bf16)
 
 
 def load(name: str) -> Kernels:

@@ -34,6 +34,14 @@
 const char *neoj_rowmatmul_variant(void) { return VARIANT; }
 int neoj_rowmatmul_abi(void) { return NEOJ_ROWMATMUL_ABI; }
 
+/* The sum of 8 fp32 lanes, always in the same order, so a row's sum depends on nothing but its inputs. */
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 /* ---- vectors: fp32 lanes of the widest registers this build has ---- */
 
 #if defined(__AVX512F__)
@@ -53,13 +61,7 @@ typedef __m256 vf;
 #define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vf_set1(s) _mm256_set1_ps(s)
 #define vf_store(p, v) _mm256_storeu_ps(p, v)
-/* Always the same order of additions, so a row's sum does not depend on anything but its inputs. */
-static inline float vf_sum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float vf_sum(vf v) { return sum8(v); }
 #endif
 
 /* =============================== fp32 ===============================
@@ -539,11 +541,7 @@ static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long
             float total = 0;
             const float *xsum = a->xsum + (m_first + m) * ng;
             for (long g = 0; g < ng; g++) total += mins[r * ng + g] * xsum[g];
-            __m256 v = _mm256_load_ps(sums[r][m]);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            s[r * I4_MAXM + m] = _mm_cvtss_f32(h) + total;
+            s[r * I4_MAXM + m] = sum8(_mm256_load_ps(sums[r][m])) + total;
         }
 }
 
