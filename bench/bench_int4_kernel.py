@@ -82,8 +82,8 @@ def section(results: list, args, load: str, kernels) -> str:
     lines += [f"- GB/s of int4 weights (half a byte each, group {GROUP}) per product, weights out of cache (copies "
              f"rotated past {args.cold_mb} MB), median of {args.rounds} interleaved rounds. int4 / int8: neoj's int4 "
              "product's speed over neoj's int8 product of the same shape (twice the bytes). Error: relative to the "
-             "exact fp64 product with the dequantized weight (bf16 activations for tinygemm, 15-bit per 256-value "
-             "block for neoj).", "",
+             "exact fp64 product with the dequantized weight (bf16 activations for tinygemm, 8-bit per weight group "
+             "for neoj; the int4 weights' own rounding is some 10% of the product).", "",
              "| model | layer | out x in | rows | tinygemm GB/s | neoj int4 GB/s | speed-up | int4 / int8 | "
              "error tinygemm | error neoj |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -174,10 +174,10 @@ def test_int4_in_tinygemms_form_equals_the_exact_product(rows, monkeypatch):
     assert relative_error(got, x.double() @ w.t() + b.double()) < 1e-2  # bf16 activations and scales
 
 
-@pytest.mark.parametrize("path,rows,dtype,tolerance", [
-    ("rowmatmul_int4", 1, torch.float32, 3e-4), ("rowmatmul_int4", 7, torch.float32, 3e-4),
-    ("rowmatmul_int4", 40, torch.float32, 3e-4),
-    ("rowmatmul_int4", 2, torch.bfloat16, 5e-3), ("int4_dequant", 40, torch.float32, 1e-6),
+@pytest.mark.parametrize("path,rows,dtype,tolerance", [  # the kernel: 8-bit activations per group (~0.7%)
+    ("rowmatmul_int4", 1, torch.float32, 1.2e-2), ("rowmatmul_int4", 7, torch.float32, 1.2e-2),
+    ("rowmatmul_int4", 40, torch.float32, 1.2e-2),
+    ("rowmatmul_int4", 2, torch.bfloat16, 1.5e-2), ("int4_dequant", 40, torch.float32, 1e-6),
 ])
 def test_int4_in_the_portable_form_equals_the_exact_product(path, rows, dtype, tolerance, monkeypatch):
     """Where neoj's int4 kernel runs (AVX2), CPU int4 layers keep the portable form: its kernel for a few rows,

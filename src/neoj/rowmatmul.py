@@ -1,6 +1,6 @@
 """Few-row matrix products for CPU decoding (csrc/rowmatmul_*.c): int8 weights with 15-bit activations, int4
-weights in neoj's portable form (x86 builds), and fp32 weights (a server's decode batch, or one row of a wide
-layer).
+weights in neoj's portable form with 8-bit activations per weight group (x86 builds), and fp32 weights (a
+server's decode batch, or one row of a wide layer).
 
 Each process uses the best ISA variant this CPU supports that builds and loads (see neoj.rowmatmul_build
 for the variants, NEOJ_ISA, and how libraries are built and cached safely); a variant that fails to build

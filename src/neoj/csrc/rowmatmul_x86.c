@@ -415,133 +415,231 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
  * neoj_rowmatmul_i4: y (M, N) = x (M, K) @ w^T + bias for int4 weights in neoj's portable form: w (N, K / 2)
  * bytes, each holding two 4-bit values q (the even column in the high nibble), and per group of `gs` columns
  * a scale and a min, weight = q * scale + min. x, bias and y all fp32 or all bf16; K a multiple of QBLOCK,
- * gs (32..256) a divisor of QBLOCK, so each group lies in one activation block.
+ * gs (32..256) a divisor of QBLOCK.
  *
- * A group's sum of q * x is (exact integer sum of q * v) * scale * xs for the block's 15-bit activations v,
- * and its sum of min * x is min * (the group's fp32 sum of x), taken once per row at the end. The nibbles are
- * widened to 16 bits (high ones by a shift, low ones by a mask) and multiplied by vpmaddwd with the
- * activations of the even and the odd columns, which are laid out apart once per call. The same AVX2 code in
- * every x86 build: half the bytes of int8 for a few more instructions per weight. Tiles as the int8 kernel's
- * (see above): I4_NR weight rows x groups of I4_G activation rows, every row of the batch per weight block. */
+ * Activations are scaled per weight group to 8 bits, v = round(x * 127 / max|x|) (x ~ v * xs). A group's sum
+ * of q * x is taken as (q - 8) * x + 8 * x: the first part is (exact integer sum of q * v - 8 * sum of v) * weight
+ * scale * xs, the second 8 * the group's fp32 sum of x, so the 8-bit rounding meets only the centred
+ * nibbles (|q - 8| <= 8, half the error of meeting q itself). Its sum of min * x is min * that fp32 sum. Per
+ * row the per-group terms apart from the integer sum, min * xsum + scale * 8 * (xsum - xs * sum of v), are
+ * added once at the end. The nibbles (0..15) are unsigned bytes and the
+ * activations signed ones, so one instruction multiplies 32 pairs of them: vpmaddubsw on AVX2 (16-bit pair
+ * sums, at most 2 * 15 * 127, kept in 16 bits for a group: 256 columns sum to at most 30480 < 2^15), vpdpbusd
+ * (32-bit sums of 4) on AVX512-VNNI. That is half the multiply-adds per weight of the int8 kernel, whose
+ * 15-bit activations need 16-bit multiplies: int4 is already 16 levels a weight, and 8-bit activations per
+ * group add an error several times smaller than the weights' own rounding (bench_int4_kernel's error
+ * columns).
+ *
+ * Activations are laid out per 64 columns as their 32 even columns, then their 32 odd ones, to meet the
+ * high and the low nibbles of 32 weight bytes. A group of 32 columns is half such a step: it is the low
+ * 128-bit half of the registers, the next group the high half, so the flush scales each half by its own
+ * group's factor. Tiles as the int8 kernel's (see above): I4_NR weight rows x groups of I4_G activation rows,
+ * every row of the batch per weight block, the fp32 sums per group added in group order, so a row's result
+ * is the same alone or in a batch. */
 #define I4_NR1 4
-#define I4_NR 2
-#define I4_G 3
+#if defined(__AVX512VL__)
+#define I4_NR 4 /* 32 registers: 4 x 4 sums, 8 nibble vectors */
+#else
+#define I4_NR 2 /* 16 registers: 2 x 4 sums, 4 nibble vectors, 2 activation vectors, the nibble mask */
+#endif
+#define I4_G 4
 #define I4_MAXM 16
 #define I4_MAX_NR 4
+#define I4_STEP 64 /* columns per step: 32 weight bytes */
 
-/* One weight group's integer sums: `nr` weight rows (row stride kb bytes) x `g` activation rows of vd (the
- * deinterleaved 15-bit activations, row stride K), columns [k0, k0 + gs). */
+/* One step's sums of a weight group: `nr` weight rows (row stride kb bytes) x `g` activation rows of v (the
+ * laid-out 8-bit activations, row stride K), columns [k0, k0 + span), span a multiple of I4_STEP. AVX2 keeps
+ * 16-bit pair sums (vpmaddubsw), VNNI 32-bit sums (vpdpbusd). */
 static inline __attribute__((always_inline)) void i4_group(const uint8_t *w, long kb, int nr, int g, long k0,
-                                                           long gs, const int16_t *vd, long K,
+                                                           long span, const int8_t *v, long K,
                                                            __m256i t[I4_MAX_NR][I4_G]) {
-    const __m256i low = _mm256_set1_epi16(15);
+    const __m256i low = _mm256_set1_epi8(15);
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < g; m++) t[r][m] = _mm256_setzero_si256();
-    for (long c = 0; c < gs; c += 32) {
+    for (long c = 0; c < span; c += I4_STEP) {
         long k = k0 + c;
         __m256i hi[I4_MAX_NR], lo[I4_MAX_NR];
         for (int r = 0; r < nr; r++) {
-            __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + r * kb + k / 2)));
-            hi[r] = _mm256_srli_epi16(b, 4);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(w + r * kb + k / 2));
+            hi[r] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
             lo[r] = _mm256_and_si256(b, low);
         }
         for (int m = 0; m < g; m++) {
-            __m256i even = _mm256_loadu_si256((const __m256i *)(vd + m * K + k));
-            __m256i odd = _mm256_loadu_si256((const __m256i *)(vd + m * K + k + 16));
-            for (int r = 0; r < nr; r++)
-                t[r][m] = _mm256_add_epi32(t[r][m], _mm256_add_epi32(_mm256_madd_epi16(hi[r], even),
-                                                                     _mm256_madd_epi16(lo[r], odd)));
+            __m256i even = _mm256_loadu_si256((const __m256i *)(v + m * K + k));
+            __m256i odd = _mm256_loadu_si256((const __m256i *)(v + m * K + k + 32));
+            for (int r = 0; r < nr; r++) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                t[r][m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(t[r][m], hi[r], even), lo[r], odd);
+#else
+                t[r][m] = _mm256_add_epi16(t[r][m], _mm256_add_epi16(_mm256_maddubs_epi16(hi[r], even),
+                                                                     _mm256_maddubs_epi16(lo[r], odd)));
+#endif
+            }
         }
     }
 }
 
+/* Four accumulators' sums (as i4_group leaves them) folded into one fp32 vector: lanes i and i + 4 hold
+ * accumulator i's sums over the registers' low and high halves. Integers until the conversion, so exact. */
+static inline __m256 i4_fold4(__m256i a, __m256i b, __m256i c, __m256i d) {
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    const __m256i one = _mm256_set1_epi16(1); /* 16-bit pair sums to 32 bits */
+    a = _mm256_madd_epi16(a, one);
+    b = _mm256_madd_epi16(b, one);
+    c = _mm256_madd_epi16(c, one);
+    d = _mm256_madd_epi16(d, one);
+#endif
+    return _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d)));
+}
+
 static inline __attribute__((always_inline)) void i4_group_any(const uint8_t *w, long kb, int nr, int g, long k0,
-                                                               long gs, const int16_t *vd, long K,
+                                                               long span, const int8_t *v, long K,
                                                                __m256i t[I4_MAX_NR][I4_G]) {
     switch (g) {
-    case 1: i4_group(w, kb, nr, 1, k0, gs, vd, K, t); break;
-    case 2: i4_group(w, kb, nr, 2, k0, gs, vd, K, t); break;
-#if I4_G > 3
-    case 3: i4_group(w, kb, nr, 3, k0, gs, vd, K, t); break;
-#endif
-    default: i4_group(w, kb, nr, I4_G, k0, gs, vd, K, t); break;
+    case 1: i4_group(w, kb, nr, 1, k0, span, v, K, t); break;
+    case 2: i4_group(w, kb, nr, 2, k0, span, v, K, t); break;
+    case 3: i4_group(w, kb, nr, 3, k0, span, v, K, t); break;
+    default: i4_group(w, kb, nr, I4_G, k0, span, v, K, t); break;
     }
 }
 
 /* The activations' side of an int4 product, made once per call. */
 typedef struct {
-    qacts q;        /* 15-bit activations per block (q.v is not used past deinterleave) */
-    int16_t *vd;    /* q.v with each 32 columns laid out as their 16 even, then their 16 odd ones */
+    int8_t *v;      /* (M, K) 8-bit activations, each 64 columns laid out as their 32 even, then 32 odd ones */
+    float *xs;      /* (M, K / gs): each group's activation scale (x ~ v * xs) */
+    float *xsq;     /* the same by quads of rows: (M / 4 rounded up, K / gs, 4), 0 past row M */
     float *xsum;    /* (M, K / gs): each group's fp32 sum of x */
+    float *xfix;    /* (M, K / gs): 8 * (xsum - xs * the group's sum of v), what the centred nibbles leave */
 } i4acts;
 
 static void i4acts_free(i4acts *a) {
-    qacts_free(&a->q);
-    free(a->vd);
+    free(a->v);
+    free(a->xs);
+    free(a->xsq);
     free(a->xsum);
+    free(a->xfix);
+}
+
+/* Scales one row of activations to 8 bits per group of gs (a NaN is skipped for the scale and becomes 0, as in
+ * quantize_row; the group's fp32 sum keeps it). */
+static void i4_quantize_row(const void *x, long K, long gs, int bf16, int8_t *v, float *xs, float *xsum,
+                            float *xfix) {
+    float xb[QBLOCK];
+    for (long g = 0; g < K / gs; g++) {
+        float amax = 0, sum = 0;
+        for (long j = 0; j < gs; j++) {
+            xb[j] = get(x, g * gs + j, bf16);
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+            sum += xb[j];
+        }
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        xs[g] = amax > 0 ? amax / 127.0f : 0.0f;
+        xsum[g] = sum;
+        long vsum = 0;
+        for (long j = 0; j < gs; j++) {
+            float q = rintf(xb[j] * inv);
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            q = q == q ? q : 0.0f;
+            long k = g * gs + j, c = k % I4_STEP;
+            v[k - c + (c & 1 ? 32 : 0) + c / 2] = (int8_t)q;
+            vsum += (long)q;
+        }
+        xfix[g] = (float)(8.0 * ((double)sum - (double)xs[g] * (double)vsum));
+    }
 }
 
 static int i4acts_make(i4acts *a, const void *x, long M, long K, long gs, int bf16) {
     long ng = K / gs;
-    a->vd = malloc(sizeof(int16_t) * M * K);
+    a->v = malloc((size_t)M * K);
+    long quads = (M + 3) / 4;
+    a->xs = malloc(sizeof(float) * M * ng);
+    a->xsq = calloc(quads * ng * 4, sizeof(float));
     a->xsum = malloc(sizeof(float) * M * ng);
-    if (!a->vd || !a->xsum || qacts_make(&a->q, x, M, K, bf16)) {
-        free(a->vd);
-        free(a->xsum);
+    a->xfix = malloc(sizeof(float) * M * ng);
+    if (!a->v || !a->xs || !a->xsq || !a->xsum || !a->xfix) {
+        i4acts_free(a);
         return -1;
     }
-    for (long m = 0; m < M; m++) {
-        const int16_t *v = a->q.v + m * K;
-        int16_t *d = a->vd + m * K;
-        for (long c = 0; c < K; c += 32)
-            for (int j = 0; j < 16; j++) {
-                d[c + j] = v[c + 2 * j];
-                d[c + 16 + j] = v[c + 2 * j + 1];
-            }
-        for (long g = 0; g < ng; g++) {
-            float s = 0;
-            for (long j = 0; j < gs; j++) s += get(x, m * K + g * gs + j, bf16);
-            a->xsum[m * ng + g] = s;
-        }
-    }
+    #pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_WEIGHTS)
+    for (long m = 0; m < M; m++)
+        i4_quantize_row((const char *)x + m * K * (bf16 ? 2 : 4), K, gs, bf16, a->v + m * K, a->xs + m * ng,
+                        a->xsum + m * ng, a->xfix + m * ng);
+    for (long m = 0; m < M; m++)
+        for (long g = 0; g < ng; g++) a->xsq[((m / 4) * ng + g) * 4 + m % 4] = a->xs[m * ng + g];
     return 0;
 }
 
-/* s[r * I4_MAXM + m] = row r of the weight times activation row m, for nr weight rows, mc <= I4_MAXM rows. */
+/* The fp32 factors of a fold over four rows of one weight row r: lane i (i + 4) is row r's weight scale times
+ * activation row i's scale, for the group of the low (high) half (per: groups per step, 1 or 2). */
+static inline __m256 i4_factors_rows(const float *sc, const float *xq, int per) {
+    if (per == 1) return _mm256_mul_ps(_mm256_set1_ps(sc[0]), _mm256_broadcast_ps((const __m128 *)xq));
+    return _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(sc[0]), _mm_set1_ps(sc[1])), _mm256_loadu_ps(xq));
+}
+
+/* The same for a fold over nr <= 4 weight rows (scales row stride ng) of one activation row (0 past nr). */
+static inline __m256 i4_factors_weights(const float *sc, long ng, int nr, const float *xg, int per) {
+    float f[8] __attribute__((aligned(32))) = {0};
+    for (int r = 0; r < nr; r++) {
+        f[r] = sc[r * ng];
+        f[r + 4] = sc[r * ng + per - 1];
+    }
+    __m256 x = per == 1 ? _mm256_set1_ps(xg[0]) : _mm256_setr_m128(_mm_set1_ps(xg[0]), _mm_set1_ps(xg[1]));
+    return _mm256_mul_ps(_mm256_load_ps(f), x);
+}
+
+/* s[r * I4_MAXM + m] = row r of the weight times activation row m, for nr weight rows, mc <= I4_MAXM rows.
+ * Per step (a group, or two of 32) the integer sums of 4 pairs of rows fold into one fp32 vector, scaled and
+ * added to that quad's sums: 4 rows of one weight row, or (one activation row) up to 4 weight rows. */
 static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long K, long gs, int nr, int mc,
                                                           const i4acts *a, long m_first, const float *scales,
                                                           const float *mins, float *s) {
-    long kb = K / 2, ng = K / gs, nb = K / QBLOCK;
-    const int16_t *vd = a->vd + m_first * K;
-    const float *xs = a->q.xs + m_first * nb;
-    float sums[I4_MAX_NR][I4_MAXM][8] __attribute__((aligned(32)));
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mc; m++)
-            for (int l = 0; l < 8; l++) sums[r][m][l] = 0;
-    for (long g = 0; g < ng; g++) {
-        long k0 = g * gs, b = k0 / QBLOCK;
+    long kb = K / 2, ng = K / gs;
+    long span = gs < I4_STEP ? I4_STEP : gs; /* columns per step: one group, or two of 32 */
+    int per = (int)(span / gs);
+    const int8_t *v = a->v + m_first * K;
+    const float *xsq = a->xsq + (m_first / 4) * ng * 4;
+    int quads = mc == 1 ? 1 : (mc + 3) / 4;
+    float sums[I4_MAX_NR][I4_MAXM / 4][8] __attribute__((aligned(32)));
+    for (int r = 0; r < I4_MAX_NR; r++)
+        for (int q = 0; q < quads; q++)
+            for (int l = 0; l < 8; l++) sums[r][q][l] = 0;
+    const __m256i zero = _mm256_setzero_si256();
+    for (long k0 = 0; k0 < K; k0 += span) {
+        long g = k0 / gs;
         if (mc <= 2)
             for (int r = 0; r < nr; r++)
-                for (long c = 0; c < gs / 2; c += 64)
+                for (long c = 0; c < span / 2; c += 64)
                     _mm_prefetch((const char *)(w + r * kb + k0 / 2 + c + I8_AHEAD), _MM_HINT_T1);
-        for (int m0 = 0; m0 < mc; m0 += I4_G) {
-            int gm = mc - m0 < I4_G ? mc - m0 : I4_G;
+        if (mc == 1) {
             __m256i t[I4_MAX_NR][I4_G];
-            i4_group_any(w, kb, nr, gm, k0, gs, vd + m0 * K, K, t);
-            for (int m = 0; m < gm; m++)
-                for (int r = 0; r < nr; r++) {
-                    __m256 f = _mm256_set1_ps(scales[r * ng + g] * xs[(m0 + m) * nb + b]);
-                    __m256 acc = _mm256_load_ps(sums[r][m0 + m]);
-                    _mm256_store_ps(sums[r][m0 + m], _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][m]), f, acc));
-                }
+            i4_group(w, kb, nr, 1, k0, span, v, K, t);
+            __m256 f = i4_factors_weights(scales + g, ng, nr, a->xs + m_first * ng + g, per);
+            __m256 folded = i4_fold4(t[0][0], nr > 1 ? t[1][0] : zero, nr > 2 ? t[2][0] : zero,
+                                     nr > 3 ? t[3][0] : zero);
+            _mm256_store_ps(sums[0][0], _mm256_fmadd_ps(folded, f, _mm256_load_ps(sums[0][0])));
+            continue;
+        }
+        for (int q = 0; q < quads; q++) {
+            int gm = mc - 4 * q < I4_G ? mc - 4 * q : I4_G;
+            __m256i t[I4_MAX_NR][I4_G];
+            i4_group_any(w, kb, nr, gm, k0, span, v + 4 * q * K, K, t);
+            for (int r = 0; r < nr; r++) {
+                __m256 f = i4_factors_rows(scales + r * ng + g, xsq + (q * ng + g) * 4, per);
+                __m256 folded = i4_fold4(t[r][0], gm > 1 ? t[r][1] : zero, gm > 2 ? t[r][2] : zero,
+                                         gm > 3 ? t[r][3] : zero);
+                _mm256_store_ps(sums[r][q], _mm256_fmadd_ps(folded, f, _mm256_load_ps(sums[r][q])));
+            }
         }
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mc; m++) {
+            const float *lanes = mc == 1 ? sums[0][0] : sums[r][m / 4];
+            int i = mc == 1 ? r : m % 4;
             float total = 0;
-            const float *xsum = a->xsum + (m_first + m) * ng;
-            for (long g = 0; g < ng; g++) total += mins[r * ng + g] * xsum[g];
-            s[r * I4_MAXM + m] = sum8(_mm256_load_ps(sums[r][m])) + total;
+            const float *xsum = a->xsum + (m_first + m) * ng, *xfix = a->xfix + (m_first + m) * ng;
+            for (long g = 0; g < ng; g++) total += mins[r * ng + g] * xsum[g] + scales[r * ng + g] * xfix[g];
+            s[r * I4_MAXM + m] = (lanes[i] + lanes[i + 4]) + total;
         }
 }
 
