@@ -148,8 +148,10 @@ int neoj_rowmatmul_f32(const float *x, long M, long K, const float *w, long N, c
  * neoj_rowmatmul_i8: y (M, N) = x (M, K) @ (w (N, K) int8 * scale (N,))^T + bias; x, bias and y all
  * fp32 or all bf16; K a multiple of QBLOCK. Returns 0, or -1 where it cannot take the product. */
 
-/* Weight bytes prefetched into L2 ahead of one- and two-row products: with the hardware prefetcher alone,
- * 8192-wide rows read 20 GB/s, with this 23-29 (at 3+ rows the kernel is compute-bound and it only hurts). */
+/* Weight bytes prefetched into L2 ahead of the products, at every row count: with the hardware prefetcher
+ * alone, 8192-wide rows read 20 GB/s at one row, with this 23-29; and at 8 rows, where the kernels are
+ * compute-bound, the weights still arrive late without it (AMD EPYC, 2 threads, 50400x2048 at 8 rows: VNNI
+ * int8 8.0 -> 3.1 ms, AVX2 int8 5.9 -> 5.4 ms, int4 7.0 -> 4.9 ms). */
 #define I8_AHEAD 16384
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -172,7 +174,7 @@ static inline __attribute__((always_inline)) void vnni_rows(
         for (int m = 0; m < mc; m++) hi[m] = lo[m] = _mm512_setzero_si512();
         for (int c = 0; c < QBLOCK; c += 64) {
             long k = b * QBLOCK + c;
-            if (mc <= 2) _mm_prefetch((const char *)(w + k + I8_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(w + k + I8_AHEAD), _MM_HINT_T1);
             __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k)), flip);
             for (int m = 0; m < mc; m++) {
                 hi[m] = _mm512_dpbusd_epi32(hi[m], u, _mm512_loadu_si512((const void *)(xh + m * K + k)));
@@ -355,10 +357,9 @@ static inline __attribute__((always_inline)) void i8_tile(const int8_t *w, long 
         for (int m = 0; m < mc; m++)
             for (int l = 0; l < VL; l++) sums[r][m][l] = 0;
     for (long b = 0; b < nb; b++) {
-        if (mc <= 2)
-            for (int r = 0; r < nr; r++)
-                for (int c = 0; c < QBLOCK; c += 64)
-                    _mm_prefetch((const char *)(w + r * K + b * QBLOCK + c + I8_AHEAD), _MM_HINT_T1);
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < QBLOCK; c += 64)
+                _mm_prefetch((const char *)(w + r * K + b * QBLOCK + c + I8_AHEAD), _MM_HINT_T1);
         for (int m0 = 0; m0 < mc; m0 += I8_G) {
             int g = mc - m0 < I8_G ? mc - m0 : I8_G;
             vi t[I8_MAX_NR][I8_G];
@@ -588,6 +589,20 @@ static inline __m256 i4_factors_weights(const float *sc, long ng, int nr, const 
     return _mm256_mul_ps(_mm256_load_ps(f), x);
 }
 
+/* A row's terms besides the integer sums, over its ng groups: min * xsum + scale * xfix, 8 groups a vector
+ * (then one by one), in the same order for every row. */
+static inline float i4_group_terms(const float *mins, const float *scales, const float *xsum, const float *xfix,
+                                   long ng) {
+    __m256 acc = _mm256_setzero_ps();
+    long g = 0;
+    for (; g + 8 <= ng; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + g), _mm256_loadu_ps(xsum + g),
+                              _mm256_fmadd_ps(_mm256_loadu_ps(scales + g), _mm256_loadu_ps(xfix + g), acc));
+    float total = sum8(acc);
+    for (; g < ng; g++) total += mins[g] * xsum[g] + scales[g] * xfix[g];
+    return total;
+}
+
 /* s[r * I4_MAXM + m] = row r of the weight times activation row m, for nr weight rows, mc <= I4_MAXM rows.
  * Per step (a group, or two of 32) the integer sums of 4 pairs of rows fold into one fp32 vector, scaled and
  * added to that quad's sums: 4 rows of one weight row, or (one activation row) up to 4 weight rows. */
@@ -607,10 +622,9 @@ static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long
     const __m256i zero = _mm256_setzero_si256();
     for (long k0 = 0; k0 < K; k0 += span) {
         long g = k0 / gs;
-        if (mc <= 2)
-            for (int r = 0; r < nr; r++)
-                for (long c = 0; c < span / 2; c += 64)
-                    _mm_prefetch((const char *)(w + r * kb + k0 / 2 + c + I8_AHEAD), _MM_HINT_T1);
+        for (int r = 0; r < nr; r++)
+            for (long c = 0; c < span / 2; c += 64)
+                _mm_prefetch((const char *)(w + r * kb + k0 / 2 + c + I8_AHEAD), _MM_HINT_T1);
         if (mc == 1) {
             __m256i t[I4_MAX_NR][I4_G];
             i4_group(w, kb, nr, 1, k0, span, v, K, t);
@@ -636,10 +650,9 @@ static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long
         for (int m = 0; m < mc; m++) {
             const float *lanes = mc == 1 ? sums[0][0] : sums[r][m / 4];
             int i = mc == 1 ? r : m % 4;
-            float total = 0;
-            const float *xsum = a->xsum + (m_first + m) * ng, *xfix = a->xfix + (m_first + m) * ng;
-            for (long g = 0; g < ng; g++) total += mins[r * ng + g] * xsum[g] + scales[r * ng + g] * xfix[g];
-            s[r * I4_MAXM + m] = (lanes[i] + lanes[i + 4]) + total;
+            s[r * I4_MAXM + m] = (lanes[i] + lanes[i + 4]) + i4_group_terms(mins + r * ng, scales + r * ng,
+                                                                             a->xsum + (m_first + m) * ng,
+                                                                             a->xfix + (m_first + m) * ng, ng);
         }
 }
 
