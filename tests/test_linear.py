@@ -145,6 +145,43 @@ def test_the_compiled_half_precision_row_equals_the_exact_product():
     assert got.dtype == torch.bfloat16 and relative_error(got, want) < 4e-3  # fp32 sums, rounded to bf16 once
 
 
+def test_a_capped_process_keeps_its_own_inductor_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    linear.keep_inductor_cache_per_capability()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # uncapped: PyTorch's own choice
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    linear.keep_inductor_cache_per_capability()
+    chosen = tmp_path / "neoj" / "inductor-avx2"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen.resolve())
+    assert chosen.is_dir() and chosen.stat().st_mode & 0o777 == 0o700
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))  # as PyTorch leaves it
+    linear.keep_inductor_cache_per_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen.resolve())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    linear.keep_inductor_cache_per_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's choice stays
+
+
+def test_compiled_products_stay_right_across_processes_held_to_other_isas(tmp_path):
+    """PyTorch's Inductor cache key leaves ATEN_CPU_CAPABILITY out: a process held to AVX2 that shared the cache
+    of an uncapped one (on an AVX-512 CPU) got wrong products from its kernels."""
+    needs_path("compiled_int8_matvec")
+    code = ("import torch\nfrom neoj import linear\ntorch.manual_seed(0)\n"
+            "q, s = torch.randint(-127, 128, (300, 768), dtype=torch.int8), torch.rand(300) / 100\n"
+            "x = torch.randn(1, 768)\ngot = linear.compiled('int8_matvec')(x, q, s).double()\n"
+            "want = (x.double() @ q.double().t())[0] * s.double()\nprint(float((got - want).norm() / want.norm()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env.update(TMPDIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))  # one fresh Inductor default cache
+    for capped in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}, {}):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **capped}, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert float(out.stdout.split()[-1]) < 1e-5
+
+
 @pytest.mark.parametrize("path,rows,dtype,tolerance", [
     ("rowmatmul_int8", 1, torch.float32, 3e-4), ("rowmatmul_int8", 6, torch.float32, 3e-4),
     ("rowmatmul_int8", 40, torch.float32, 3e-4),

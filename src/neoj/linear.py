@@ -191,10 +191,32 @@ def blocked_matvec(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 _compiled: dict[str, Callable] = {}
 
 
+def keep_inductor_cache_per_capability() -> None:
+    """Points TorchInductor at a cache of its own when ATEN_CPU_CAPABILITY caps PyTorch's CPU code (e.g. avx2 on
+    an AVX-512 CPU, as bench_portable and the AVX2 test runs do) and the user has not chosen a cache directory.
+    Inductor's cache key leaves that setting out, so a capped process would load kernels compiled uncapped:
+    measured here, wrong products (and the other way round, a crash)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # PyTorch writes its default here once it has used it
+    if capability and chosen in (None, _inductor_default_cache_dir()):
+        directory = rowmatmul.inductor_cache_dir(capability)
+        if directory is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+
+
+def _inductor_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: only an unset variable counts as PyTorch's default
+        return None
+    return os.path.abspath(default_cache_dir())
+
+
 def compiled(name: str) -> Callable:
     """Returns the TorchInductor reduction `name` ("matvec", "matvec_bias", "int8_matvec"), compiled once
     per process (and once per weight shape and dtype on first call)."""
     if not _compiled:
+        keep_inductor_cache_per_capability()
         import torch._dynamo
 
         # A few kernels per model, more with several models in one process. Past the limit dynamo would

@@ -19,7 +19,8 @@ import threading
 import torch
 
 from .rowmatmul_build import (BY_NAME, CSRC, VARIANTS, BuildError, Variant, build, candidate_variants,
-                              compiler, cpu_features, machine, supported_variants, usable_variants)
+                              compiler, cpu_features, inductor_cache_dir, machine, supported_variants,
+                              usable_variants)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ BLOCK = 256  # activations are scaled per block of this many values: in_features
 
 __all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int4Product", "Int8Product", "Kernels", "Variant",
            "build", "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul",
+           "inductor_cache_dir",
            "int4_available", "int8_available", "kernels", "load", "machine", "prepare", "select",
            "supported_variants", "usable_variants", "variant_name"]
 

@@ -201,6 +201,17 @@ def private_cache_dir() -> Path | None:
     return real
 
 
+def inductor_cache_dir(capability: str) -> Path | None:
+    """Returns a directory only this user can write for TorchInductor's kernels compiled under an ATen CPU
+    capability cap (ATEN_CPU_CAPABILITY=`capability`), beside the kernel cache; None where that is not private."""
+    base = private_cache_dir()
+    if base is None:
+        return None
+    path = base.parent / f"inductor-{capability.lower()}"
+    path.mkdir(exist_ok=True, mode=0o700)
+    return path
+
+
 @contextmanager
 def build_lock(path: Path):
     """Holds an exclusive lock on `path` (created 0600): one process builds, the others wait for it."""
