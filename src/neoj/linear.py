@@ -94,7 +94,8 @@ _QUANT_BENCH = "BENCHMARKS.md, quantization (bench/bench_quant.py)"
 _GPU_BENCH = "BENCHMARKS.md, GPU decode (bench/bench_gpu.py)"
 _I4_BENCH = "BENCHMARKS.md, int4 decode kernel (bench/bench_int4_kernel.py)"
 # Where CPU int4 layers keep neoj's portable form for its kernel (the rowmatmul_int4 rule) instead of
-# tinygemm's packed form, which is faster with AVX-512 (its bf16 kernels): BENCHMARKS.md, int4 decode kernel.
+# tinygemm's packed form, which with AVX-512 (its bf16 kernels) is as fast or faster at 1-4 rows: neoj's int4
+# there is 0.6-1.2x tinygemm, 1.1-1.4x only at 8-16 rows of the wider layers (BENCHMARKS.md, int4 decode kernel).
 INT4_KERNEL_ISAS = ("avx2",)
 
 RULES: tuple[Rule, ...] = (
@@ -154,11 +155,12 @@ RULES: tuple[Rule, ...] = (
     # else packed for tinygemm at load, so its kernel is the only path ----
     Rule("rowmatmul_int4", "dequantize", max_rows=512, in_multiple=rowmatmul.BLOCK, x_dtypes=_FP32_BF16,
          isa=INT4_KERNEL_ISAS,
-         reason="AVX2: 16-bit multiply-adds of the nibbles with 15-bit activations; one row 1.3-3.5x tinygemm (which "
-                "converts every weight to float) and 1.2-2x neoj's int8 at GPT-Neo-1.3B/GPT-J widths, 2-16 rows "
-                "0.7-2x tinygemm; GPT-J-arch prefill of 128 / 512 tokens (A/B at 2 threads, AVX2) 1.3 / 5.9 s against "
-                "tinygemm's 1.8 / 6.3 and dequantizing's 4.1 / 7.4, whose fixed cost pays off only past that "
-                f"({_I4_BENCH}; first-token column of {_PORTABLE_BENCH})"),
+         reason="AVX2: the nibbles multiplied as bytes with 8-bit activations per group; one row 1.6-4.2x tinygemm "
+                "(which converts every weight to float) and 1.6-2x neoj's int8 at GPT-Neo-1.3B/GPT-J widths, 8 rows "
+                "1.2-2.3x tinygemm and 0.9-1.3x int8 there; GPT-J-arch prefill of 128 / 512 tokens (A/B at 2 threads, "
+                "AVX2) 0.8 / 3.7 s against tinygemm's 1.6 / 6.3 (dequantizing's fixed cost, 4.1 / 7.4 s against the "
+                f"previous kernel's 1.3 / 5.9, pays off only past that) ({_I4_BENCH}; first-token column of "
+                f"{_PORTABLE_BENCH})"),
     Rule("int4pack_cpu", "int4pack_cpu", final=True,
          reason=f"tinygemm's CPU port, 15 GB/s of packed weights at batch 1 ({_QUANT_BENCH})"),
     Rule("int4pack_cuda", "int4pack_cuda", final=True, reason="tinygemm on CUDA"),
