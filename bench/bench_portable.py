@@ -276,15 +276,21 @@ def configurations(work: Path, native: str, args) -> list[dict]:
         specs.append({**gptj, "name": f"transformers fp32 {isa}", "shape": "gptj", "engine": "transformers",
                       "scheme": "fp32",
                       "isa": isa, "dir": str(j), "env": isa_env(isa), "batches": [1, 8]})
+    neo = {"tokens": NEO_TOKENS_FACTOR * args.tokens, "repeats": NEO_TOKENS_FACTOR * args.repeats}
     for label, name, _ in NEO_SHAPES:
         for isa in isas:
-            specs.append({"name": f"neoj int8 {isa} ({label})", "shape": f"GPT-Neo-{label} shape", "engine": "neoj",
+            specs.append({**neo, "name": f"neoj int8 {isa} ({label})", "shape": f"GPT-Neo-{label} shape", "engine": "neoj",
                           "scheme": "int8", "isa": isa, "dir": str(work / f"{name}-int8"),
                           "env": {**isa_env(isa), "NEOJ_ISA": isa}, "batches": [1]})
-            specs.append({"name": f"transformers fp32 {isa} ({label})", "shape": f"GPT-Neo-{label} shape",
+            specs.append({**neo, "name": f"transformers fp32 {isa} ({label})", "shape": f"GPT-Neo-{label} shape",
                           "engine": "transformers", "scheme": "fp32", "isa": isa, "dir": str(work / name),
                           "env": isa_env(isa), "batches": [1]})
     return [{**base, **s} for s in specs]
+
+
+# The GPT-Neo rows decode this many times the tokens and repeats: a GPT-Neo-125M step takes a few ms, so 16
+# tokens would be timed over a tenth of a second, too short on a shared machine.
+NEO_TOKENS_FACTOR = 4
 
 
 def prepare_checkpoints(work: Path, quick: bool) -> None:
@@ -363,7 +369,9 @@ def render(specs: list[dict], m: dict, meta: dict, args) -> str:
              "interleaved rounds, each configuration in its own process. neoj loads its own quantized checkpoints "
              "(`neoj quantize` of the same fp32 checkpoint) with dtype auto, which is bf16 where PyTorch may use the CPU's bf16 "
              "instructions (never in avx2 rows) and fp32 elsewhere; the compute column says what each neoj row ran in. "
-             "CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8).", "",
+             f"CTranslate2 loads its conversion of that checkpoint (int8: compute_type int8). The GPT-Neo rows decode "
+             f"{NEO_TOKENS_FACTOR * args.tokens} tokens, {NEO_TOKENS_FACTOR * args.repeats} repeats (a GPT-Neo-125M "
+             "step is a few ms).", "",
              f"- First token: seconds from the call to the first new token of one {args.long_prompt}-token prompt "
              "(prefill, mostly), GPT-J arch only, median of 2 per process and of the rounds.", "",
              "| model | engine | weights | compute | ISA | batch 1 tok/s | batch 8 tok/s (all rows) | "
