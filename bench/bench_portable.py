@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import shutil
@@ -41,6 +42,10 @@ from report import REPO, cpu_description, git_rev, loadavg, logger, section_mark
 from report import write_section  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
+# The OpenMP wait policy the user started the benchmark with: this parent imports neoj (for the CPU's kernel
+# variants), which may set OMP_WAIT_POLICY in os.environ, and the workers must not inherit that: each engine runs
+# with its own default (neoj's is decided in its worker, which imports neoj first, as `neoj generate` does).
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 GPTJ = {"model_type": "gptj", "vocab_size": 50400, "n_positions": 2048, "n_embd": 2048, "n_layer": 16,
         "n_head": 16, "rotary_dim": 64}
 NEO125 = {"model_type": "gpt_neo", "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 768,
@@ -200,6 +205,8 @@ class Runner:
 
 
 def worker(spec: dict) -> dict:
+    if spec["engine"] == "neoj":  # before torch: neoj's threading default, as its command line gets it
+        importlib.import_module("neoj")
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -229,6 +236,9 @@ def worker_env(extra: dict) -> dict:
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", **extra)
     env.pop("NEOJ_ISA", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if USER_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = USER_WAIT_POLICY
     env.update(extra)
     return env
 

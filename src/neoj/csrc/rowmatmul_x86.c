@@ -443,7 +443,7 @@ int neoj_rowmatmul_i8(const void *x, long M, long K, const int8_t *w, long N, co
 #else
 #define I4_NR 2 /* 16 registers: 2 x 4 sums, 4 nibble vectors, 2 activation vectors, the nibble mask */
 #endif
-#define I4_G 4
+#define I4_G 4 /* activation rows a weight load serves: one fold of four (i4_fold4) */
 #define I4_MAXM 16
 #define I4_MAX_NR 4
 #define I4_STEP 64 /* columns per step: 32 weight bytes */
