@@ -507,22 +507,21 @@ static inline __attribute__((always_inline)) void i4_group_any(const uint8_t *w,
 /* The activations' side of an int4 product, made once per call. */
 typedef struct {
     int8_t *v;      /* (M, K) 8-bit activations, each 64 columns laid out as their 32 even, then 32 odd ones */
-    float *xs;      /* (M, K / gs): each group's activation scale (x ~ v * xs) */
-    float *xsq;     /* the same by quads of rows: (M / 4 rounded up, K / gs, 4), 0 past row M */
+    float *xsq;     /* each group's activation scale (x ~ v * xs) by quads of rows: (M / 4 rounded up, K / gs, 4),
+                     * 0 past row M, so a fold's four rows' scales are one load */
     float *xsum;    /* (M, K / gs): each group's fp32 sum of x */
     float *xfix;    /* (M, K / gs): 8 * (xsum - xs * the group's sum of v), what the centred nibbles leave */
 } i4acts;
 
 static void i4acts_free(i4acts *a) {
     free(a->v);
-    free(a->xs);
     free(a->xsq);
     free(a->xsum);
     free(a->xfix);
 }
 
 /* Scales one row of activations to 8 bits per group of gs (a NaN is skipped for the scale and becomes 0, as in
- * quantize_row; the group's fp32 sum keeps it). */
+ * quantize_row; the group's fp32 sum keeps it). Group g's scale goes to xs[g * 4] (the quad layout). */
 static void i4_quantize_row(const void *x, long K, long gs, int bf16, int8_t *v, float *xs, float *xsum,
                             float *xfix) {
     float xb[QBLOCK];
@@ -535,7 +534,7 @@ static void i4_quantize_row(const void *x, long K, long gs, int bf16, int8_t *v,
             sum += xb[j];
         }
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
-        xs[g] = amax > 0 ? amax / 127.0f : 0.0f;
+        xs[g * 4] = amax > 0 ? amax / 127.0f : 0.0f;
         xsum[g] = sum;
         long vsum = 0;
         for (long j = 0; j < gs; j++) {
@@ -546,7 +545,7 @@ static void i4_quantize_row(const void *x, long K, long gs, int bf16, int8_t *v,
             v[k - c + (c & 1 ? 32 : 0) + c / 2] = (int8_t)q;
             vsum += (long)q;
         }
-        xfix[g] = (float)(8.0 * ((double)sum - (double)xs[g] * (double)vsum));
+        xfix[g] = (float)(8.0 * ((double)sum - (double)xs[g * 4] * (double)vsum));
     }
 }
 
@@ -554,20 +553,18 @@ static int i4acts_make(i4acts *a, const void *x, long M, long K, long gs, int bf
     long ng = K / gs;
     a->v = malloc((size_t)M * K);
     long quads = (M + 3) / 4;
-    a->xs = malloc(sizeof(float) * M * ng);
     a->xsq = calloc(quads * ng * 4, sizeof(float));
     a->xsum = malloc(sizeof(float) * M * ng);
     a->xfix = malloc(sizeof(float) * M * ng);
-    if (!a->v || !a->xs || !a->xsq || !a->xsum || !a->xfix) {
+    if (!a->v || !a->xsq || !a->xsum || !a->xfix) {
         i4acts_free(a);
         return -1;
     }
     #pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_WEIGHTS)
     for (long m = 0; m < M; m++)
-        i4_quantize_row((const char *)x + m * K * (bf16 ? 2 : 4), K, gs, bf16, a->v + m * K, a->xs + m * ng,
+        i4_quantize_row((const char *)x + m * K * (bf16 ? 2 : 4), K, gs, bf16, a->v + m * K,
+                        a->xsq + (m / 4) * ng * 4 + m % 4,
                         a->xsum + m * ng, a->xfix + m * ng);
-    for (long m = 0; m < M; m++)
-        for (long g = 0; g < ng; g++) a->xsq[((m / 4) * ng + g) * 4 + m % 4] = a->xs[m * ng + g];
     return 0;
 }
 
@@ -578,14 +575,15 @@ static inline __m256 i4_factors_rows(const float *sc, const float *xq, int per) 
     return _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(sc[0]), _mm_set1_ps(sc[1])), _mm256_loadu_ps(xq));
 }
 
-/* The same for a fold over nr <= 4 weight rows (scales row stride ng) of one activation row (0 past nr). */
+/* The same for a fold over nr <= 4 weight rows (scales row stride ng) of one activation row, whose group scales
+ * xg holds 4 apart (the quad layout); 0 past nr. */
 static inline __m256 i4_factors_weights(const float *sc, long ng, int nr, const float *xg, int per) {
     float f[8] __attribute__((aligned(32))) = {0};
     for (int r = 0; r < nr; r++) {
         f[r] = sc[r * ng];
         f[r + 4] = sc[r * ng + per - 1];
     }
-    __m256 x = per == 1 ? _mm256_set1_ps(xg[0]) : _mm256_setr_m128(_mm_set1_ps(xg[0]), _mm_set1_ps(xg[1]));
+    __m256 x = per == 1 ? _mm256_set1_ps(xg[0]) : _mm256_setr_m128(_mm_set1_ps(xg[0]), _mm_set1_ps(xg[4]));
     return _mm256_mul_ps(_mm256_load_ps(f), x);
 }
 
@@ -628,7 +626,7 @@ static inline __attribute__((always_inline)) void i4_tile(const uint8_t *w, long
         if (mc == 1) {
             __m256i t[I4_MAX_NR][I4_G];
             i4_group(w, kb, nr, 1, k0, span, v, K, t);
-            __m256 f = i4_factors_weights(scales + g, ng, nr, a->xs + m_first * ng + g, per);
+            __m256 f = i4_factors_weights(scales + g, ng, nr, xsq + g * 4, per);
             __m256 folded = i4_fold4(t[0][0], nr > 1 ? t[1][0] : zero, nr > 2 ? t[2][0] : zero,
                                      nr > 3 ? t[3][0] : zero);
             _mm256_store_ps(sums[0][0], _mm256_fmadd_ps(folded, f, _mm256_load_ps(sums[0][0])));
