@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m bench.bench_f32_kernel`
-from bench_int8_kernel import command_options, machine_line, markers, median_time, run_kernel_bench  # noqa: E402
-from report import date_line  # noqa: E402
+from bench_int8_kernel import median_time, run_kernel_bench, section_head  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -58,18 +57,15 @@ def measure(kernels, out: int, inn: int, rounds: int, cold_bytes: int) -> dict:
 
 
 def section(results: list, args, load: str, kernels) -> str:
-    begin, end = markers(NAME, args.isa)
-    lines = [begin, f"## fp32 few-row kernel: neoj ({kernels.name}) vs oneDNN's linear and F.linear (CPU)", "",
-             f"- Machine: {machine_line()}, {torch.get_num_threads()} threads; load average at start {load}",
-             date_line(),
-             f"- Command: `python bench/bench_f32_kernel.py{command_options(args)}`",
-             f"- GB/s of fp32 weights per product, weights out of cache (copies rotated past {args.cold_mb} MB), "
-             f"median of {args.rounds} interleaved rounds. `sum` is a plain read of the same bytes. Speed-up: neoj "
-             "over what neoj ran before (the blocked matrix-vector product at one row, oneDNN at more). Error: "
-             "neoj's, relative to the exact fp64 product.", "",
-             "| model | layer | out x in | rows | F.linear GB/s | blocked matvec GB/s | oneDNN GB/s | neoj GB/s | "
-             "speed-up | sum GB/s | error |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines, end = section_head(NAME, f"## fp32 few-row kernel: neoj ({kernels.name}) vs oneDNN's linear and F.linear "
+                              "(CPU)", args, load)
+    lines += [f"- GB/s of fp32 weights per product, weights out of cache (copies rotated past {args.cold_mb} MB), "
+              f"median of {args.rounds} interleaved rounds. `sum` is a plain read of the same bytes. Speed-up: neoj "
+              "over what neoj ran before (the blocked matrix-vector product at one row, oneDNN at more). Error: "
+              "neoj's, relative to the exact fp64 product.", "",
+              "| model | layer | out x in | rows | F.linear GB/s | blocked matvec GB/s | oneDNN GB/s | neoj GB/s | "
+              "speed-up | sum GB/s | error |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, layer, out, inn), r in results:
         for m in ROWS:
             x = r[m]

@@ -101,8 +101,8 @@ def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
 
 def caps_line() -> str:
     """Returns the ISA caps this process runs under (the environment variables libraries read)."""
-    caps = [f"{k}={os.environ[k]}" for k in ("NEOJ_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS")
-            if k in os.environ]
+    caps = [f"{k}={os.environ[k]}" for k in ("NEOJ_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS",
+                                             "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ]
     return "- ISA caps: " + (", ".join(caps) if caps else "none (each library uses the CPU's best)")
 
 
