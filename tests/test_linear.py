@@ -51,7 +51,9 @@ def test_every_threshold_gives_its_reason_and_where_it_was_measured():
 
 @pytest.mark.parametrize("c,want", [
     (call(rows=8), ("rowmatmul_f32", "onednn_linear", "linear")),
-    (call(rows=9), ("onednn_linear", "linear")),  # 8 lanes: oneDNN's blocking wins from 16 rows
+    (call(rows=16), ("rowmatmul_f32", "onednn_linear", "linear")),  # AVX2: measured up to 16 rows
+    (call(rows=9, isa="neon"), ("onednn_linear", "linear")),  # NEON: measured up to 8
+    (call(rows=8, isa="neon"), ("rowmatmul_f32", "onednn_linear", "linear")),
     (call(rows=16, isa="avx512"), ("rowmatmul_f32", "onednn_linear", "linear")),
     (call(rows=17), ("onednn_linear", "linear")),
     (call(rows=65), ("linear",)),

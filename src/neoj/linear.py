@@ -85,7 +85,7 @@ _FP32 = (torch.float32,)
 _FP32_BF16 = (torch.float32, torch.bfloat16)
 _AVX512 = ("avx512", "avx512_vnni")
 _NO_VNNI = ("avx2", "avx512", "neon", "neon_dotprod")
-_EIGHT_LANES = ("avx2", "neon", "neon_dotprod")  # 256-bit (or two 128-bit) fp32 vectors
+_NEON = ("neon", "neon_dotprod")
 # Section names in BENCHMARKS.md that the reasons point to.
 _F32_BENCH = "BENCHMARKS.md, fp32 few-row kernel (bench/bench_f32_kernel.py)"
 _I8_BENCH = "BENCHMARKS.md, int8 decode kernel (bench/bench_int8_kernel.py)"
@@ -109,9 +109,12 @@ RULES: tuple[Rule, ...] = (
     Rule("rowmatmul_f32", "f32", max_rows=1, in_multiple=16, isa=("avx512",),
          reason="one row, AVX-512 without VNNI (Skylake-SP): the blocked product halves GPT-J-arch fp32 decode "
                 f"at 1-2 threads, the kernel streams at memory speed at every width ({_PORTABLE_BENCH})"),
-    Rule("rowmatmul_f32", "f32", max_rows=8, in_multiple=16, isa=_EIGHT_LANES,
-         reason="1-8 rows, 8 lanes: at or above oneDNN and the blocked product at GPT-Neo/GPT-J widths; at 16 "
-                f"rows oneDNN's blocking wins (rowmatmul per ISA, {_PORTABLE_BENCH})"),
+    Rule("rowmatmul_f32", "f32", max_rows=16, in_multiple=16, isa=("avx2",),
+         reason="1-16 rows, AVX2: 1.0-1.9x oneDNN (held to AVX2) at 9-16 rows of GPT-Neo/GPT-J layers; past 16 "
+                f"rows at parity or below ({_F32_BENCH}, its avx2 section)"),
+    Rule("rowmatmul_f32", "f32", max_rows=8, in_multiple=16, isa=_NEON,
+         reason="1-8 rows, NEON (as AVX2's 8 lanes, not measured on ARM past 8 rows): at or above oneDNN and the "
+                f"blocked product at GPT-Neo/GPT-J widths (rowmatmul per ISA, {_PORTABLE_BENCH})"),
     Rule("blocked_matvec", "f32", max_rows=1,
          reason="one row: MKL's GEMV streams on one core (9-13 GB/s); 4 row blocks as a batched matmul use all "
                 f"cores (25-31) ({_F32_BENCH})"),
