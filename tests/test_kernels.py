@@ -47,8 +47,8 @@ def test_fp32_few_row_decode_uses_the_row_kernel(monkeypatch):
     if not rowmatmul.f32_available():
         pytest.skip("no kernel variant for this CPU, or no C compiler")
     calls = []
-    real = rowmatmul.f32_rowmatmul
-    monkeypatch.setattr(rowmatmul, "f32_rowmatmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = rowmatmul.F32Product.__call__
+    monkeypatch.setattr(rowmatmul.F32Product, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
     narrow, wide = DecodeLinear(64, 40), DecodeLinear(3072, 8)
     with torch.inference_mode():
         for rows in (1, 2, 16, 17):

@@ -302,6 +302,55 @@ def test_a_layer_remembers_its_plan_until_the_choices_or_its_weight_change(monke
     assert described[-2:] == [1, 1]
 
 
+def test_the_fp32_kernel_product_follows_the_layers_tensors():
+    needs_path("rowmatmul_f32")
+    layer = DecodeLinear(64, 40)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        first = layer(x)
+        product = linear.f32_product(layer)
+        assert product.weight is layer.weight and product.bias is layer.bias  # read in place, no copies
+        layer(x)
+        assert linear.f32_product(layer) is product  # made once, reused
+        torch.testing.assert_close(first, x @ layer.weight.t() + layer.bias)
+        layer.weight.mul_(2.0)  # changed in place: the same product sees it
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)
+        assert linear.f32_product(layer) is product
+        layer.bias = None  # a new (absent) bias: a new product
+        torch.testing.assert_close(layer(x), x @ layer.weight.t())
+        assert linear.f32_product(layer) is not product
+        layer.weight = torch.nn.Parameter(-layer.weight.detach())  # a new weight tensor
+        torch.testing.assert_close(layer(x), x @ layer.weight.t())
+        assert "_f32_product" in layer.__dict__
+    layer.to("cpu")  # moving a layer drops what was remembered
+    assert "_f32_product" not in layer.__dict__
+
+
+def test_the_fp32_product_checks_its_weights_once_and_each_activation():
+    needs_path("rowmatmul_f32")
+    k = rowmatmul.kernels()
+    w = torch.randn(5, 32)
+    with pytest.raises(ValueError, match="bias"):
+        k.bind_f32(w, torch.zeros(4))
+    with pytest.raises(TypeError, match="float32"):
+        k.bind_f32(w.double())
+    product = k.bind_f32(w, torch.ones(5))
+    with pytest.raises(ValueError, match="do not fit"):
+        product(torch.randn(1, 48))
+    with pytest.raises(TypeError, match="float32"):
+        product(torch.randn(1, 32).bfloat16())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(product(x), x @ w.t() + 1.0)
+    strided = torch.randn(32, 5).t()  # not contiguous: multiplied from a copy, which would miss later changes
+    once = k.bind_f32(strided)
+    torch.testing.assert_close(once(x), x @ strided.t())
+    assert not once.holds(strided, None)
+    b = torch.ones(5)
+    bound = k.bind_f32(w, b)
+    assert bound.holds(w, b) and not bound.holds(w, b.clone()) and not bound.holds(w.clone(), b)
+
+
 def test_the_int8_kernel_product_follows_the_layers_tensors():
     needs_path("rowmatmul_int8")
     layer, w, b = quant_layer("int8", out=40, inn=256)

@@ -251,7 +251,17 @@ def _with_bias(y: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.T
 
 
 def _rowmatmul_f32(layer, x):
-    return rowmatmul.f32_rowmatmul(x, weight_of(layer), bias_of(layer))
+    return f32_product(layer)(x)
+
+
+def f32_product(layer: nn.Module) -> rowmatmul.F32Product:
+    """Returns the C kernel's product by an fp32 layer's weight and bias, made on its first call and kept on
+    the layer while it reads that layer's tensors (see rowmatmul.F32Product.holds)."""
+    weight, bias = weight_of(layer), bias_of(layer)
+    product = layer.__dict__.get("_f32_product")
+    if product is None or not product.holds(weight, bias):
+        product = layer.__dict__["_f32_product"] = rowmatmul.kernels().bind_f32(weight, bias)
+    return product
 
 
 def _blocked_matvec(layer, x):
@@ -466,6 +476,7 @@ def forget(layer: nn.Module) -> None:
     e.g. before the layer's tensors move to another device or dtype."""
     layer.__dict__.pop("_linear_plans", None)
     layer.__dict__.pop("_int8_product", None)
+    layer.__dict__.pop("_f32_product", None)
     layer.__dict__.pop("_int4_product", None)
 
 

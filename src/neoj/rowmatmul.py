@@ -26,11 +26,10 @@ log = logging.getLogger(__name__)
 
 BLOCK = 256  # activations are scaled per block of this many values: in_features must be a multiple
 
-__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "Int4Product", "Int8Product", "Kernels", "Variant",
-           "build", "candidate_variants", "compiler", "cpu_features", "f32_available", "f32_rowmatmul",
-           "inductor_cache_dir",
-           "int4_available", "int8_available", "kernels", "load", "machine", "prepare", "select",
-           "supported_variants", "usable_variants", "variant_name"]
+__all__ = ["BLOCK", "BY_NAME", "CSRC", "VARIANTS", "BuildError", "F32Product", "Int4Product", "Int8Product",
+           "Kernels", "Variant", "build", "candidate_variants", "compiler", "cpu_features", "f32_available",
+           "inductor_cache_dir", "int4_available", "int8_available", "kernels", "load", "machine", "prepare",
+           "select", "supported_variants", "usable_variants", "variant_name"]
 
 
 def _check_weights(weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
@@ -84,19 +83,11 @@ class Kernels:
         fp32 CPU tensors; K a multiple of 16. Each output row is summed in the same order for any M, so a
         row's values do not depend on the rows beside it.
         """
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or (
-                bias is not None and bias.dtype != torch.float32):
-            raise TypeError(f"f32_rowmatmul takes float32 tensors, got {x.dtype} and {weight.dtype}")
-        _check_shapes(x, weight, bias)
-        x, weight = x.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()  # kept referenced until the call returns
-        M, K = x.shape
-        N = weight.shape[0]
-        y = torch.empty(M, N, dtype=torch.float32)
-        bias_ptr = None if bias is None else bias.data_ptr()
-        if self.lib.neoj_rowmatmul_f32(x.data_ptr(), M, K, weight.data_ptr(), N, bias_ptr, y.data_ptr()) != 0:
-            raise RuntimeError(f"fp32 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
-        return y
+        return self.bind_f32(weight, bias)(x)
+
+    def bind_f32(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "F32Product":
+        """Returns the product by weight (+ bias), both checked now, once."""
+        return F32Product(self.lib.neoj_rowmatmul_f32, weight, bias)
 
     def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,6 +190,48 @@ class Int8Product:
         y = torch.empty(M, N, dtype=dtype)
         if self._run(x, M, K, N, y, bf16) != 0:
             raise RuntimeError(f"{self.NAME} row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+        return y
+
+
+class F32Product:
+    """One fp32 weight and its bias, checked once and then multiplied by many activations (see Int8Product: a
+    decode step calls every layer once per token, and the checks cost as much as a small layer's product).
+
+    It reads the weight and bias in place, so changes made to them in place are seen; `holds` tells a caller
+    whether it is still the product of a layer's tensors. Non-contiguous ones are read from copies made here,
+    and then `holds` is False (a copy would not see later changes): such a product serves one call.
+    """
+
+    def __init__(self, fn, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+            raise TypeError(f"f32_rowmatmul takes float32 tensors, got {weight.dtype} and "
+                            f"{None if bias is None else bias.dtype}")
+        _check_weights(weight, bias)
+        self._fn = fn
+        self._given = (weight, bias)
+        self.weight = weight.contiguous()
+        self.bias = None if bias is None else bias.contiguous()
+        self._in_place = self.weight is weight and self.bias is bias
+
+    def holds(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """True when this product reads these very tensors."""
+        return self._in_place and weight is self._given[0] and bias is self._given[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns x (M, K) @ the weight^T (+ bias), fp32."""
+        if x.dtype != torch.float32:
+            raise TypeError(f"f32_rowmatmul takes float32 tensors, got {x.dtype} activations")
+        N, K = self.weight.shape
+        shape = x.shape
+        if len(shape) != 2 or shape[1] != K or not x.is_cpu:
+            raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        M = shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        bias_ptr = None if self.bias is None else self.bias.data_ptr()
+        if self._fn(x.data_ptr(), M, K, self.weight.data_ptr(), N, bias_ptr, y.data_ptr()) != 0:
+            raise RuntimeError(f"fp32 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
         return y
 
 
@@ -305,7 +338,3 @@ def variant_name() -> str:
     k = kernels()
     return k.name if k is not None else "none"
 
-
-def f32_rowmatmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Kernels.f32 of this process's variant; the caller checks `f32_available()` first."""
-    return kernels().f32(x, weight, bias)
