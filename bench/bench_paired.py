@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Paired decode: neoj against CTranslate2 in alternating bursts of two live processes (GPT-J arch, CPU).
+
+bench_portable runs each configuration in a process of its own, a minute or more apart; on a shared machine
+the memory bandwidth moves by 1.5x within minutes, more than the margins its targets ask about. Here the two
+engines stay loaded side by side, each in its own process held to the same ISA, and take turns: a burst of
+greedy decode in one, then the same in the other (the order swapped every pair), while the waiting one idles.
+Each adjacent pair gives a ratio; the table reports the median ratio, its quartiles, and each engine's median
+tokens/s. Same checkpoints and engines as bench_portable (its --workdir); writes a marked section of
+BENCHMARKS.md.
+
+    python bench/bench_paired.py                    # AVX2 (held) and this CPU's best; fp32 and int8; batch 1, 8
+    python bench/bench_paired.py --isa avx2 --bursts 16
+    python bench/bench_paired.py --quick --out -    # smoke test: 2-layer models, 2 bursts, prints the section
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import select
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m bench.bench_paired`
+import bench_portable as portable  # noqa: E402
+from report import REPO, cpu_description, loadavg, logger, section_markers, write_section  # noqa: E402
+
+log = logger("bench_paired")
+PAIRS = (("fp32", "float32"), ("int8", "int8"))  # (neoj weights, CTranslate2 compute type)
+READY = "READY"
+IDLE_S = 0.3  # between bursts: a process's OpenMP threads stop spinning before the other one starts
+
+
+def serve(spec: dict) -> None:
+    """Worker: loads one engine, then answers "rows tokens" lines on stdin with a decode rate, until EOF."""
+    if spec["engine"] == "neoj":  # before torch: neoj's threading default, as its command line gets it
+        importlib.import_module("neoj")
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    runner = portable.Runner(spec)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 50256, (8, spec["prompt"]), generator=gen).tolist()
+    for rows in (1, 8):
+        runner.decode_rate(prompts[:rows], 4)  # warm-up: first-call allocations, kernel choices
+    print(READY, flush=True)
+    for line in sys.stdin:
+        rows, tokens = (int(v) for v in line.split())
+        print(portable.RESULT_TAG + json.dumps(runner.decode_rate(prompts[:rows], tokens)), flush=True)
+
+
+class Worker:
+    """One live engine process, driven a burst at a time."""
+
+    def __init__(self, spec: dict, timeout: float):
+        self.name, self.timeout = spec["name"], timeout
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=portable.worker_env(spec["env"]))
+        self._read_until(lambda ln: ln == READY)
+
+    def _read_until(self, done):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                raise RuntimeError(f"worker {self.name} stopped or timed out (exit {self.proc.poll()})")
+            line = line.strip()
+            if done(line):
+                return line
+
+    def burst(self, rows: int, tokens: int) -> float:
+        """Returns the decode tokens/s (all rows) of one greedy generation of `tokens` per row."""
+        self.proc.stdin.write(f"{rows} {tokens}\n")
+        self.proc.stdin.flush()
+        line = self._read_until(lambda ln: ln.startswith(portable.RESULT_TAG))
+        return float(line[len(portable.RESULT_TAG):])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def run_pair(neoj_spec: dict, ct2_spec: dict, args) -> dict:
+    """Alternates bursts of the two engines; returns per batch the rates of each and the pair ratios."""
+    workers = [Worker(neoj_spec, args.timeout), Worker(ct2_spec, args.timeout)]
+    try:
+        out = {}
+        for rows in args.batches:
+            rates = {"neoj": [], "ct2": []}
+            for i in range(args.bursts):
+                order = (0, 1) if i % 2 == 0 else (1, 0)  # a drifting bandwidth favours neither engine
+                for w in order:
+                    time.sleep(IDLE_S)
+                    rates["neoj" if w == 0 else "ct2"].append(workers[w].burst(rows, args.tokens))
+            ratios = [a / b for a, b in zip(rates["neoj"], rates["ct2"])]
+            out[rows] = {**rates, "ratios": ratios}
+            log(f"  {neoj_spec['name']} / {ct2_spec['name']} batch {rows}: median ratio "
+                f"{statistics.median(ratios):.3f} (" + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+        return out
+    finally:
+        for w in workers:
+            w.close()
+
+
+def render(results: list, meta: dict, args) -> str:
+    begin, end = section_markers("bench_paired")
+    lines = [begin, "## Paired decode: neoj vs CTranslate2, alternating bursts of two live processes (CPU, "
+             f"{args.threads} threads)", "",
+             f"- Machine: {meta['cpu'][0]}; ISA flags: {meta['cpu'][1]}; load average at start {meta['load_start']}, "
+             f"at end {meta['load_end']}",
+             f"- Date: {meta['date']} (took {meta['minutes']:.0f} min); {meta['versions']}",
+             f"- Command: `python bench/bench_paired.py{meta['options']}`",
+             f"- GPT-J arch 2048x16 (bench_portable's checkpoints). Each pair: neoj and CTranslate2 loaded side by side, "
+             f"each in its own process held to the ISA (avx2: {', '.join(f'{k}={v}' for k, v in portable.AVX2_CAPS.items())}, "
+             f"NEOJ_ISA=avx2), taking turns at bursts of {args.tokens} greedy tokens per row after a {args.prompt}-token "
+             f"prompt, {args.bursts} bursts each, order swapped every pair; ratio = neoj / CTranslate2 of adjacent "
+             "bursts. neoj's compute dtype is auto (bf16 only where the CPU has bf16 instructions and no cap).", "",
+             "| ISA | neoj weights | CTranslate2 compute | batch | neoj tok/s (median) | CT2 tok/s (median) | "
+             "ratio (median) | ratio quartiles |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for isa, scheme, ctype, per_batch in results:
+        for rows, r in per_batch.items():
+            q1, q3 = quartiles(r["ratios"])
+            lines.append(f"| {isa} | {scheme} | {ctype} | {rows} | {statistics.median(r['neoj']):.2f} | "
+                         f"{statistics.median(r['ct2']):.2f} | {statistics.median(r['ratios']):.3f}x | "
+                         f"{q1:.2f}-{q3:.2f} |")
+    lines += ["", "Issue 14's targets at batch 1 and 8 (AVX2): neoj int8 >= 1.2x CTranslate2 int8, neoj fp32 >= 1.0x "
+              "CTranslate2 fp32.", end]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--isa", action="append", help="avx2 or the CPU's best (repeatable; default: both)")
+    p.add_argument("--bursts", type=int, default=10, help="bursts per engine and batch")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens per row per burst")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=[1, 8])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds a worker may take to load or to answer")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
+    p.add_argument("--quick", action="store_true", help="2-layer models, 2 bursts, 6 tokens")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section into, or -")
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.bursts, args.tokens = 2, 6
+        args.workdir = args.workdir + "-quick"  # as bench_portable --quick
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.serve:
+        serve(json.loads(args.serve))
+        return
+    from neoj import rowmatmul
+
+    work = Path(args.workdir)
+    portable.prepare_checkpoints(work, args.quick)
+    native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
+    isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
+    options = (" --quick" if args.quick else "") + "".join(f" --isa {i}" for i in (args.isa or []))
+    options += f" --bursts {args.bursts}" if args.bursts != 10 and not args.quick else ""
+    spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
+                                   long_prompt=0)
+    specs = {s["name"]: s for s in portable.configurations(work, native, spec_args)}
+    start, load_start, rev = time.time(), loadavg(), portable.versions()
+    results = []
+    for isa in isas:
+        for scheme, ctype in PAIRS:
+            log(f"pair: neoj {scheme} / ct2 {ctype}, {isa}")
+            results.append((isa, scheme, ctype, run_pair(specs[f"neoj {scheme} {isa}"], specs[f"ct2 {ctype} {isa}"],
+                                                         args)))
+    meta = {"cpu": cpu_description(), "load_start": load_start, "load_end": loadavg(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - start) / 60,
+            "options": options, "versions": rev}
+    text = render(results, meta, args)
+    write_section(args.out, text, *section_markers("bench_paired"))
+    if args.out != "-":
+        log(f"wrote {args.out}")
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
