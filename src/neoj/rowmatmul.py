@@ -43,17 +43,6 @@ def _check_weights(weight: torch.Tensor, bias: torch.Tensor | None, scales: torc
             raise ValueError(f"row kernel {name} has shape {tuple(t.shape)}, not ({weight.shape[0]},)")
 
 
-def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  scales: torch.Tensor | None = None) -> None:
-    """Raises ValueError unless x (M, K), weight (N, K), bias and scales (N,) are CPU tensors that fit:
-    the C code trusts the sizes it is given, so a mismatch would read past a tensor's end."""
-    _check_weights(weight, bias, scales)
-    if x.device.type != "cpu":
-        raise ValueError("the row kernels take CPU tensors")
-    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"row kernel shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-
-
 class Kernels:
     """The products of one loaded variant library."""
 
