@@ -43,6 +43,21 @@ def _check_weights(weight: torch.Tensor, bias: torch.Tensor | None, scales: torc
             raise ValueError(f"row kernel {name} has shape {tuple(t.shape)}, not ({weight.shape[0]},)")
 
 
+def _multiply(name: str, x: torch.Tensor, N: int, K: int, dtype: torch.dtype, run) -> torch.Tensor:
+    """Returns the (M, N) product in `dtype` that run(x, M, y) writes into y, after checking x (M, K) against the
+    bound weight's (N, K): the C code trusts the sizes it is given. run returns the kernel's status (0: done)."""
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != K or not x.is_cpu:
+        raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    M = shape[0]
+    y = torch.empty(M, N, dtype=dtype)
+    if run(x, M, y) != 0:
+        raise RuntimeError(f"{name} row kernel refused a ({M}, {K}) x ({N}, {K}) product")
+    return y
+
+
 class Kernels:
     """The products of one loaded variant library."""
 
@@ -170,16 +185,7 @@ class Int8Product:
         if bf16 is None:
             raise TypeError(f"{self.NAME}_rowmatmul takes float32 or bfloat16 activations, got {dtype}")
         N, K = self._weight_shape()
-        shape = x.shape
-        if len(shape) != 2 or shape[1] != K or not x.is_cpu:
-            raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        M = shape[0]
-        y = torch.empty(M, N, dtype=dtype)
-        if self._run(x, M, K, N, y, bf16) != 0:
-            raise RuntimeError(f"{self.NAME} row kernel refused a ({M}, {K}) x ({N}, {K}) product")
-        return y
+        return _multiply(self.NAME, x, N, K, dtype, lambda xc, M, y: self._run(xc, M, K, N, y, bf16))
 
 
 class F32Product:
@@ -211,17 +217,10 @@ class F32Product:
         if x.dtype != torch.float32:
             raise TypeError(f"f32_rowmatmul takes float32 tensors, got {x.dtype} activations")
         N, K = self.weight.shape
-        shape = x.shape
-        if len(shape) != 2 or shape[1] != K or not x.is_cpu:
-            raise ValueError(f"row kernel shapes do not fit: x {tuple(shape)} on {x.device}, weight ({N}, {K})")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        M = shape[0]
-        y = torch.empty(M, N, dtype=torch.float32)
         bias_ptr = None if self.bias is None else self.bias.data_ptr()
-        if self._fn(x.data_ptr(), M, K, self.weight.data_ptr(), N, bias_ptr, y.data_ptr()) != 0:
-            raise RuntimeError(f"fp32 row kernel refused a ({M}, {K}) x ({N}, {K}) product")
-        return y
+        return _multiply("fp32", x, N, K, torch.float32,
+                         lambda xc, M, y: self._fn(xc.data_ptr(), M, K, self.weight.data_ptr(), N, bias_ptr,
+                                                   y.data_ptr()))
 
 
 class Int4Product(Int8Product):
