@@ -148,6 +148,18 @@ def render(results: list, meta: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_options(args) -> str:
+    """Returns the options a section's Command line repeats: those that differ from the defaults."""
+    opts = "".join(f" --isa {i}" for i in (args.isa or []))
+    if args.quick:
+        return " --quick" + opts
+    defaults = parse_args([])
+    for name in ("bursts", "tokens", "prompt", "threads"):
+        if getattr(args, name) != getattr(defaults, name):
+            opts += f" --{name} {getattr(args, name)}"
+    return opts + (" --batches " + " ".join(map(str, args.batches)) if args.batches != defaults.batches else "")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--isa", action="append", help="avx2 or the CPU's best (repeatable; default: both)")
@@ -179,12 +191,11 @@ def main(argv=None) -> None:
     portable.prepare_checkpoints(work, args.quick)
     native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
     isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
-    options = (" --quick" if args.quick else "") + "".join(f" --isa {i}" for i in (args.isa or []))
-    options += f" --bursts {args.bursts}" if args.bursts != 10 and not args.quick else ""
+    options = command_options(args)
     spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
                                    long_prompt=0)
     specs = {s["name"]: s for s in portable.configurations(work, native, spec_args)}
-    start, load_start, rev = time.time(), loadavg(), portable.versions()
+    start, load_start, versions = time.time(), loadavg(), portable.versions()
     results = []
     for isa in isas:
         for scheme, ctype in PAIRS:
@@ -193,7 +204,7 @@ def main(argv=None) -> None:
                                                          args)))
     meta = {"cpu": cpu_description(), "load_start": load_start, "load_end": loadavg(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - start) / 60,
-            "options": options, "versions": rev}
+            "options": options, "versions": versions}
     text = render(results, meta, args)
     write_section(args.out, text, *section_markers("bench_paired"))
     if args.out != "-":
