@@ -124,12 +124,13 @@ static void f32_tile_any(const float *x, int mc, int nr, long K, const float *w,
 }
 
 /* One activation row (batch-1 decode) is bound by memory alone. There the tile above (3 rows, a prefetch
- * 16 KB ahead in each row's stream) read 0.80-0.85 of a plain sequential read of the same weights; 6 rows in
- * flight whose prefetches walk the weights in address order, two tiles ahead, read 0.86-0.95 of it, and more
- * than 6 rows without those prefetches in most runs (AMD EPYC, 2 threads, one decode step's worth of
- * GPT-J-arch weights out of cache). Each sum is the tile's, term for term (one accumulator per output, the
- * same vf_sum), so a row's values do not depend on M. */
-#define F32_ROW_NR 6
+ * 16 KB ahead in each row's stream) read 0.80-0.85 of a plain sequential read of the same weights. A tile of
+ * weight rows whose prefetches walk the weights in address order, two tiles ahead, does better; 4 rows with
+ * the prefetches into L2 read 0.96-0.98 of it, 6 rows into L1 0.92-0.95 (AMD EPYC, 2 threads, one decode
+ * step's worth of GPT-J-arch weights out of cache, AVX2 and AVX-512 builds; BENCHMARKS.md, bench_f32_kernel).
+ * Each sum is the tile's, term for term (one accumulator per output, the same vf_sum), so a row's values do
+ * not depend on M. */
+#define F32_ROW_NR 4
 #define F32_ROW_AHEAD (2 * F32_ROW_NR) /* weight rows: the prefetches run two tiles ahead */
 
 static inline __attribute__((always_inline)) void f32_row_tile(const float *x, int nr, long K, const float *w,
@@ -140,7 +141,7 @@ static inline __attribute__((always_inline)) void f32_row_tile(const float *x, i
     for (long k = 0; k < K; k += VF) {
         if (ahead) /* the lines this step reads, F32_ROW_AHEAD rows further on, in address order */
             for (int line = 0; line < F32_ROW_NR * VF / 16; line++)
-                _mm_prefetch((const char *)(ahead + k * F32_ROW_NR + 16 * line), _MM_HINT_T0);
+                _mm_prefetch((const char *)(ahead + k * F32_ROW_NR + 16 * line), _MM_HINT_T1);
         vf xv = vf_load(x + k);
         for (int r = 0; r < F32_ROW_NR; r++)
             if (r < nr) acc[r] = vf_fma(vf_load(w + r * K + k), xv, acc[r]);
