@@ -99,21 +99,22 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def run_pair(neoj_spec: dict, ct2_spec: dict, args) -> dict:
-    """Alternates bursts of the two engines; returns per batch the rates of each and the pair ratios."""
-    workers = [Worker(neoj_spec, args.timeout), Worker(ct2_spec, args.timeout)]
+def run_pair(first: dict, second: dict, args) -> dict:
+    """Alternates bursts of two engine processes (specs `first` and `second`); returns per batch the rates of
+    each ("first", "second") and the pair ratios first / second."""
+    workers = [Worker(first, args.timeout), Worker(second, args.timeout)]
     try:
         out = {}
         for rows in args.batches:
-            rates = {"neoj": [], "ct2": []}
+            rates = {"first": [], "second": []}
             for i in range(args.bursts):
                 order = (0, 1) if i % 2 == 0 else (1, 0)  # a drifting bandwidth favours neither engine
                 for w in order:
                     time.sleep(IDLE_S)
-                    rates["neoj" if w == 0 else "ct2"].append(workers[w].burst(rows, args.tokens))
-            ratios = [a / b for a, b in zip(rates["neoj"], rates["ct2"])]
+                    rates["first" if w == 0 else "second"].append(workers[w].burst(rows, args.tokens))
+            ratios = [a / b for a, b in zip(rates["first"], rates["second"])]
             out[rows] = {**rates, "ratios": ratios}
-            log(f"  {neoj_spec['name']} / {ct2_spec['name']} batch {rows}: median ratio "
+            log(f"  {first['name']} / {second['name']} batch {rows}: median ratio "
                 f"{statistics.median(ratios):.3f} (" + ", ".join(f"{r:.2f}" for r in ratios) + ")")
         return out
     finally:
@@ -140,20 +141,21 @@ def render(results: list, meta: dict, args) -> str:
     for isa, scheme, ctype, per_batch in results:
         for rows, r in per_batch.items():
             q1, q3 = quartiles(r["ratios"])
-            lines.append(f"| {isa} | {scheme} | {ctype} | {rows} | {statistics.median(r['neoj']):.2f} | "
-                         f"{statistics.median(r['ct2']):.2f} | {statistics.median(r['ratios']):.3f}x | "
+            lines.append(f"| {isa} | {scheme} | {ctype} | {rows} | {statistics.median(r['first']):.2f} | "
+                         f"{statistics.median(r['second']):.2f} | {statistics.median(r['ratios']):.3f}x | "
                          f"{q1:.2f}-{q3:.2f} |")
     lines += ["", "Issue 14's targets at batch 1 and 8 (AVX2): neoj int8 >= 1.2x CTranslate2 int8, neoj fp32 >= 1.0x "
               "CTranslate2 fp32.", end]
     return "\n".join(lines) + "\n"
 
 
-def command_options(args) -> str:
-    """Returns the options a section's Command line repeats: those that differ from the defaults."""
+def command_options(args, defaults=None) -> str:
+    """Returns the options a section's Command line repeats: those that differ from the defaults (this script's,
+    or those given: the parsed defaults of a script that shares these options)."""
     opts = "".join(f" --isa {i}" for i in (args.isa or []))
     if args.quick:
         return " --quick" + opts
-    defaults = parse_args([])
+    defaults = defaults or parse_args([])
     for name in ("bursts", "tokens", "prompt", "threads"):
         if getattr(args, name) != getattr(defaults, name):
             opts += f" --{name} {getattr(args, name)}"

@@ -16,6 +16,7 @@ from . import linear, weights
 from .kernels import use_decode_kernels
 from .engine import PrefixCache, Speculative
 from .engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+from .huge_pages import move_to_huge_pages
 from .generate import Completion, Score, generate_batch, score_ids, stream_batch
 from .model import Transformer
 from .model_utils import mean_pooled
@@ -45,7 +46,9 @@ COMPILE_MIN_WEIGHT_BYTES = 1 << 30
 
 
 def prepare_for_inference(model: Transformer) -> Transformer:
-    """Returns the model with its CPU decode fast paths installed (see neoj.kernels; neoj.quantize has its own)."""
+    """Returns the model with its CPU decode fast paths installed (see neoj.kernels; neoj.quantize has its own) and
+    its large CPU weights in huge pages (neoj.huge_pages)."""
+    move_to_huge_pages(model)
     if model.num_parameters() >= DECODE_KERNEL_MIN_PARAMS:
         weight_bytes = model.num_parameters() * model.wte.weight.element_size()
         use_decode_kernels(model, allow_compile=weight_bytes >= COMPILE_MIN_WEIGHT_BYTES)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Huge pages A/B: neoj with its weights in huge pages (the default) against NEOJ_HUGE_PAGES=0, paired bursts.
+
+neoj moves a CPU model's large weights into memory advised for 2 MB pages after loading (neoj.huge_pages);
+NEOJ_HUGE_PAGES=0 keeps them where loading put them (a full-precision checkpoint memory-mapped, quantized
+weights in plain anonymous memory). The two stay loaded side by side, each in its own process held to the same
+ISA, and take turns at bursts of greedy decode as in bench_paired (its workers, checkpoints and pairing); the
+table reports the median ratio on / off of adjacent bursts and its quartiles. Writes a marked section of
+BENCHMARKS.md.
+
+    python bench/bench_huge_pages.py                 # AVX2 (held) and this CPU's best; fp32 and int8; batch 1
+    python bench/bench_huge_pages.py --isa avx2 --batches 1 8
+    python bench/bench_huge_pages.py --quick --out -  # smoke test: 2-layer models, 2 bursts, prints the section
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m bench.bench_huge_pages`
+import bench_paired as paired  # noqa: E402
+import bench_portable as portable  # noqa: E402
+from report import REPO, cpu_description, loadavg, logger, section_markers, write_section  # noqa: E402
+
+log = logger("bench_huge_pages")
+SCHEMES = ("fp32", "int8")
+
+
+def without_huge_pages(spec: dict) -> dict:
+    """Returns the same neoj worker with NEOJ_HUGE_PAGES=0."""
+    return {**spec, "name": spec["name"] + " NEOJ_HUGE_PAGES=0", "env": {**spec["env"], "NEOJ_HUGE_PAGES": "0"}}
+
+
+def render(results: list, meta: dict, args) -> str:
+    begin, end = section_markers("bench_huge_pages")
+    lines = [begin, f"## Huge pages A/B: neoj's weights in huge pages against NEOJ_HUGE_PAGES=0 (CPU, {args.threads} "
+             "threads)", "",
+             f"- Machine: {meta['cpu'][0]}; ISA flags: {meta['cpu'][1]}; load average at start {meta['load_start']}, "
+             f"at end {meta['load_end']}; transparent huge pages: {meta['thp']}",
+             f"- Date: {meta['date']} (took {meta['minutes']:.0f} min); {meta['versions']}",
+             f"- Command: `python bench/bench_huge_pages.py{meta['options']}`",
+             "- GPT-J arch 2048x16 (bench_portable's checkpoints). Each pair: two neoj processes loaded side by side, "
+             "held to the ISA as in bench_paired, one with NEOJ_HUGE_PAGES=0, taking turns at bursts of "
+             f"{args.tokens} greedy tokens per row after a {args.prompt}-token prompt, {args.bursts} bursts each, order "
+             "swapped every pair; ratio = on / off of adjacent bursts. neoj's compute dtype is auto (bf16 only where "
+             "the CPU has bf16 instructions and no cap).", "",
+             "| ISA | neoj weights | batch | huge pages tok/s (median) | NEOJ_HUGE_PAGES=0 tok/s (median) | "
+             "ratio (median) | ratio quartiles |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for isa, scheme, per_batch in results:
+        for rows, r in per_batch.items():
+            q1, q3 = paired.quartiles(r["ratios"])
+            lines.append(f"| {isa} | {scheme} | {rows} | {statistics.median(r['first']):.2f} | "
+                         f"{statistics.median(r['second']):.2f} | {statistics.median(r['ratios']):.3f}x | "
+                         f"{q1:.2f}-{q3:.2f} |")
+    return "\n".join(lines + [end]) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--isa", action="append", help="avx2 or the CPU's best (repeatable; default: both)")
+    p.add_argument("--bursts", type=int, default=10, help="bursts per process and batch")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens per row per burst")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--batches", type=int, nargs="+", default=[1], choices=[1, 8])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds a worker may take to load or to answer")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
+    p.add_argument("--quick", action="store_true", help="2-layer models, 2 bursts, 6 tokens")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section into, or -")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.bursts, args.tokens = 2, 6
+        args.workdir = args.workdir + "-quick"  # as bench_portable --quick
+    return args
+
+
+def thp_setting() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unavailable"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from neoj import rowmatmul
+
+    work = Path(args.workdir)
+    portable.prepare_checkpoints(work, args.quick)
+    native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
+    isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
+    spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
+                                   long_prompt=0)
+    specs = {s["name"]: s for s in portable.configurations(work, native, spec_args)}
+    start, load_start, versions = time.time(), loadavg(), portable.versions()
+    results = []
+    for isa in isas:
+        for scheme in SCHEMES:
+            spec = specs[f"neoj {scheme} {isa}"]
+            log(f"pair: {spec['name']} / NEOJ_HUGE_PAGES=0")
+            results.append((isa, scheme, paired.run_pair(spec, without_huge_pages(spec), args)))
+    meta = {"cpu": cpu_description(), "load_start": load_start, "load_end": loadavg(), "thp": thp_setting(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - start) / 60,
+            "options": paired.command_options(args, parse_args([])), "versions": versions}
+    text = render(results, meta, args)
+    write_section(args.out, text, *section_markers("bench_huge_pages"))
+    if args.out != "-":
+        log(f"wrote {args.out}")
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
