@@ -46,9 +46,10 @@ def render(results: list, meta: dict, args) -> str:
              f"- Command: `python bench/bench_huge_pages.py{meta['options']}`",
              "- GPT-J arch 2048x16 (bench_portable's checkpoints). Each pair: two neoj processes loaded side by side, "
              "held to the ISA as in bench_paired, one with NEOJ_HUGE_PAGES=0, taking turns at bursts of "
-             f"{args.tokens} greedy tokens per row after a {args.prompt}-token prompt, {args.bursts} bursts each, order "
-             "swapped every pair; ratio = on / off of adjacent bursts. neoj's compute dtype is auto (bf16 only where "
-             "the CPU has bf16 instructions and no cap).", "",
+             f"{args.tokens} greedy tokens per row after a {args.prompt}-token prompt, {args.bursts} bursts each, "
+             "order swapped every pair, in two rounds of fresh processes started in either order; ratio = on / off "
+             "of adjacent bursts. neoj's compute dtype is auto (bf16 only where the CPU has bf16 instructions and no "
+             "cap).", "",
              "| ISA | neoj weights | batch | huge pages tok/s (median) | NEOJ_HUGE_PAGES=0 tok/s (median) | "
              "ratio (median) | ratio quartiles |",
              "|---|---|---:|---:|---:|---:|---|"]
