@@ -29,7 +29,7 @@ def advised_for_huge_pages(t: torch.Tensor) -> bool:
 
 
 class Shared(nn.Module):
-    """Two linears sharing one weight, a buffer held by two modules, a small tensor and a view."""
+    """Two linears sharing one weight, a buffer held by two modules, a small tensor, a view and an int8 table."""
 
     def __init__(self):
         super().__init__()
@@ -37,9 +37,10 @@ class Shared(nn.Module):
         self.b = nn.Linear(BIG // 256, 256, bias=False)
         self.b.weight = self.a.weight
         self.c = nn.Linear(BIG // 128, 128)  # another big one, with a small bias
-        table = torch.randint(-127, 128, (BIG * 4,), dtype=torch.int8)
+        table = torch.randn(BIG)
         self.a.register_buffer("table", table)
         self.c.register_buffer("table", table)
+        self.c.register_buffer("codes", torch.randint(-127, 128, (BIG * 4,), dtype=torch.int8))  # integers: stay
         whole = torch.randn(BIG * 2)
         self.register_buffer("part", whole[:BIG])  # part of a larger storage: stays
 
@@ -58,15 +59,16 @@ def test_large_tensors_move_into_one_advised_region_with_their_values(thp_madvis
     torch.manual_seed(0)
     m = Shared()
     before = {name: t.clone() for name, t in m.state_dict().items()}
-    small_ptr, part_ptr = m.c.bias.data_ptr(), m.part.data_ptr()
+    small_ptr, part_ptr, codes_ptr = m.c.bias.data_ptr(), m.part.data_ptr(), m.c.codes.data_ptr()
     weight = m.a.weight
     moved = huge_pages.move_to_huge_pages(m)
-    assert moved == 3 * BIG * 4  # the shared weight once, the int8 table once, c's weight
+    assert moved == 3 * BIG * 4  # the shared weight once, the shared table once, c's weight
     for name, t in m.state_dict().items():
         assert torch.equal(t, before[name]), name
     assert m.a.weight is weight and m.b.weight is weight and weight.requires_grad  # still one Parameter
     assert m.a.table.data_ptr() == m.c.table.data_ptr()  # the shared buffer is still one tensor
     assert m.c.bias.data_ptr() == small_ptr and m.part.data_ptr() == part_ptr  # small, and a view: untouched
+    assert m.c.codes.data_ptr() == codes_ptr
     for t in (m.a.weight, m.c.weight, m.a.table):
         assert advised_for_huge_pages(t)
     assert not advised_for_huge_pages(m.c.bias)

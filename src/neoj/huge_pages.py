@@ -3,10 +3,11 @@
 Decoding reads every weight once per token, so a CPU decode step is a stream through gigabytes. From a
 memory-mapped checkpoint or plain anonymous memory that stream crosses a 4 KB page every 4096 bytes: each
 crossing can cost a TLB miss, and the hardware prefetchers stop at it. From 2 MB pages the same kernels
-stream faster (BENCHMARKS.md, huge pages A/B). PyTorch's CPU allocator asks for huge pages only when
-THP_MEM_ALLOC_ENABLE=1 was set before torch started, and a memory-mapped checkpoint never gets them; so
-after loading, the large tensors are copied, in model order, into one anonymous mapping advised with
-MADV_HUGEPAGE, and the parameters and buffers point there.
+stream faster: GPT-J-arch fp32 decode held to AVX2 1.12-1.18x its memory-mapped checkpoint (BENCHMARKS.md, huge
+pages A/B). PyTorch's CPU allocator asks for huge pages only when THP_MEM_ALLOC_ENABLE=1 was set before torch
+started, and a memory-mapped checkpoint never gets them; so after loading, the large floating-point tensors are
+copied, in model order, into one anonymous mapping advised with MADV_HUGEPAGE, and the parameters and buffers
+point there.
 
 Nothing changes off Linux, where the kernel's THP setting is "never", or with NEOJ_HUGE_PAGES=0 (which
 keeps a full-precision checkpoint memory-mapped: it loads in milliseconds, and processes that map the same
@@ -43,9 +44,11 @@ def available() -> bool:
 
 
 def _movable(t: torch.Tensor) -> bool:
-    """True for a CPU tensor of at least MIN_BYTES that is the whole of its storage (a view of part of a larger
-    tensor is left with it)."""
-    return (t.device.type == "cpu" and not t.is_sparse and t.nbytes >= MIN_BYTES and t.is_contiguous()
+    """True for a floating-point CPU tensor of at least MIN_BYTES that is the whole of its storage (a view of part
+    of a larger tensor is left with it). Integer tensors (int8 and int4 weights) stay: quantized checkpoints load
+    into anonymous memory, and there huge pages measured 0.95-1.0x (BENCHMARKS.md, huge pages A/B)."""
+    return (t.device.type == "cpu" and t.is_floating_point() and not t.is_sparse and t.nbytes >= MIN_BYTES
+            and t.is_contiguous()
             and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes)
 
 
