@@ -1,6 +1,7 @@
 """neoj.huge_pages: large CPU weights move into one huge-page region, values and sharing intact."""
 
 import sys
+import weakref
 
 import pytest
 import torch
@@ -75,6 +76,26 @@ def test_large_tensors_move_into_one_advised_region_with_their_values(thp_madvis
     # One region, in model order: a's weight, the table (first held by a), c's weight.
     assert m.a.table.data_ptr() == m.a.weight.data_ptr() + m.a.weight.nbytes
     assert m.c.weight.data_ptr() == m.a.table.data_ptr() + m.a.table.nbytes
+
+
+def test_each_old_tensor_is_freed_before_the_next_one_is_copied(thp_madvise, monkeypatch):
+    m = nn.Module()
+    for i in range(3):
+        m.register_buffer(f"b{i}", torch.randn(BIG))
+    old = [weakref.ref(getattr(m, f"b{i}")) for i in range(3)]
+    alive_at_each_copy = []
+    make = torch.frombuffer
+
+    def spy(*args, **kwargs):
+        if kwargs.get("count", 0) > 1:  # a tensor's new home (not the region's address probe)
+            alive_at_each_copy.append([ref() is not None for ref in old])
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "frombuffer", spy)
+    huge_pages.move_to_huge_pages(m)
+    # Memory grows by one tensor at a time, never by the model.
+    assert alive_at_each_copy == [[True, True, True], [False, True, True], [False, False, True]]
+    assert all(ref() is None for ref in old)
 
 
 def test_moved_weights_train_and_compute_as_before(thp_madvise):

@@ -94,7 +94,9 @@ def move_to_huge_pages(model: nn.Module) -> int:
     if not total:
         return 0
     region, start = huge_page_region(total)
-    for (t, holders), offset in zip(slots, offsets):
+    for i, offset in enumerate(offsets):
+        t, holders = slots[i]
+        slots[i] = None  # the last reference to a buffer's old tensor goes with `t` below: freed before the next copy
         home = torch.frombuffer(region, dtype=torch.uint8, count=t.nbytes, offset=start + offset)
         home = home.view(t.dtype).view(t.shape)
         with torch.no_grad():
@@ -103,5 +105,6 @@ def move_to_huge_pages(model: nn.Module) -> int:
             t.data = home  # the same Parameter object: modules that share it still share it
         for module, name in holders:
             module._buffers[name] = home
-    log.debug("moved %d tensors (%.1f MB) into huge pages", len(slots), total / 2**20)
+        del t
+    log.debug("moved %d tensors (%.1f MB) into huge pages", len(offsets), total / 2**20)
     return total
