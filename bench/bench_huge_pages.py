@@ -29,6 +29,11 @@ from report import REPO, cpu_description, loadavg, logger, section_markers, writ
 
 log = logger("bench_huge_pages")
 SCHEMES = ("fp32", "int8")
+NOTE = ("Only floating-point tensors move (neoj.huge_pages): the int8 rows run the same configuration on both sides "
+        "and show the method's noise. A fp32 checkpoint loaded as fp32 (AVX2 rows) is memory-mapped when it stays "
+        "put; loaded as bf16 (the avx512_vnni rows, where auto picks bf16) it is converted into anonymous memory "
+        "either way. Tokens/s medians are per side over both rounds, whose levels can differ; the ratio is of "
+        "adjacent bursts.")
 
 
 def without_huge_pages(spec: dict) -> dict:
@@ -59,6 +64,7 @@ def render(results: list, meta: dict, args) -> str:
             lines.append(f"| {isa} | {scheme} | {rows} | {statistics.median(r['first']):.2f} | "
                          f"{statistics.median(r['second']):.2f} | {statistics.median(r['ratios']):.3f}x | "
                          f"{q1:.2f}-{q3:.2f} |")
+    lines += ["", NOTE]
     return "\n".join(lines + [end]) + "\n"
 
 
