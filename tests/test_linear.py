@@ -59,8 +59,7 @@ def test_every_threshold_gives_its_reason_and_where_it_was_measured():
     (call(rows=65), ("linear",)),
     (call(rows=1, isa="avx2"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),  # 8 lanes: any width
     (call(rows=1, isa="avx512"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),
-    (call(rows=1, isa="avx512_vnni"), ("blocked_matvec", "onednn_linear", "linear")),  # EPYC: only wide layers
-    (call(rows=1, inn=4096, isa="avx512_vnni"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),
+    (call(rows=1, isa="avx512_vnni"), ("rowmatmul_f32", "blocked_matvec", "onednn_linear", "linear")),
     (call(rows=4, inn=776), ("onednn_linear", "linear")),  # not a multiple of 16
     (call(rows=4, isa="none"), ("onednn_linear", "linear")),  # no kernels built
     (call(rows=4, device="cuda"), ("linear",)),
@@ -242,9 +241,8 @@ def test_int4_in_the_portable_form_equals_the_exact_product(path, rows, dtype, t
 def test_decode_layers_give_a_row_the_same_values_alone_or_in_a_batch():
     if not (rowmatmul.f32_available() and rowmatmul.int8_available()):
         pytest.skip("no kernel variant for this CPU, or no C compiler")
-    # Within the kernels' range in RULES: fp32 rows of a layer >= 3072 wide (one row of a narrower layer
-    # goes to the blocked product with VNNI), 1-16 with AVX-512, 1-8 at 8 lanes; int8 rows of 1024, 1-16
-    # (1-8 with VNNI: rows x in <= 8192).
+    # Within the kernels' range in RULES: fp32 rows 1-16 with AVX-512 or AVX2 (8 tested there), 1-8 with NEON; int8
+    # rows of 1024, 1-16 (1-8 with VNNI: rows x in <= 8192).
     f32, (int8, _, _) = f32_layer(inn=3072), quant_layer("int8", inn=1024)
     isa = rowmatmul.variant_name()
     max_f32_rows, max_int8_rows = (16, 8) if isa == "avx512_vnni" else (16, 16) if isa == "avx512" else (8, 16)

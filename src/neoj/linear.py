@@ -100,15 +100,11 @@ INT4_KERNEL_ISAS = ("avx2",)
 
 RULES: tuple[Rule, ...] = (
     # ---- fp32 weights (DecodeLinear) ----
-    Rule("rowmatmul_f32", "f32", min_rows=2, max_rows=16, in_multiple=16, isa=_AVX512,
-         reason="2-16 rows, 16 lanes: the kernel keeps the FMAs busy and prefetches weights; oneDNN reads 7-12 "
-                f"GB/s there, and past 16 rows it is at parity ({_F32_BENCH})"),
-    Rule("rowmatmul_f32", "f32", max_rows=1, min_in=3072, in_multiple=16, isa=("avx512_vnni",),
-         reason=f"one row of a layer >= 3072 wide (AVX-512 EPYC): 26-29 GB/s against the blocked product's 19-23; "
-                f"narrower rows are as fast or faster blocked there ({_F32_BENCH})"),
-    Rule("rowmatmul_f32", "f32", max_rows=1, in_multiple=16, isa=("avx512",),
-         reason="one row, AVX-512 without VNNI (Skylake-SP): the blocked product halves GPT-J-arch fp32 decode "
-                f"at 1-2 threads, the kernel streams at memory speed at every width ({_PORTABLE_BENCH})"),
+    Rule("rowmatmul_f32", "f32", max_rows=16, in_multiple=16, isa=_AVX512,
+         reason="1-16 rows, 16 lanes: at 2-16 rows the kernel keeps the FMAs busy and prefetches weights where oneDNN "
+                "reads 7-12 GB/s (past 16 rows at parity); at one row it reads 1.01-1.24x the blocked product at every "
+                "GPT-Neo/GPT-J width (EPYC, 0.85-0.98 of a plain read), and without VNNI (Skylake-SP) the blocked "
+                f"product halves GPT-J-arch fp32 decode ({_F32_BENCH}; {_PORTABLE_BENCH})"),
     Rule("rowmatmul_f32", "f32", max_rows=16, in_multiple=16, isa=("avx2",),
          reason="1-16 rows, AVX2: 1.0-1.9x oneDNN (held to AVX2) at 9-16 rows of GPT-Neo/GPT-J layers; past 16 "
                 f"rows at parity or below ({_F32_BENCH}, its avx2 section)"),
