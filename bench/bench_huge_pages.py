@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -m bench.bench_huge_pages`
 import bench_paired as paired  # noqa: E402
 import bench_portable as portable  # noqa: E402
-from report import REPO, cpu_description, loadavg, logger, section_markers, write_section  # noqa: E402
+from report import cpu_description, loadavg, logger, section_markers  # noqa: E402
 
 log = logger("bench_huge_pages")
 SCHEMES = ("fp32", "int8")
@@ -70,21 +70,8 @@ def render(results: list, meta: dict, args) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--isa", action="append", help="avx2 or the CPU's best (repeatable; default: both)")
-    p.add_argument("--bursts", type=int, default=10, help="bursts per process and batch")
-    p.add_argument("--tokens", type=int, default=16, help="greedy tokens per row per burst")
-    p.add_argument("--prompt", type=int, default=16)
-    p.add_argument("--batches", type=int, nargs="+", default=[1], choices=[1, 8])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=900, help="seconds a worker may take to load or to answer")
-    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
-    p.add_argument("--quick", action="store_true", help="2-layer models, 2 bursts, 6 tokens")
-    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section into, or -")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.bursts, args.tokens = 2, 6
-        args.workdir = args.workdir + "-quick"  # as bench_portable --quick
-    return args
+    paired.add_pair_options(p, [1])
+    return paired.quick_defaults(p.parse_args(argv))
 
 
 def thp_setting() -> str:
@@ -96,15 +83,7 @@ def thp_setting() -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from neoj import rowmatmul
-
-    work = Path(args.workdir)
-    portable.prepare_checkpoints(work, args.quick)
-    native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
-    isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
-    spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
-                                   long_prompt=0)
-    specs = {s["name"]: s for s in portable.configurations(work, native, spec_args)}
+    isas, specs = paired.worker_specs(args)
     start, load_start, versions = time.time(), loadavg(), portable.versions()
     results = []
     for isa in isas:
@@ -115,11 +94,7 @@ def main(argv=None) -> None:
     meta = {"cpu": cpu_description(), "load_start": load_start, "load_end": loadavg(), "thp": thp_setting(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - start) / 60,
             "options": paired.command_options(args, parse_args([])), "versions": versions}
-    text = render(results, meta, args)
-    write_section(args.out, text, *section_markers("bench_huge_pages"))
-    if args.out != "-":
-        log(f"wrote {args.out}")
-        print(text, end="")
+    paired.publish(args, render(results, meta, args), "bench_huge_pages")
 
 
 if __name__ == "__main__":

@@ -173,24 +173,55 @@ def command_options(args, defaults=None) -> str:
     return opts + (" --batches " + " ".join(map(str, args.batches)) if args.batches != defaults.batches else "")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_pair_options(p: argparse.ArgumentParser, batches: list[int]) -> None:
+    """Adds the options every paired benchmark takes (this one's and bench_huge_pages's)."""
     p.add_argument("--isa", action="append", help="avx2 or the CPU's best (repeatable; default: both)")
-    p.add_argument("--bursts", type=int, default=10, help="bursts per engine and batch")
+    p.add_argument("--bursts", type=int, default=10, help="bursts per process and batch")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens per row per burst")
     p.add_argument("--prompt", type=int, default=16)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=[1, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=batches, choices=[1, 8])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900, help="seconds a worker may take to load or to answer")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "neoj-bench" / "portable"))
     p.add_argument("--quick", action="store_true", help="2-layer models, 2 bursts, 6 tokens")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="file to write the section into, or -")
-    p.add_argument("--serve", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def quick_defaults(args):
+    """Applies --quick: 2 bursts of 6 tokens on bench_portable's 2-layer checkpoints."""
     if args.quick:
         args.bursts, args.tokens = 2, 6
         args.workdir = args.workdir + "-quick"  # as bench_portable --quick
     return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_options(p, [1, 8])
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    return quick_defaults(p.parse_args(argv))
+
+
+def worker_specs(args) -> tuple[list[str], dict]:
+    """Returns the ISAs to run (--isa, else AVX2 and this CPU's best) and bench_portable's worker specs by name,
+    after making its checkpoints where they are missing."""
+    from neoj import rowmatmul
+
+    work = Path(args.workdir)
+    portable.prepare_checkpoints(work, args.quick)
+    native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
+    isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
+    spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
+                                   long_prompt=0)
+    return isas, {s["name"]: s for s in portable.configurations(work, native, spec_args)}
+
+
+def publish(args, text: str, section: str) -> None:
+    """Writes a section into --out (or prints it for -)."""
+    write_section(args.out, text, *section_markers(section))
+    if args.out != "-":
+        log(f"wrote {args.out}")
+        print(text, end="")
 
 
 def main(argv=None) -> None:
@@ -198,16 +229,7 @@ def main(argv=None) -> None:
     if args.serve:
         serve(json.loads(args.serve))
         return
-    from neoj import rowmatmul
-
-    work = Path(args.workdir)
-    portable.prepare_checkpoints(work, args.quick)
-    native = rowmatmul.supported_variants()[0].name if rowmatmul.supported_variants() else "none"
-    isas = args.isa or ["avx2"] + ([native] if native not in ("avx2", "none") else [])
-    options = command_options(args)
-    spec_args = argparse.Namespace(threads=args.threads, tokens=args.tokens, prompt=args.prompt, repeats=1,
-                                   long_prompt=0)
-    specs = {s["name"]: s for s in portable.configurations(work, native, spec_args)}
+    isas, specs = worker_specs(args)
     start, load_start, versions = time.time(), loadavg(), portable.versions()
     results = []
     for isa in isas:
@@ -217,12 +239,8 @@ def main(argv=None) -> None:
                                                          args)))
     meta = {"cpu": cpu_description(), "load_start": load_start, "load_end": loadavg(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - start) / 60,
-            "options": options, "versions": versions}
-    text = render(results, meta, args)
-    write_section(args.out, text, *section_markers("bench_paired"))
-    if args.out != "-":
-        log(f"wrote {args.out}")
-        print(text, end="")
+            "options": command_options(args), "versions": versions}
+    publish(args, render(results, meta, args), "bench_paired")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tr
 BIG = huge_pages.MIN_BYTES // 4  # fp32 elements of the smallest tensor that moves
 
 
-def advised_for_huge_pages(t: torch.Tensor) -> bool:
-    """True when the mapping holding t's first byte has the kernel's "hg" flag (madvise MADV_HUGEPAGE)."""
-    address, inside = t.data_ptr(), False
+def advised_at(address: int) -> bool:
+    """True when the mapping holding `address` has the kernel's "hg" flag (madvise MADV_HUGEPAGE)."""
+    inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
@@ -27,6 +27,11 @@ def advised_for_huge_pages(t: torch.Tensor) -> bool:
             elif inside and head == "VmFlags:":
                 return "hg" in line.split()[1:]
     return False
+
+
+def advised_for_huge_pages(t: torch.Tensor) -> bool:
+    """True when the mapping holding t's first byte is advised for huge pages."""
+    return advised_at(t.data_ptr())
 
 
 class Shared(nn.Module):
@@ -96,6 +101,17 @@ def test_each_old_tensor_is_freed_before_the_next_one_is_copied(thp_madvise, mon
     # Memory grows by one tensor at a time, never by the model.
     assert alive_at_each_copy == [[True, True, True], [False, True, True], [False, False, True]]
     assert all(ref() is None for ref in old)
+
+
+def test_the_region_is_unmapped_with_the_last_tensor_in_it(thp_madvise):
+    m = nn.Linear(BIG // 64, 64)
+    huge_pages.move_to_huge_pages(m)
+    weight = m.weight.detach()  # a view that outlives the module's own tensor
+    m.double()  # every parameter replaced by a new tensor
+    address = weight.data_ptr()
+    assert advised_at(address)  # the view keeps the region
+    del weight
+    assert not advised_at(address)
 
 
 def test_moved_weights_train_and_compute_as_before(thp_madvise):

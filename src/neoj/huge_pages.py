@@ -83,6 +83,8 @@ def move_to_huge_pages(model: nn.Module) -> int:
     Values, dtypes, shapes, tied parameters (a Parameter shared by two modules is one tensor) and
     requires_grad are kept; a tensor is freed as soon as its copy is made, so memory grows by at most one
     tensor at a time (a memory-mapped checkpoint's pages are the file's, and the OS drops them as needed).
+    The region is one mapping: it is unmapped when the last tensor in it is freed (e.g. after model.to("cuda")
+    or a dtype change), not piece by piece.
     """
     if not available():
         return 0
