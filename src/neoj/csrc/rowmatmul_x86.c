@@ -126,7 +126,7 @@ static void f32_tile_any(const float *x, int mc, int nr, long K, const float *w,
 /* One activation row (batch-1 decode) is bound by memory alone. There the tile above (3 rows, a prefetch
  * 16 KB ahead in each row's stream) read 0.80-0.85 of a plain sequential read of the same weights. A tile of
  * weight rows whose prefetches walk the weights in address order, two tiles ahead, does better; 4 rows with
- * the prefetches into L2 read 0.96-0.98 of it, 6 rows into L1 0.92-0.95 (AMD EPYC, 2 threads, A/B over one
+ * the prefetches into L2 read 0.96-0.98 of it, 6 rows into L1 0.91-0.94 (AMD EPYC, 2 threads, A/B over one
  * decode step's worth of GPT-J-arch weights out of cache, AVX2 and AVX-512 builds; per layer shape against
  * oneDNN and a plain read: BENCHMARKS.md, bench_f32_kernel).
  * Each sum is the tile's, term for term (one accumulator per output, the same vf_sum), so a row's values do
