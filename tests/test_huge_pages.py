@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tr
 BIG = huge_pages.MIN_BYTES // 4  # fp32 elements of the smallest tensor that moves
 
 
-def advised_at(address: int) -> bool:
-    """True when the mapping holding `address` has the kernel's "hg" flag (madvise MADV_HUGEPAGE)."""
-    inside = False
+def advised_for_huge_pages(t: torch.Tensor) -> bool:
+    """True when the mapping holding t's first byte has the kernel's "hg" flag (madvise MADV_HUGEPAGE)."""
+    address, inside = t.data_ptr(), False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
@@ -27,11 +27,6 @@ def advised_at(address: int) -> bool:
             elif inside and head == "VmFlags:":
                 return "hg" in line.split()[1:]
     return False
-
-
-def advised_for_huge_pages(t: torch.Tensor) -> bool:
-    """True when the mapping holding t's first byte is advised for huge pages."""
-    return advised_at(t.data_ptr())
 
 
 class Shared(nn.Module):
@@ -77,7 +72,6 @@ def test_large_tensors_move_into_one_advised_region_with_their_values(thp_madvis
     assert m.c.codes.data_ptr() == codes_ptr
     for t in (m.a.weight, m.c.weight, m.a.table):
         assert advised_for_huge_pages(t)
-    assert not advised_for_huge_pages(m.c.bias)
     # One region, in model order: a's weight, the table (first held by a), c's weight.
     assert m.a.table.data_ptr() == m.a.weight.data_ptr() + m.a.weight.nbytes
     assert m.c.weight.data_ptr() == m.a.table.data_ptr() + m.a.table.nbytes
@@ -103,15 +97,28 @@ def test_each_old_tensor_is_freed_before_the_next_one_is_copied(thp_madvise, mon
     assert all(ref() is None for ref in old)
 
 
-def test_the_region_is_unmapped_with_the_last_tensor_in_it(thp_madvise):
+def regions_made(monkeypatch) -> list:
+    """Records a weak reference to each huge-page region move_to_huge_pages makes from now on."""
+    made, make = [], huge_pages.huge_page_region
+
+    def spy(nbytes):
+        region, start = make(nbytes)
+        made.append(weakref.ref(region))
+        return region, start
+
+    monkeypatch.setattr(huge_pages, "huge_page_region", spy)
+    return made
+
+
+def test_the_region_is_unmapped_with_the_last_tensor_in_it(thp_madvise, monkeypatch):
+    made = regions_made(monkeypatch)
     m = nn.Linear(BIG // 64, 64)
     huge_pages.move_to_huge_pages(m)
     weight = m.weight.detach()  # a view that outlives the module's own tensor
     m.double()  # every parameter replaced by a new tensor
-    address = weight.data_ptr()
-    assert advised_at(address)  # the view keeps the region
+    assert len(made) == 1 and made[0]() is not None  # the view keeps the mapping
     del weight
-    assert not advised_at(address)
+    assert made[0]() is None  # the mmap object is gone, and with it the mapping
 
 
 def test_moved_weights_train_and_compute_as_before(thp_madvise):
@@ -154,8 +161,9 @@ def test_load_puts_the_large_weights_in_huge_pages_and_generates_the_same(thp_ma
     assert advised_for_huge_pages(lm.model.wte.weight)
     assert lm.model.lm_head.weight is lm.model.wte.weight
     monkeypatch.setenv("NEOJ_HUGE_PAGES", "0")
+    made = regions_made(monkeypatch)
     plain = neoj.load(device="cpu")
-    assert not advised_for_huge_pages(plain.model.wte.weight)
+    assert made == []
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(lm.model.logits(lm.model(ids)), plain.model.logits(plain.model(ids)))
