@@ -250,14 +250,19 @@ def _rowmatmul_f32(layer, x):
     return f32_product(layer)(x)
 
 
-def f32_product(layer: nn.Module) -> rowmatmul.F32Product:
-    """Returns the C kernel's product by an fp32 layer's weight and bias, made on its first call and kept on
-    the layer while it reads that layer's tensors (see rowmatmul.F32Product.holds)."""
-    weight, bias = weight_of(layer), bias_of(layer)
-    product = layer.__dict__.get("_f32_product")
-    if product is None or not product.holds(weight, bias):
-        product = layer.__dict__["_f32_product"] = rowmatmul.kernels().bind_f32(weight, bias)
+def bound_product(layer: nn.Module, slot: str, tensors: tuple, bind: Callable[[], Callable]):
+    """Returns the C kernel's product kept on the layer under `slot`, made by bind() on the first call and again
+    whenever the kept one no longer holds `tensors` (its `holds`: one of them replaced, or the bias changed)."""
+    product = layer.__dict__.get(slot)
+    if product is None or not product.holds(*tensors):
+        product = layer.__dict__[slot] = bind()
     return product
+
+
+def f32_product(layer: nn.Module) -> rowmatmul.F32Product:
+    """Returns the C kernel's product by an fp32 layer's weight and bias (see bound_product)."""
+    weight, bias = weight_of(layer), bias_of(layer)
+    return bound_product(layer, "_f32_product", (weight, bias), lambda: rowmatmul.kernels().bind_f32(weight, bias))
 
 
 def _blocked_matvec(layer, x):
@@ -287,10 +292,8 @@ def int8_product(layer: nn.Module) -> rowmatmul.Int8Product:
     """Returns the C kernel's product by an int8 layer's weights, made on its first call and kept on the
     layer until one of its tensors is replaced (or the bias changed)."""
     qweight, scales, bias = weight_of(layer), layer.scales_fp32, bias_of(layer)
-    product = layer.__dict__.get("_int8_product")
-    if product is None or not product.holds(qweight, scales, bias):
-        product = layer.__dict__["_int8_product"] = rowmatmul.kernels().bind_int8(qweight, scales, bias)
-    return product
+    return bound_product(layer, "_int8_product", (qweight, scales, bias),
+                         lambda: rowmatmul.kernels().bind_int8(qweight, scales, bias))
 
 
 def _compiled_int8_matvec(layer, x):
@@ -329,10 +332,8 @@ def _int4pack_cuda(layer, x):
 
 def _rowmatmul_int4(layer, x):
     qweight, scales, mins, bias = weight_of(layer), layer.scales, layer.mins, bias_of(layer)
-    product = layer.__dict__.get("_int4_product")
-    if product is None or not product.holds(qweight, scales, bias, mins):
-        product = layer.__dict__["_int4_product"] = rowmatmul.kernels().bind_int4(qweight, scales, mins, bias)
-    return product(x)
+    return bound_product(layer, "_int4_product", (qweight, scales, bias, mins),
+                         lambda: rowmatmul.kernels().bind_int4(qweight, scales, mins, bias))(x)
 
 
 _DEQUANT_ROWS = 4096  # output rows dequantized at a time: GPT-J-6B's head at once would be an 825 MB fp32 copy
